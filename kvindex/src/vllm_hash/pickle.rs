@@ -1,0 +1,130 @@
+//! Python `pickle.dumps(.., protocol=5)` of vLLM's hash inputs, including protocol-4+ framing.
+//!
+//! Framing follows CPython's pure-Python pickler (`_Framer`): the body is collected into a frame,
+//! and at the start of saving each object a frame that has reached 64 KiB is flushed with a
+//! `FRAME <u64 LE length>` header and a new one begun; a final frame shorter than 4 bytes gets no
+//! header. Real blocks (a few thousand tokens at most) always fit in one frame; the split point for
+//! a block of more than ~13k tokens is taken from `pickle.py` and not verified against `_pickle.c`.
+
+const PROTO: u8 = 0x80;
+const FRAME: u8 = 0x95;
+const SHORT_BINUNICODE: u8 = 0x8c;
+const SHORT_BINBYTES: u8 = 0x43;
+const MEMOIZE: u8 = 0x94;
+const MARK: u8 = 0x28;
+const TUPLE: u8 = 0x74;
+const EMPTY_TUPLE: u8 = 0x29;
+const TUPLE1: u8 = 0x85;
+const TUPLE2: u8 = 0x86;
+const TUPLE3: u8 = 0x87;
+const BININT1: u8 = 0x4b;
+const BININT2: u8 = 0x4d;
+const BININT: u8 = 0x4a;
+const LONG1: u8 = 0x8a;
+const NONE: u8 = 0x4e;
+const STOP: u8 = 0x2e;
+
+/// `pickle._Framer._FRAME_SIZE_TARGET`.
+const FRAME_SIZE_TARGET: usize = 64 * 1024;
+/// `pickle._Framer._FRAME_SIZE_MIN`.
+const FRAME_SIZE_MIN: usize = 4;
+
+/// Pickle of a `str` (shorter than 256 UTF-8 bytes, as the seed is).
+pub(super) fn dumps_str(s: &str) -> Vec<u8> {
+    let mut p = Pickler::new();
+    p.boundary();
+    let len = u8::try_from(s.len()).expect("pickle::dumps_str: only short strings are supported");
+    p.frame.extend_from_slice(&[SHORT_BINUNICODE, len]);
+    p.frame.extend_from_slice(s.as_bytes());
+    p.frame.push(MEMOIZE);
+    p.finish()
+}
+
+/// Pickle of `(parent: bytes, tuple(token_ids), None)`.
+pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
+    let mut p = Pickler::new();
+    p.boundary(); // save(outer tuple)
+    p.boundary(); // save(parent)
+    p.frame
+        .extend_from_slice(&[SHORT_BINBYTES, parent.len() as u8]);
+    p.frame.extend_from_slice(parent);
+    p.frame.push(MEMOIZE);
+    p.boundary(); // save(token tuple)
+    match token_ids.len() {
+        0 => p.frame.push(EMPTY_TUPLE), // the empty tuple is not memoized
+        n @ 1..=3 => {
+            for &t in token_ids {
+                p.save_int(t);
+            }
+            p.frame.push([TUPLE1, TUPLE2, TUPLE3][n - 1]);
+            p.frame.push(MEMOIZE);
+        }
+        _ => {
+            p.frame.push(MARK);
+            for &t in token_ids {
+                p.save_int(t);
+            }
+            p.frame.extend_from_slice(&[TUPLE, MEMOIZE]);
+        }
+    }
+    p.boundary(); // save(None)
+    p.frame.push(NONE);
+    p.frame.extend_from_slice(&[TUPLE3, MEMOIZE]);
+    p.finish()
+}
+
+struct Pickler {
+    out: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+impl Pickler {
+    fn new() -> Self {
+        Pickler {
+            out: vec![PROTO, 5],
+            frame: Vec::with_capacity(128),
+        }
+    }
+
+    /// `_Framer.commit_frame()` as called at the start of `Pickler.save`.
+    fn boundary(&mut self) {
+        if self.frame.len() >= FRAME_SIZE_TARGET {
+            self.commit();
+        }
+    }
+
+    fn commit(&mut self) {
+        if self.frame.len() >= FRAME_SIZE_MIN {
+            self.out.push(FRAME);
+            self.out
+                .extend_from_slice(&(self.frame.len() as u64).to_le_bytes());
+        }
+        self.out.append(&mut self.frame);
+    }
+
+    /// `save_long` for a non-negative int below 2^32.
+    fn save_int(&mut self, t: u32) {
+        self.boundary();
+        let f = &mut self.frame;
+        if t <= 0xff {
+            f.extend_from_slice(&[BININT1, t as u8]);
+        } else if t <= 0xffff {
+            f.push(BININT2);
+            f.extend_from_slice(&(t as u16).to_le_bytes());
+        } else if t <= 0x7fff_ffff {
+            f.push(BININT);
+            f.extend_from_slice(&t.to_le_bytes());
+        } else {
+            // encode_long: (bit_length >> 3) + 1 = 5 little-endian two's-complement bytes.
+            f.extend_from_slice(&[LONG1, 5]);
+            f.extend_from_slice(&t.to_le_bytes());
+            f.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.frame.push(STOP);
+        self.commit();
+        self.out
+    }
+}
