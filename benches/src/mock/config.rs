@@ -96,10 +96,10 @@ pub struct MockArgs {
     #[arg(long, default_value_t = 1.0)]
     pub speedup: f64,
     /// Prefill step time a·N²+b·N+c in ms (N = uncached tokens in the step), as "a,b,c".
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = super::timing::DEFAULT_PREFILL_MS)]
+    #[arg(long, value_delimiter = ',', value_name = "A,B,C", default_values_t = super::timing::DEFAULT_PREFILL_MS)]
     pub prefill_ms_coeffs: Vec<f64>,
     /// Decode step time a·u²+b·u+c in ms (u = KV usage 0..1), as "a,b,c".
-    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = super::timing::DEFAULT_DECODE_MS, allow_hyphen_values = true)]
+    #[arg(long, value_delimiter = ',', value_name = "A,B,C", default_values_t = super::timing::DEFAULT_DECODE_MS, allow_hyphen_values = true)]
     pub decode_ms_coeffs: Vec<f64>,
     /// Floor of a decode step, ms.
     #[arg(long, default_value_t = super::timing::DEFAULT_DECODE_MIN_MS)]

@@ -465,65 +465,72 @@ impl EngineCore {
 
     fn admit(&mut self, id: ReqId, budget: usize, plan: &mut StepPlan) -> Admit {
         let bs = self.cfg.block_size;
-        let (num_tokens, hits) = {
-            let r = &self.reqs[&id];
-            let max_hit = (r.tokens.len() - 1) / bs;
-            (r.tokens.len(), self.kv.longest_prefix(&r.hashes, max_hit))
-        };
+        let r = &self.reqs[&id];
+        // A request that already holds KV (pulled from a prefill engine) continues from there.
+        if r.num_computed > 0 {
+            let n = (r.tokens.len() - r.num_computed).min(budget);
+            let need = (r.num_computed + n).div_ceil(bs).saturating_sub(r.blocks.len());
+            if need > self.kv.num_free() {
+                return Admit::NoSpace;
+            }
+            let r = self.reqs.get_mut(&id).expect("exists");
+            self.kv.allocate(need, &mut r.blocks).expect("checked free blocks");
+            self.plan_item(plan, id, n);
+            return Admit::Scheduled(n);
+        }
+        let num_tokens = r.tokens.len();
+        let hits = self.kv.longest_prefix(&r.hashes, (num_tokens - 1) / bs);
+        // Hit blocks that nobody holds come out of the free queue when touched.
+        let hits_free = self.kv.free_in_prefix(&r.hashes, hits);
         let hit_tokens = hits * bs;
-        let remote = std::mem::replace(&mut self.reqs.get_mut(&id).expect("waiting request exists").remote, RemoteState::None);
+        let remote = std::mem::replace(&mut self.reqs.get_mut(&id).expect("exists").remote, RemoteState::None);
         if let RemoteState::Pending(spec) = remote {
             // Decode side: pull what the prefill engine computed, minus local hits; the last
             // prompt token is always computed here (it samples the first output token).
             let target = spec.num_tokens.min(num_tokens - 1);
             let load = target.saturating_sub(hit_tokens);
             if load >= self.cfg.kv_recompute_threshold.max(1) {
-                let blocks_needed = target.div_ceil(bs);
-                if blocks_needed > self.kv.num_free() + hits {
+                let fresh = target.div_ceil(bs).saturating_sub(hits);
+                if fresh + hits_free > self.kv.num_free() {
                     self.reqs.get_mut(&id).expect("exists").remote = RemoteState::Pending(spec);
                     return Admit::NoSpace;
                 }
                 let r = self.reqs.get_mut(&id).expect("exists");
                 self.kv.touch_prefix(&r.hashes, hits, &mut r.blocks);
-                let fresh = blocks_needed.saturating_sub(hits);
-                if self.kv.allocate(fresh, &mut r.blocks).is_err() {
-                    self.kv.free(&r.blocks);
-                    r.blocks.clear();
-                    r.remote = RemoteState::Pending(spec);
-                    return Admit::NoSpace;
-                }
+                self.kv.allocate(fresh, &mut r.blocks).expect("checked free blocks");
                 r.num_computed = hit_tokens;
                 r.num_cached_blocks = hits;
                 r.remote = RemoteState::Pulling;
-                if !r.queried {
-                    r.queried = true;
-                    r.out.borrow_mut().cached_tokens = hit_tokens;
-                    self.metrics.prefix_queries += num_tokens as u64;
-                    self.metrics.prefix_hits += hit_tokens as u64;
-                }
+                self.record_query(id, num_tokens, hit_tokens);
                 plan.pulls.push(PullJob { req: id, remote: spec, tokens: load });
                 return Admit::Pulling;
             }
             // Too little to pull: compute it here (the prefill engine's lease just expires).
         }
         let n = (num_tokens - hit_tokens).min(budget);
-        let blocks_needed = (hit_tokens + n).div_ceil(bs) - hits;
-        if blocks_needed > self.kv.num_free() {
+        let fresh = (hit_tokens + n).div_ceil(bs) - hits;
+        if fresh + hits_free > self.kv.num_free() {
             return Admit::NoSpace;
         }
         let r = self.reqs.get_mut(&id).expect("exists");
         self.kv.touch_prefix(&r.hashes, hits, &mut r.blocks);
-        self.kv.allocate(blocks_needed, &mut r.blocks).expect("checked free blocks");
+        self.kv.allocate(fresh, &mut r.blocks).expect("checked free blocks");
         r.num_computed = hit_tokens;
         r.num_cached_blocks = hits;
+        self.record_query(id, num_tokens, hit_tokens);
+        self.plan_item(plan, id, n);
+        Admit::Scheduled(n)
+    }
+
+    /// Counts a request's prefix-cache lookup once (not again after a preemption).
+    fn record_query(&mut self, id: ReqId, num_tokens: usize, hit_tokens: usize) {
+        let r = self.reqs.get_mut(&id).expect("exists");
         if !r.queried {
             r.queried = true;
             r.out.borrow_mut().cached_tokens = hit_tokens;
             self.metrics.prefix_queries += num_tokens as u64;
             self.metrics.prefix_hits += hit_tokens as u64;
         }
-        self.plan_item(plan, id, n);
-        Admit::Scheduled(n)
     }
 
     /// Applies a step whose time has passed: KV computed, blocks cached, tokens sampled.

@@ -138,6 +138,20 @@ impl KvCache {
             .count()
     }
 
+    /// How many of the cached blocks of the first `n` hashes sit in the free queue (touching
+    /// them takes them out of it, so they count against the free blocks).
+    pub fn free_in_prefix(&self, hashes: &[BlockHash], n: usize) -> usize {
+        hashes[..n]
+            .iter()
+            .filter_map(|h| match self.cached.get(&h.digest) {
+                Some(Copies::One(id)) => Some(*id),
+                Some(Copies::Many(ids)) => ids.first().copied(),
+                None => None,
+            })
+            .filter(|&id| self.blocks[id as usize].ref_cnt == 0)
+            .count()
+    }
+
     /// Takes a reference on the cached blocks of the first `n` hashes (which must be cached),
     /// appending them to `out`. Blocks leave the free queue while referenced.
     pub fn touch_prefix(&mut self, hashes: &[BlockHash], n: usize, out: &mut Vec<BlockId>) {
