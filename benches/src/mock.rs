@@ -161,7 +161,11 @@ pub fn spawn(args: &MockArgs) -> Result<MockServer, MockError> {
     for i in 0..args.engines {
         let http_addr = SocketAddr::new(args.host, port_for(args.port, i));
         let listener = bind(format!("engine {i} HTTP"), http_addr)?;
-        let http = listener.local_addr().map_err(|source| MockError::Bind { what: "listener".into(), addr: http_addr, source })?;
+        let http = listener.local_addr().map_err(|source| MockError::Bind {
+            what: "listener".into(),
+            addr: http_addr,
+            source,
+        })?;
         let side = if args.role == Role::Prefill {
             let a = SocketAddr::new(args.host, port_for(args.kv_side_channel_port, i));
             Some(bind(format!("engine {i} KV side channel"), a)?)
@@ -228,7 +232,8 @@ pub fn spawn(args: &MockArgs) -> Result<MockServer, MockError> {
     }
     let mut threads = Vec::with_capacity(workers);
     for (t, seeds) in per_thread.into_iter().enumerate() {
-        let (stop, tokenizer, exit_after, engine_cfg) = (stop.clone(), tokenizer.clone(), exit_after.clone(), engine_cfg.clone());
+        let (stop, tokenizer, exit_after, engine_cfg) =
+            (stop.clone(), tokenizer.clone(), exit_after.clone(), engine_cfg.clone());
         let handle = std::thread::Builder::new()
             .name(format!("gantry-mock-{t}"))
             .spawn(move || {
@@ -251,7 +256,13 @@ pub fn spawn(args: &MockArgs) -> Result<MockServer, MockError> {
     Ok(MockServer { engines: addrs, driver: driver.resolved_name(), stop, threads })
 }
 
-fn start_engine(seed: EngineSeed, cfg: &engine::EngineConfig, tokenizer: &Arc<Tokenizer>, exit_after: &Arc<ExitAfter>, started: u64) {
+fn start_engine(
+    seed: EngineSeed,
+    cfg: &engine::EngineConfig,
+    tokenizer: &Arc<Tokenizer>,
+    exit_after: &Arc<ExitAfter>,
+    started: u64,
+) {
     let core = EngineCore::new(cfg.clone(), tokenizer.output_tokens().to_vec(), tokenizer.eos_token_id());
     let seed_port = u64::from(seed.info.http.port());
     let limits = Limits { max_body_bytes: seed.info.max_body_bytes, ..Limits::default() };
@@ -281,7 +292,9 @@ fn start_engine(seed: EngineSeed, cfg: &engine::EngineConfig, tokenizer: &Arc<To
             Ok(l) => {
                 monoio::spawn(server::serve(l, Rc::new(pd::SideChannel { engine: engine.clone() }), server_cfg));
             }
-            Err(e) => tracing::error!(error = %e, engine = engine.info.index, "cannot register the side-channel listener"),
+            Err(e) => {
+                tracing::error!(error = %e, engine = engine.info.index, "cannot register the side-channel listener")
+            }
         }
     }
     monoio::spawn(runner::run_loop(engine));

@@ -48,7 +48,8 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn text(&self) -> String {
@@ -68,11 +69,8 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]
         c.send(method, path, &hdrs, body).await.expect("send");
         let head = c.read_head(method == "HEAD").await.expect("response head");
         let body = c.read_body().await.expect("response body");
-        let headers = head
-            .headers()
-            .iter()
-            .map(|(n, v)| (n.to_owned(), String::from_utf8_lossy(v).into_owned()))
-            .collect();
+        let headers =
+            head.headers().iter().map(|(n, v)| (n.to_owned(), String::from_utf8_lossy(v).into_owned())).collect();
         Reply { status: head.status, headers, body: body.to_vec() }
     })
     .expect("client runtime")
@@ -90,7 +88,9 @@ pub fn get(addr: SocketAddr, path: &str) -> Reply {
 pub fn stream(addr: SocketAddr, path: &str, body: &Value) -> (u16, Vec<String>) {
     rt::block_on(Driver::Legacy, async {
         let mut c = ClientConn::connect(addr, Duration::from_secs(5)).await.expect("connect");
-        c.send("POST", path, &[("content-type", b"application/json")], body.to_string().as_bytes()).await.expect("send");
+        c.send("POST", path, &[("content-type", b"application/json")], body.to_string().as_bytes())
+            .await
+            .expect("send");
         let head = c.read_head(false).await.expect("head");
         let mut p = SseParser::new();
         let mut events = Vec::new();

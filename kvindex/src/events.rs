@@ -21,8 +21,7 @@
 mod msgpack;
 
 use msgpack::{
-    write_array_len, write_bin, write_f64, write_int, write_map16_len, write_map_len, write_nil,
-    write_str, write_uint,
+    write_array_len, write_bin, write_f64, write_int, write_map16_len, write_map_len, write_nil, write_str, write_uint,
 };
 
 /// Which event encoding to produce.
@@ -213,11 +212,7 @@ fn encode_event_array(event: &KvEvent, out: &mut Vec<u8>) {
             }
             write_opt(out, e.group_idx.map(u64::from), write_uint);
             write_opt_str(out, e.kv_cache_spec_kind.as_deref());
-            write_opt(
-                out,
-                e.kv_cache_spec_sliding_window.map(u64::from),
-                write_uint,
-            );
+            write_opt(out, e.kv_cache_spec_sliding_window.map(u64::from), write_uint);
         }
         KvEvent::BlockRemoved(e) => {
             write_array_len(out, 4);

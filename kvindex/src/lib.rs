@@ -25,8 +25,6 @@ pub mod events;
 pub mod publisher;
 pub mod vllm_hash;
 
-pub use events::{
-    encode_batch, BlockRemoved, BlockStored, ExtraKey, KvEvent, KvEventBatch, WireFormat,
-};
+pub use events::{encode_batch, BlockRemoved, BlockStored, ExtraKey, KvEvent, KvEventBatch, WireFormat};
 pub use publisher::{Publisher, PublisherConfig, PublisherError, PublisherStats, ReplayFraming};
 pub use vllm_hash::{digest_to_u64, hash_block, hash_blocks, none_hash, VllmHashAlgo};

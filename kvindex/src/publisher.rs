@@ -105,9 +105,7 @@ impl Default for PublisherConfig {
 impl PublisherConfig {
     /// Checks the values that would otherwise fail later or panic, naming the bad key.
     pub fn validate(&self) -> Result<(), PublisherError> {
-        let bad = |key: &'static str, problem: String| {
-            Err(PublisherError::InvalidConfig { key, problem })
-        };
+        let bad = |key: &'static str, problem: String| Err(PublisherError::InvalidConfig { key, problem });
         check_endpoint("endpoint", &self.endpoint)?;
         if let Some(replay) = &self.replay_endpoint {
             check_endpoint("replay_endpoint", replay)?;
@@ -116,18 +114,12 @@ impl PublisherConfig {
             return bad("max_queue_size", "must be at least 1".into());
         }
         if self.hwm < 0 {
-            return bad(
-                "hwm",
-                format!("must be >= 0 (0 = unlimited), got {}", self.hwm),
-            );
+            return bad("hwm", format!("must be >= 0 (0 = unlimited), got {}", self.hwm));
         }
         if replay_hwm(self.buffer_steps).is_none() {
             return bad(
                 "buffer_steps",
-                format!(
-                    "{} is too large: 2*(buffer_steps+1) must fit in i32",
-                    self.buffer_steps
-                ),
+                format!("{} is too large: 2*(buffer_steps+1) must fit in i32", self.buffer_steps),
             );
         }
         Ok(())
@@ -220,22 +212,15 @@ impl Publisher {
         cfg.validate()?;
 
         let pub_sock = new_socket(ctx, zmq::PUB, "PUB", &cfg.endpoint)?;
-        set_opt(
-            "set ZMQ_SNDHWM",
-            "PUB",
-            &cfg.endpoint,
-            pub_sock.set_sndhwm(cfg.hwm),
-        )?;
+        set_opt("set ZMQ_SNDHWM", "PUB", &cfg.endpoint, pub_sock.set_sndhwm(cfg.hwm))?;
         let endpoint = if cfg.bind {
             bind_resolved(&pub_sock, "PUB", &cfg.endpoint)?
         } else {
-            pub_sock
-                .connect(&cfg.endpoint)
-                .map_err(|source| PublisherError::Connect {
-                    socket: "PUB",
-                    endpoint: cfg.endpoint.clone(),
-                    source,
-                })?;
+            pub_sock.connect(&cfg.endpoint).map_err(|source| PublisherError::Connect {
+                socket: "PUB",
+                endpoint: cfg.endpoint.clone(),
+                source,
+            })?;
             cfg.endpoint.clone()
         };
 
@@ -244,37 +229,26 @@ impl Publisher {
                 let router = new_socket(ctx, zmq::ROUTER, "replay ROUTER", ep)?;
                 // validate() guarantees this fits.
                 let hwm = replay_hwm(cfg.buffer_steps).unwrap_or(i32::MAX);
-                set_opt(
-                    "set ZMQ_SNDHWM",
-                    "replay ROUTER",
-                    ep,
-                    router.set_sndhwm(hwm),
-                )?;
+                set_opt("set ZMQ_SNDHWM", "replay ROUTER", ep, router.set_sndhwm(hwm))?;
                 let resolved = bind_resolved(&router, "replay ROUTER", ep)?;
                 (Some(router), Some(resolved))
             }
             None => (None, None),
         };
 
-        let wake_ep = format!(
-            "inproc://gantry-kvindex-publisher-wake-{}",
-            WAKE_ID.fetch_add(1, Ordering::Relaxed)
-        );
+        let wake_ep = format!("inproc://gantry-kvindex-publisher-wake-{}", WAKE_ID.fetch_add(1, Ordering::Relaxed));
         let wake_rx = new_socket(ctx, zmq::PAIR, "wake PAIR", &wake_ep)?;
-        wake_rx
-            .bind(&wake_ep)
-            .map_err(|source| PublisherError::Bind {
-                socket: "wake PAIR",
-                endpoint: wake_ep.clone(),
-                source,
-            })?;
+        wake_rx.bind(&wake_ep).map_err(|source| PublisherError::Bind {
+            socket: "wake PAIR",
+            endpoint: wake_ep.clone(),
+            source,
+        })?;
         let wake = new_socket(ctx, zmq::PAIR, "wake PAIR", &wake_ep)?;
-        wake.connect(&wake_ep)
-            .map_err(|source| PublisherError::Connect {
-                socket: "wake PAIR",
-                endpoint: wake_ep.clone(),
-                source,
-            })?;
+        wake.connect(&wake_ep).map_err(|source| PublisherError::Connect {
+            socket: "wake PAIR",
+            endpoint: wake_ep.clone(),
+            source,
+        })?;
 
         let (tx, rx) = crossbeam_channel::bounded(cfg.max_queue_size);
         let counters = Arc::new(Counters::default());
@@ -295,10 +269,7 @@ impl Publisher {
         let thread = std::thread::Builder::new()
             .name("kv-events-pub".into())
             .spawn(move || worker.run())
-            .map_err(|source| PublisherError::Spawn {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
+            .map_err(|source| PublisherError::Spawn { endpoint: endpoint.clone(), source })?;
         debug!(%endpoint, replay_endpoint = ?replay_endpoint, "kv-events publisher started");
 
         Ok(Publisher {
@@ -318,9 +289,7 @@ impl Publisher {
     /// queue is full the batch is dropped, counted and warned about (at most once a second).
     pub fn publish(&self, events: Vec<KvEvent>) {
         let batch = KvEventBatch {
-            ts: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            ts: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
             events,
             data_parallel_rank: None,
         };
@@ -333,11 +302,7 @@ impl Publisher {
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 let now = Instant::now();
-                if self
-                    .last_drop_warn
-                    .get()
-                    .is_none_or(|t| now.duration_since(t) >= DROP_WARN_INTERVAL)
-                {
+                if self.last_drop_warn.get().is_none_or(|t| now.duration_since(t) >= DROP_WARN_INTERVAL) {
                     self.last_drop_warn.set(Some(now));
                     warn!(
                         endpoint = %self.endpoint,
@@ -431,10 +396,7 @@ impl Worker {
                         return;
                     }
                 }
-                (
-                    items[0].is_readable(),
-                    items.get(1).is_some_and(|i| i.is_readable()),
-                )
+                (items[0].is_readable(), items.get(1).is_some_and(|i| i.is_readable()))
             };
             if woken {
                 while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
@@ -496,9 +458,7 @@ impl Worker {
             };
             let start = parse_start_seq(start);
             let sent = self.replay_from(router, identity, start);
-            self.counters
-                .replay_requests
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.replay_requests.fetch_add(1, Ordering::Relaxed);
             debug!(endpoint = %self.endpoint, start, sent, "kv-events replay served");
         }
     }
@@ -509,11 +469,10 @@ impl Worker {
         for (seq, payload) in self.buffer.iter().filter(|(seq, _)| *seq >= start) {
             let seq = seq.to_be_bytes();
             let res = match self.framing {
-                ReplayFraming::V033 => router
-                    .send_multipart([identity, &[], &self.topic, &seq, payload], zmq::DONTWAIT),
-                ReplayFraming::Legacy => {
-                    router.send_multipart([identity, &[], &seq, payload], zmq::DONTWAIT)
+                ReplayFraming::V033 => {
+                    router.send_multipart([identity, &[], &self.topic, &seq, payload], zmq::DONTWAIT)
                 }
+                ReplayFraming::Legacy => router.send_multipart([identity, &[], &seq, payload], zmq::DONTWAIT),
             };
             if let Err(e) = res {
                 warn!(endpoint = %self.endpoint, error = %e, "kv-events replay send failed");
@@ -523,12 +482,8 @@ impl Worker {
         }
         let end = END_SEQ.to_be_bytes();
         let res = match self.framing {
-            ReplayFraming::V033 => {
-                router.send_multipart([identity, &[], &[], &end, &[]], zmq::DONTWAIT)
-            }
-            ReplayFraming::Legacy => {
-                router.send_multipart([identity, &[], &end, &[]], zmq::DONTWAIT)
-            }
+            ReplayFraming::V033 => router.send_multipart([identity, &[], &[], &end, &[]], zmq::DONTWAIT),
+            ReplayFraming::Legacy => router.send_multipart([identity, &[], &end, &[]], zmq::DONTWAIT),
         };
         if let Err(e) = res {
             warn!(endpoint = %self.endpoint, error = %e, "kv-events replay end marker send failed");
@@ -539,19 +494,12 @@ impl Worker {
 
 /// `int.from_bytes(b, "big")`, saturated at `u64::MAX` (nothing is replayed then).
 fn parse_start_seq(b: &[u8]) -> u64 {
-    b.iter()
-        .try_fold(0u64, |acc, &x| {
-            acc.checked_mul(256).map(|v| v | u64::from(x))
-        })
-        .unwrap_or(u64::MAX)
+    b.iter().try_fold(0u64, |acc, &x| acc.checked_mul(256).map(|v| v | u64::from(x))).unwrap_or(u64::MAX)
 }
 
 /// ROUTER SNDHWM as in vLLM 0.33: `2 * (buffer_steps + 1)`.
 fn replay_hwm(buffer_steps: usize) -> Option<i32> {
-    buffer_steps
-        .checked_add(1)
-        .and_then(|n| n.checked_mul(2))
-        .and_then(|n| i32::try_from(n).ok())
+    buffer_steps.checked_add(1).and_then(|n| n.checked_mul(2)).and_then(|n| i32::try_from(n).ok())
 }
 
 fn check_endpoint(key: &'static str, ep: &str) -> Result<(), PublisherError> {
@@ -564,10 +512,7 @@ fn check_endpoint(key: &'static str, ep: &str) -> Result<(), PublisherError> {
     } else {
         return Ok(());
     };
-    Err(PublisherError::InvalidConfig {
-        key,
-        problem: format!("{problem} (got {ep:?})"),
-    })
+    Err(PublisherError::InvalidConfig { key, problem: format!("{problem} (got {ep:?})") })
 }
 
 /// `tcp://host:0` -> `tcp://host:*` (libzmq's spelling of an ephemeral port).
@@ -579,26 +524,14 @@ fn bind_address(ep: &str) -> String {
 }
 
 /// Binds `sock` and returns `ZMQ_LAST_ENDPOINT` (the resolved address).
-fn bind_resolved(
-    sock: &zmq::Socket,
-    socket: &'static str,
-    ep: &str,
-) -> Result<String, PublisherError> {
-    sock.bind(&bind_address(ep))
-        .map_err(|source| PublisherError::Bind {
-            socket,
-            endpoint: ep.to_owned(),
-            source,
-        })?;
+fn bind_resolved(sock: &zmq::Socket, socket: &'static str, ep: &str) -> Result<String, PublisherError> {
+    sock.bind(&bind_address(ep)).map_err(|source| PublisherError::Bind { socket, endpoint: ep.to_owned(), source })?;
     match sock.get_last_endpoint() {
         Ok(Ok(resolved)) => Ok(resolved),
         Ok(Err(_)) => Ok(ep.to_owned()),
-        Err(source) => Err(PublisherError::Socket {
-            op: "get ZMQ_LAST_ENDPOINT",
-            socket,
-            endpoint: ep.to_owned(),
-            source,
-        }),
+        Err(source) => {
+            Err(PublisherError::Socket { op: "get ZMQ_LAST_ENDPOINT", socket, endpoint: ep.to_owned(), source })
+        }
     }
 }
 
@@ -618,18 +551,8 @@ fn new_socket(
     Ok(s)
 }
 
-fn set_opt(
-    op: &'static str,
-    socket: &'static str,
-    ep: &str,
-    res: zmq::Result<()>,
-) -> Result<(), PublisherError> {
-    res.map_err(|source| PublisherError::Socket {
-        op,
-        socket,
-        endpoint: ep.to_owned(),
-        source,
-    })
+fn set_opt(op: &'static str, socket: &'static str, ep: &str, res: zmq::Result<()>) -> Result<(), PublisherError> {
+    res.map_err(|source| PublisherError::Socket { op, socket, endpoint: ep.to_owned(), source })
 }
 
 #[cfg(test)]

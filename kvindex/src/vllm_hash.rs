@@ -46,10 +46,7 @@ pub fn hash_block(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32]) -> [
 /// # Panics
 /// If `block_size` is 0.
 pub fn hash_blocks(algo: VllmHashAlgo, token_ids: &[u32], block_size: usize) -> Vec<[u8; 32]> {
-    assert!(
-        block_size > 0,
-        "vllm_hash::hash_blocks: block_size must be > 0"
-    );
+    assert!(block_size > 0, "vllm_hash::hash_blocks: block_size must be > 0");
     let mut parent = none_hash(algo);
     token_ids
         .chunks_exact(block_size)

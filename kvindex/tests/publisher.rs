@@ -3,8 +3,7 @@
 use std::time::{Duration, Instant};
 
 use gantry_kvindex::{
-    BlockRemoved, BlockStored, KvEvent, Publisher, PublisherConfig, PublisherError, ReplayFraming,
-    WireFormat,
+    BlockRemoved, BlockStored, KvEvent, Publisher, PublisherConfig, PublisherError, ReplayFraming, WireFormat,
 };
 use rmpv::Value;
 
@@ -35,11 +34,7 @@ fn stored(n: u32) -> Vec<KvEvent> {
             kv_cache_spec_kind: Some("full_attention".into()),
             ..BlockStored::default()
         }),
-        KvEvent::BlockRemoved(BlockRemoved {
-            block_hashes: vec![7],
-            medium: Some("GPU".into()),
-            group_idx: Some(0),
-        }),
+        KvEvent::BlockRemoved(BlockRemoved { block_hashes: vec![7], medium: Some("GPU".into()), group_idx: Some(0) }),
     ]
 }
 
@@ -97,16 +92,14 @@ fn join_stream(p: &Publisher, sub: &zmq::Socket) -> (Msg, u64) {
 
 fn dealer(ctx: &zmq::Context, p: &Publisher) -> zmq::Socket {
     let d = socket(ctx, zmq::DEALER);
-    d.connect(p.replay_endpoint().expect("replay enabled"))
-        .unwrap();
+    d.connect(p.replay_endpoint().expect("replay enabled")).unwrap();
     d
 }
 
 /// Sends a replay request from `start` and collects the data messages up to the end marker
 /// (returned separately), with the DEALER's leading empty delimiter checked and removed.
 fn replay(d: &zmq::Socket, start: u64) -> (Vec<Msg>, Msg) {
-    d.send_multipart([&[][..], &start.to_be_bytes()], 0)
-        .unwrap();
+    d.send_multipart([&[][..], &start.to_be_bytes()], 0).unwrap();
     let mut data = Vec::new();
     loop {
         let mut m = recv(d);
@@ -125,9 +118,7 @@ fn replay(d: &zmq::Socket, start: u64) -> (Vec<Msg>, Msg) {
 
 fn decode(payload: &[u8]) -> Vec<Value> {
     let v = rmpv::decode::read_value(&mut &payload[..]).expect("payload is msgpack");
-    let Value::Array(items) = v else {
-        panic!("batch is not an array: {v}")
-    };
+    let Value::Array(items) = v else { panic!("batch is not an array: {v}") };
     items
 }
 
@@ -160,9 +151,7 @@ fn live_stream_and_replay_v033() {
         assert_eq!(batch.len(), 3);
         let ts = batch[0].as_f64().expect("ts is float64");
         assert_eq!(m[2][1], 0xcb, "ts is encoded as float64");
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
         assert!((now.as_secs_f64() - ts).abs() < 60.0, "ts {ts} is not now");
         assert_eq!(batch[2].as_u64(), Some(0), "data_parallel_rank");
         let events = batch[1].as_array().unwrap();
@@ -181,11 +170,7 @@ fn live_stream_and_replay_v033() {
         assert_eq!(seq_of(&m[1]), i as u64);
     }
     for m in &live {
-        assert_eq!(
-            &data[seq_of(&m[1]) as usize],
-            m,
-            "replayed batch differs from the live one"
-        );
+        assert_eq!(&data[seq_of(&m[1]) as usize], m, "replayed batch differs from the live one");
     }
     // Replay from the middle.
     let (tail, _) = replay(&d, first_seq + 2);
@@ -211,20 +196,13 @@ fn replay_is_prompt_on_an_idle_publisher() {
         })
         .min()
         .unwrap();
-    assert!(
-        best < Duration::from_millis(50),
-        "replay round trip took {best:?}"
-    );
+    assert!(best < Duration::from_millis(50), "replay round trip took {best:?}");
 }
 
 #[test]
 fn legacy_replay_framing() {
     let ctx = zmq::Context::new();
-    let cfg = PublisherConfig {
-        replay_framing: ReplayFraming::Legacy,
-        format: WireFormat::Array,
-        ..config(true)
-    };
+    let cfg = PublisherConfig { replay_framing: ReplayFraming::Legacy, format: WireFormat::Array, ..config(true) };
     let p = Publisher::start(&ctx, cfg).unwrap();
     p.publish(stored(1));
     p.publish(vec![KvEvent::AllBlocksCleared]);
@@ -237,29 +215,15 @@ fn legacy_replay_framing() {
         assert_eq!(seq_of(&m[0]), i as u64);
     }
     let cleared = decode(&data[1][1]);
-    assert_eq!(
-        cleared[1],
-        Value::Array(vec![Value::Array(vec!["AllBlocksCleared".into()])])
-    );
+    assert_eq!(cleared[1], Value::Array(vec![Value::Array(vec!["AllBlocksCleared".into()])]));
     let first = decode(&data[0][1]);
-    assert_eq!(
-        first[1][0].as_array().unwrap().len(),
-        12,
-        "0.23 BlockStored array"
-    );
+    assert_eq!(first[1][0].as_array().unwrap().len(), 12, "0.23 BlockStored array");
 }
 
 #[test]
 fn replay_buffer_keeps_last_buffer_steps_batches() {
     let ctx = zmq::Context::new();
-    let p = Publisher::start(
-        &ctx,
-        PublisherConfig {
-            buffer_steps: 3,
-            ..config(true)
-        },
-    )
-    .unwrap();
+    let p = Publisher::start(&ctx, PublisherConfig { buffer_steps: 3, ..config(true) }).unwrap();
     for n in 0..5 {
         p.publish(stored(n));
     }
@@ -279,13 +243,9 @@ fn malformed_replay_requests_are_ignored() {
     wait_until("published", || p.stats().published == 1);
     let d = dealer(&ctx, &p);
     d.send(&0u64.to_be_bytes()[..], 0).unwrap(); // 2 frames at the ROUTER
-    d.send_multipart([&[][..], &0u64.to_be_bytes(), b"extra"], 0)
-        .unwrap(); // 4 frames
+    d.send_multipart([&[][..], &0u64.to_be_bytes(), b"extra"], 0).unwrap(); // 4 frames
     wait_until("both ignored", || p.stats().replay_requests_ignored == 2);
-    assert!(
-        try_recv(&d, Duration::from_millis(100)).is_none(),
-        "no reply to a bad request"
-    );
+    assert!(try_recv(&d, Duration::from_millis(100)).is_none(), "no reply to a bad request");
     // Still serving.
     let (data, _) = replay(&d, 0);
     assert_eq!(data.len(), 1);
@@ -298,34 +258,18 @@ fn malformed_replay_requests_are_ignored() {
 fn bind_conflict_names_the_endpoint() {
     let ctx = zmq::Context::new();
     let a = Publisher::start(&ctx, config(true)).unwrap();
-    assert!(
-        !a.endpoint().ends_with(":*") && !a.endpoint().ends_with(":0"),
-        "{}",
-        a.endpoint()
-    );
+    assert!(!a.endpoint().ends_with(":*") && !a.endpoint().ends_with(":0"), "{}", a.endpoint());
     let taken = a.endpoint().to_owned();
-    let err = Publisher::start(
-        &ctx,
-        PublisherConfig {
-            endpoint: taken.clone(),
-            ..config(false)
-        },
-    )
-    .err()
-    .expect("second bind must fail");
+    let err = Publisher::start(&ctx, PublisherConfig { endpoint: taken.clone(), ..config(false) })
+        .err()
+        .expect("second bind must fail");
     assert!(matches!(err, PublisherError::Bind { .. }), "{err:?}");
     assert!(err.to_string().contains(&taken), "{err}");
 
     let taken = a.replay_endpoint().unwrap().to_owned();
-    let err = Publisher::start(
-        &ctx,
-        PublisherConfig {
-            replay_endpoint: Some(taken.clone()),
-            ..config(false)
-        },
-    )
-    .err()
-    .expect("replay bind must fail");
+    let err = Publisher::start(&ctx, PublisherConfig { replay_endpoint: Some(taken.clone()), ..config(false) })
+        .err()
+        .expect("replay bind must fail");
     assert!(err.to_string().contains(&taken), "{err}");
     assert!(err.to_string().contains("replay"), "{err}");
 }
@@ -339,12 +283,7 @@ fn connect_mode_reaches_a_bound_subscriber() {
     let ep = sub.get_last_endpoint().unwrap().unwrap();
     let p = Publisher::start(
         &ctx,
-        PublisherConfig {
-            endpoint: ep.clone(),
-            topic: String::new(),
-            bind: false,
-            ..config(false)
-        },
+        PublisherConfig { endpoint: ep.clone(), topic: String::new(), bind: false, ..config(false) },
     )
     .unwrap();
     assert_eq!(p.endpoint(), ep);
@@ -357,14 +296,7 @@ fn connect_mode_reaches_a_bound_subscriber() {
 #[test]
 fn full_queue_drops_and_counts() {
     let ctx = zmq::Context::new();
-    let p = Publisher::start(
-        &ctx,
-        PublisherConfig {
-            max_queue_size: 1,
-            ..config(false)
-        },
-    )
-    .unwrap();
+    let p = Publisher::start(&ctx, PublisherConfig { max_queue_size: 1, ..config(false) }).unwrap();
     const N: u64 = 2_000;
     for n in 0..N {
         p.publish(stored(n as u32));

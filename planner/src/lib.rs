@@ -2,3 +2,4 @@
 //!
 //! Not built yet: this crate is intentionally empty until its issue is taken. See
 //! `ARCHITECTURE.md` for what it will own.
+#![forbid(unsafe_code)]

@@ -173,11 +173,7 @@ pub(crate) fn framing_from_headers(headers: &Headers<'_>) -> Result<BodyFraming,
     let mut length: Option<u64> = None;
     for (name, value) in headers.iter() {
         if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = value
-                .rsplit(|&b| b == b',')
-                .next()
-                .map(|v| v.trim_ascii())
-                .unwrap_or_default();
+            let last = value.rsplit(|&b| b == b',').next().map(|v| v.trim_ascii()).unwrap_or_default();
             te_chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case("content-length") {
             let s = std::str::from_utf8(value.trim_ascii()).map_err(|_| HttpError::BadContentLength)?;

@@ -51,15 +51,11 @@ pub fn block_on<F: Future>(driver: Driver, fut: F) -> std::io::Result<F::Output>
         Driver::Auto => uring_available(),
     };
     if use_uring {
-        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .with_entries(1024)
-            .build()?;
+        let mut rt =
+            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(1024).build()?;
         Ok(rt.block_on(fut))
     } else {
-        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-            .enable_timer()
-            .build()?;
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build()?;
         Ok(rt.block_on(fut))
     }
 }

@@ -114,9 +114,11 @@ fn keep_alive_reuse_and_bodies() {
                 assert!(c.reusable());
             }
             // A chunked request body, sent by hand.
-            c.send_raw(b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-                .await
-                .unwrap();
+            c.send_raw(
+                b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            )
+            .await
+            .unwrap();
             let head = c.read_head(false).await.unwrap();
             assert_eq!(head.status, 200);
             assert_eq!(c.read_body().await.unwrap(), &b"abcde"[..]);
@@ -155,7 +157,8 @@ fn pipelined_requests_and_expect_continue() {
         assert!(out.ends_with("\r\n\r\nb"), "{out}");
 
         let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
-        s.write_all(b"POST /echo HTTP/1.1\r\ncontent-length: 2\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n").unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\ncontent-length: 2\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n")
+            .unwrap();
         let mut first = [0u8; 25];
         s.read_exact(&mut first).unwrap();
         assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -181,22 +184,31 @@ fn limits_give_the_right_status() {
     for driver in drivers() {
         let srv = start_server(driver, limits.clone());
         let body = "x".repeat(101);
-        let out = raw_exchange(srv.addr, format!("POST /echo HTTP/1.1\r\ncontent-length: 101\r\n\r\n{body}").as_bytes());
+        let out =
+            raw_exchange(srv.addr, format!("POST /echo HTTP/1.1\r\ncontent-length: 101\r\n\r\n{body}").as_bytes());
         assert!(out.starts_with("HTTP/1.1 413"), "{driver:?}: {out}");
         let chunks = format!("POST /echo HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n65\r\n{body}\r\n0\r\n\r\n");
         assert!(raw_exchange(srv.addr, chunks.as_bytes()).starts_with("HTTP/1.1 413"));
         let big = format!("GET /echo HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(2000));
         assert!(raw_exchange(srv.addr, big.as_bytes()).starts_with("HTTP/1.1 431"));
         let many: String = (0..9).map(|i| format!("h{i}: v\r\n")).collect();
-        assert!(raw_exchange(srv.addr, format!("GET /echo HTTP/1.1\r\n{many}\r\n").as_bytes()).starts_with("HTTP/1.1 431"));
+        assert!(
+            raw_exchange(srv.addr, format!("GET /echo HTTP/1.1\r\n{many}\r\n").as_bytes()).starts_with("HTTP/1.1 431")
+        );
         assert!(raw_exchange(srv.addr, b"GARBAGE\r\n\r\n").starts_with("HTTP/1.1 400"));
-        assert!(raw_exchange(srv.addr, b"POST /echo HTTP/1.1\r\ncontent-length: zz\r\n\r\n").starts_with("HTTP/1.1 400"));
+        assert!(
+            raw_exchange(srv.addr, b"POST /echo HTTP/1.1\r\ncontent-length: zz\r\n\r\n").starts_with("HTTP/1.1 400")
+        );
     }
 }
 
 #[test]
 fn slow_clients_time_out_and_others_are_unaffected() {
-    let limits = Limits { header_timeout: Duration::from_millis(300), body_timeout: Duration::from_millis(300), ..Limits::default() };
+    let limits = Limits {
+        header_timeout: Duration::from_millis(300),
+        body_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
     for driver in drivers() {
         let srv = start_server(driver, limits.clone());
         // Slowloris: half a head, then nothing.

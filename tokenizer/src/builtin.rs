@@ -107,11 +107,7 @@ impl Builtin {
         for (i, c) in BUILTIN_VOWELS.bytes().enumerate() {
             vowel[c as usize] = i as u8;
         }
-        Builtin {
-            token_bytes,
-            consonant,
-            vowel,
-        }
+        Builtin { token_bytes, consonant, vowel }
     }
 
     /// Syllable index of the two bytes `s`, if they form one.
@@ -142,10 +138,7 @@ impl Builtin {
         let mut i = 0;
         while i + 1 < bytes.len() {
             if bytes[i] == b'<' && bytes[i + 1] == b'|' {
-                if let Some(id) = BUILTIN_SPECIAL_TOKENS
-                    .iter()
-                    .position(|s| bytes[i..].starts_with(s.as_bytes()))
-                {
+                if let Some(id) = BUILTIN_SPECIAL_TOKENS.iter().position(|s| bytes[i..].starts_with(s.as_bytes())) {
                     self.encode_plain(&bytes[start..i], &mut out);
                     out.push(id as u32);
                     i += BUILTIN_SPECIAL_TOKENS[id].len();
@@ -177,11 +170,7 @@ impl Builtin {
             }
             match self.word(&bytes[letters_start..end]) {
                 Some(w) => out.push(BUILTIN_FIRST_WORD_ID + 2 * w as u32 + (!space) as u32),
-                None => out.extend(
-                    bytes[i..end]
-                        .iter()
-                        .map(|&b| BUILTIN_FIRST_BYTE_ID + b as u32),
-                ),
+                None => out.extend(bytes[i..end].iter().map(|&b| BUILTIN_FIRST_BYTE_ID + b as u32)),
             }
             i = end;
         }

@@ -67,14 +67,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat_template", source)
-            .map_err(|e| TokenizerError::Template {
-                message: format!("{origin}: {e:#}"),
-            })?;
-        Ok(ChatTemplate {
-            env,
-            source_has_content,
-            specials,
-        })
+            .map_err(|e| TokenizerError::Template { message: format!("{origin}: {e:#}") })?;
+        Ok(ChatTemplate { env, source_has_content, specials })
     }
 
     /// Renders the request like vLLM: normalise messages, render, handle `continue_final_message`.
@@ -89,22 +83,16 @@ impl ChatTemplate {
         let continue_final = flag("continue_final_message", req.continue_final_message);
         if add_generation_prompt && continue_final {
             return Err(TokenizerError::InvalidRequest {
-                message:
-                    "cannot set both `continue_final_message` and `add_generation_prompt` to true"
-                        .into(),
+                message: "cannot set both `continue_final_message` and `add_generation_prompt` to true".into(),
             });
         }
         let mut final_message = String::new();
         if continue_final {
-            let last = messages
-                .last_mut()
-                .ok_or_else(|| TokenizerError::InvalidRequest {
-                    message: "continue_final_message is set but `messages` is empty".into(),
-                })?;
+            let last = messages.last_mut().ok_or_else(|| TokenizerError::InvalidRequest {
+                message: "continue_final_message is set but `messages` is empty".into(),
+            })?;
             if !self.source_has_content {
-                return Err(template_err(
-                    "continue_final_message is set but the chat template never reads `content`",
-                ));
+                return Err(template_err("continue_final_message is set but the chat template never reads `content`"));
             }
             if let Some(Json::String(c)) = last.get_mut("content") {
                 final_message = c.clone();
@@ -118,34 +106,20 @@ impl ChatTemplate {
         }
         ctx.insert("tools".into(), req.tools.cloned().unwrap_or(Json::Null));
         ctx.insert("documents".into(), Json::Null);
-        ctx.insert(
-            "add_generation_prompt".into(),
-            Json::Bool(add_generation_prompt),
-        );
+        ctx.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
         if let Some(kwargs) = kwargs {
             for (k, v) in kwargs {
                 ctx.insert(k.clone(), v.clone());
             }
         }
-        ctx.insert(
-            "messages".into(),
-            Json::Array(messages.into_iter().map(Json::Object).collect()),
-        );
-        let tmpl = self
-            .env
-            .get_template("chat_template")
-            .map_err(|e| template_err(&format!("{e:#}")))?;
-        let rendered = tmpl
-            .render(Value::from_serialize(&ctx))
-            .map_err(|e| template_err(&render_error_message(&e)))?;
+        ctx.insert("messages".into(), Json::Array(messages.into_iter().map(Json::Object).collect()));
+        let tmpl = self.env.get_template("chat_template").map_err(|e| template_err(&format!("{e:#}")))?;
+        let rendered = tmpl.render(Value::from_serialize(&ctx)).map_err(|e| template_err(&render_error_message(&e)))?;
         if !continue_final {
             return Ok(rendered);
         }
         let tag = CONTINUE_TAG.trim();
-        let Some(loc) = rendered
-            .rfind(tag)
-            .filter(|_| rendered.contains(final_message.trim()))
-        else {
+        let Some(loc) = rendered.rfind(tag).filter(|_| rendered.contains(final_message.trim())) else {
             return Err(template_err(
                 "continue_final_message is set but the final message does not appear in the rendered chat",
             ));
@@ -159,9 +133,7 @@ impl ChatTemplate {
 }
 
 fn template_err(message: &str) -> TokenizerError {
-    TokenizerError::Template {
-        message: message.to_string(),
-    }
+    TokenizerError::Template { message: message.to_string() }
 }
 
 /// `raise_exception(msg)` errors carry just `msg`; other errors carry minijinja's full text.
@@ -176,26 +148,15 @@ fn render_error_message(e: &Error) -> String {
 
 /// vLLM's "string" content format: keep the keys vLLM keeps, join text parts with `"\n"`,
 /// turn `null` content into `""`, and parse JSON-string tool-call arguments into objects.
-pub(crate) fn normalize_messages(
-    messages: &Json,
-) -> Result<Vec<Map<String, Json>>, TokenizerError> {
+pub(crate) fn normalize_messages(messages: &Json) -> Result<Vec<Map<String, Json>>, TokenizerError> {
     let bad = |path: String, message: String| TokenizerError::Messages { path, message };
-    let list = messages
-        .as_array()
-        .ok_or_else(|| bad("messages".into(), "expected an array of messages".into()))?;
+    let list = messages.as_array().ok_or_else(|| bad("messages".into(), "expected an array of messages".into()))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let m = m
-            .as_object()
-            .ok_or_else(|| bad(format!("messages[{i}]"), "expected an object".into()))?;
+        let m = m.as_object().ok_or_else(|| bad(format!("messages[{i}]"), "expected an object".into()))?;
         let role = match m.get("role") {
             Some(Json::String(r)) => r.clone(),
-            Some(_) => {
-                return Err(bad(
-                    format!("messages[{i}].role"),
-                    "expected a string".into(),
-                ))
-            }
+            Some(_) => return Err(bad(format!("messages[{i}].role"), "expected a string".into())),
             None => return Err(bad(format!("messages[{i}]"), "missing `role`".into())),
         };
         let content = match m.get("content") {
@@ -294,11 +255,10 @@ fn normalize_tool_calls(calls: &Json, i: usize) -> Result<Json, TokenizerError> 
             continue;
         };
         if let Some(Json::String(args)) = f.get("arguments") {
-            let parsed: Json =
-                serde_json::from_str(args).map_err(|e| TokenizerError::Messages {
-                    path: format!("messages[{i}].tool_calls[{j}].function.arguments"),
-                    message: format!("invalid JSON: {e}"),
-                })?;
+            let parsed: Json = serde_json::from_str(args).map_err(|e| TokenizerError::Messages {
+                path: format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                message: format!("invalid JSON: {e}"),
+            })?;
             f.insert("arguments".into(), parsed);
         }
     }
@@ -306,10 +266,7 @@ fn normalize_tool_calls(calls: &Json, i: usize) -> Result<Json, TokenizerError> 
 }
 
 fn raise_exception(msg: String) -> Result<Value, Error> {
-    Err(Error::new(
-        ErrorKind::InvalidOperation,
-        format!("raise_exception: {msg}"),
-    ))
+    Err(Error::new(ErrorKind::InvalidOperation, format!("raise_exception: {msg}")))
 }
 
 /// transformers' `tojson`: Python `json.dumps(x, ensure_ascii=False, indent=None,
@@ -320,8 +277,8 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     let separators: Option<Value> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json =
+        serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let indent = match indent {
         None => None,
         Some(v) if v.is_none() => None,
@@ -444,10 +401,7 @@ impl PyJson {
 /// transformers' `strftime_now(fmt)`, in UTC (servers run in UTC; no timezone database here).
 /// Supports `%Y %y %m %d %e %H %I %M %S %p %j %b %B %a %A %%`; other directives pass through.
 fn strftime_now(fmt: String) -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime(&fmt, secs)
 }
 
@@ -466,15 +420,7 @@ pub(crate) fn strftime(fmt: &str, unix_secs: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix_secs.div_euclid(86_400);
     let sod = unix_secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);

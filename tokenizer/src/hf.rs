@@ -20,10 +20,7 @@ pub(crate) struct HfDir {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TokenizerError> {
-    fs::read(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })
 }
 
 fn read_json(path: &Path) -> Result<Json, TokenizerError> {
@@ -36,20 +33,14 @@ fn read_json(path: &Path) -> Result<Json, TokenizerError> {
 
 pub(crate) fn load(dir: &Path) -> Result<HfDir, TokenizerError> {
     if !dir.is_dir() {
-        return Err(TokenizerError::NotADirectory {
-            path: dir.to_path_buf(),
-        });
+        return Err(TokenizerError::NotADirectory { path: dir.to_path_buf() });
     }
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.is_file() {
         return Err(TokenizerError::MissingFile { path: tok_path });
     }
-    let tokenizer = tokenizers::Tokenizer::from_bytes(read(&tok_path)?).map_err(|e| {
-        TokenizerError::TokenizerJson {
-            path: tok_path.clone(),
-            message: e.to_string(),
-        }
-    })?;
+    let tokenizer = tokenizers::Tokenizer::from_bytes(read(&tok_path)?)
+        .map_err(|e| TokenizerError::TokenizerJson { path: tok_path.clone(), message: e.to_string() })?;
 
     let cfg_path = dir.join("tokenizer_config.json");
     let cfg = if cfg_path.is_file() {
@@ -68,34 +59,22 @@ pub(crate) fn load(dir: &Path) -> Result<HfDir, TokenizerError> {
             Some(Json::String(s)) => Ok(Some(s.clone())),
             Some(Json::Object(o)) => match o.get("content") {
                 Some(Json::String(s)) => Ok(Some(s.clone())),
-                _ => Err(config_err(
-                    &cfg_path,
-                    key,
-                    "AddedToken object without a string `content`",
-                )),
+                _ => Err(config_err(&cfg_path, key, "AddedToken object without a string `content`")),
             },
-            Some(_) => Err(config_err(
-                &cfg_path,
-                key,
-                "expected a string, an AddedToken object or null",
-            )),
+            Some(_) => Err(config_err(&cfg_path, key, "expected a string, an AddedToken object or null")),
         }
     };
     let bos_token = token("bos_token")?;
     let eos_token = token("eos_token")?;
     let unk_token = token("unk_token")?;
     let pad_token = token("pad_token")?;
-    let clean_up_tokenization_spaces = matches!(
-        cfg.get("clean_up_tokenization_spaces"),
-        Some(Json::Bool(true))
-    );
+    let clean_up_tokenization_spaces = matches!(cfg.get("clean_up_tokenization_spaces"), Some(Json::Bool(true)));
 
     // transformers' order: chat_template.jinja, chat_template.json, tokenizer_config.json.
     let jinja_path = dir.join("chat_template.jinja");
     let json_path = dir.join("chat_template.json");
     let chat_template = if jinja_path.is_file() {
-        let src = String::from_utf8(read(&jinja_path)?)
-            .map_err(|_| config_err(&jinja_path, "", "not valid UTF-8"))?;
+        let src = String::from_utf8(read(&jinja_path)?).map_err(|_| config_err(&jinja_path, "", "not valid UTF-8"))?;
         Some((src, jinja_path.display().to_string()))
     } else if json_path.is_file() {
         let j = read_json(&json_path)?;
@@ -104,31 +83,16 @@ pub(crate) fn load(dir: &Path) -> Result<HfDir, TokenizerError> {
         template_from_value(cfg.get("chat_template"), &cfg_path)?
     };
 
-    Ok(HfDir {
-        tokenizer,
-        chat_template,
-        bos_token,
-        eos_token,
-        unk_token,
-        pad_token,
-        clean_up_tokenization_spaces,
-    })
+    Ok(HfDir { tokenizer, chat_template, bos_token, eos_token, unk_token, pad_token, clean_up_tokenization_spaces })
 }
 
 fn config_err(path: &Path, key: &str, message: &str) -> TokenizerError {
-    TokenizerError::Config {
-        path: PathBuf::from(path),
-        key: key.to_string(),
-        message: message.to_string(),
-    }
+    TokenizerError::Config { path: PathBuf::from(path), key: key.to_string(), message: message.to_string() }
 }
 
 /// `chat_template` is a string, or a list of `{"name", "template"}` (pick "default", else the
 /// first), or absent/null.
-fn template_from_value(
-    v: Option<&Json>,
-    path: &Path,
-) -> Result<Option<(String, String)>, TokenizerError> {
+fn template_from_value(v: Option<&Json>, path: &Path) -> Result<Option<(String, String)>, TokenizerError> {
     let origin = |suffix: &str| format!("{} (key `chat_template{suffix}`)", path.display());
     match v {
         None | Some(Json::Null) => Ok(None),
@@ -138,11 +102,7 @@ fn template_from_value(
             for (i, item) in list.iter().enumerate() {
                 let name = item.get("name").and_then(Json::as_str);
                 let Some(tmpl) = item.get("template").and_then(Json::as_str) else {
-                    return Err(config_err(
-                        path,
-                        &format!("chat_template[{i}].template"),
-                        "expected a string",
-                    ));
+                    return Err(config_err(path, &format!("chat_template[{i}].template"), "expected a string"));
                 };
                 let entry = (tmpl.to_string(), origin(&format!("[{i}]")));
                 if name == Some("default") {
@@ -152,11 +112,9 @@ fn template_from_value(
             }
             Ok(first)
         }
-        Some(_) => Err(config_err(
-            path,
-            "chat_template",
-            "expected a string or a list of {\"name\", \"template\"} objects",
-        )),
+        Some(_) => {
+            Err(config_err(path, "chat_template", "expected a string or a list of {\"name\", \"template\"} objects"))
+        }
     }
 }
 

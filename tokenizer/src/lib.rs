@@ -63,9 +63,9 @@ mod chat;
 mod hf;
 
 pub use builtin::{
-    builtin_word_text, builtin_words, BUILTIN_CHAT_TEMPLATE, BUILTIN_CONSONANTS,
-    BUILTIN_FIRST_BYTE_ID, BUILTIN_FIRST_WORD_ID, BUILTIN_OUTPUT_TOKENS, BUILTIN_SPECIAL_TOKENS,
-    BUILTIN_VOCAB_SIZE, BUILTIN_VOWELS, BUILTIN_WORD_COUNT,
+    builtin_word_text, builtin_words, BUILTIN_CHAT_TEMPLATE, BUILTIN_CONSONANTS, BUILTIN_FIRST_BYTE_ID,
+    BUILTIN_FIRST_WORD_ID, BUILTIN_OUTPUT_TOKENS, BUILTIN_SPECIAL_TOKENS, BUILTIN_VOCAB_SIZE, BUILTIN_VOWELS,
+    BUILTIN_WORD_COUNT,
 };
 pub use chat::ChatTemplateInput;
 
@@ -83,20 +83,13 @@ pub enum TokenizerError {
     MissingFile { path: PathBuf },
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// `tokenizer.json` could not be parsed.
     #[error("{path}: invalid tokenizer.json: {message}")]
     TokenizerJson { path: PathBuf, message: String },
     /// A config file or one of its keys is invalid.
     #[error("{path}{}: {message}", if key.is_empty() { String::new() } else { format!(": key `{key}`") })]
-    Config {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Config { path: PathBuf, key: String, message: String },
     /// The model has no chat template.
     #[error("{name}: no chat template; as of transformers v4.44 a default chat template is no longer allowed, so chat requests need a model with `chat_template`")]
     NoChatTemplate { name: String },
@@ -119,10 +112,7 @@ pub enum TokenizerError {
 
 enum Backend {
     Builtin(Box<Builtin>),
-    Hf {
-        tok: Box<tokenizers::Tokenizer>,
-        clean_up_spaces: bool,
-    },
+    Hf { tok: Box<tokenizers::Tokenizer>, clean_up_spaces: bool },
 }
 
 /// A tokenizer plus chat template: the built-in one or a Hugging Face model directory's.
@@ -154,9 +144,8 @@ impl Tokenizer {
     /// The deterministic built-in tokenizer (see the crate docs).
     pub fn builtin() -> Tokenizer {
         let b = Builtin::new();
-        let output_tokens: Vec<u32> = (0..BUILTIN_OUTPUT_TOKENS as u32)
-            .map(|w| BUILTIN_FIRST_WORD_ID + 2 * w)
-            .collect();
+        let output_tokens: Vec<u32> =
+            (0..BUILTIN_OUTPUT_TOKENS as u32).map(|w| BUILTIN_FIRST_WORD_ID + 2 * w).collect();
         let pieces = output_tokens
             .iter()
             .map(|&id| {
@@ -213,10 +202,7 @@ impl Tokenizer {
         };
         let mut t = Tokenizer {
             name,
-            backend: Backend::Hf {
-                tok: Box::new(tok),
-                clean_up_spaces: d.clean_up_tokenization_spaces,
-            },
+            backend: Backend::Hf { tok: Box::new(tok), clean_up_spaces: d.clean_up_tokenization_spaces },
             template,
             vocab_size,
             bos_id,
@@ -248,19 +234,14 @@ impl Tokenizer {
             Backend::Hf { tok, .. } => tok
                 .encode_fast(text, add_special_tokens)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| TokenizerError::Tokenizers {
-                    message: e.to_string(),
-                }),
+                .map_err(|e| TokenizerError::Tokenizers { message: e.to_string() }),
         }
     }
 
     /// HF `tokenizer.decode(ids, skip_special_tokens=...)`; ids `>= vocab_size()` are an error.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
         if let Some(&id) = ids.iter().find(|&&id| id >= self.vocab_size) {
-            return Err(TokenizerError::IdOutOfRange {
-                id,
-                vocab_size: self.vocab_size,
-            });
+            return Err(TokenizerError::IdOutOfRange { id, vocab_size: self.vocab_size });
         }
         match &self.backend {
             Backend::Builtin(b) => {
@@ -276,35 +257,21 @@ impl Tokenizer {
                     Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
                 })
             }
-            Backend::Hf {
-                tok,
-                clean_up_spaces,
-            } => {
-                let s = tok.decode(ids, skip_special_tokens).map_err(|e| {
-                    TokenizerError::Tokenizers {
-                        message: e.to_string(),
-                    }
-                })?;
-                Ok(if *clean_up_spaces {
-                    hf::clean_up_tokenization(s)
-                } else {
-                    s
-                })
+            Backend::Hf { tok, clean_up_spaces } => {
+                let s = tok
+                    .decode(ids, skip_special_tokens)
+                    .map_err(|e| TokenizerError::Tokenizers { message: e.to_string() })?;
+                Ok(if *clean_up_spaces { hf::clean_up_tokenization(s) } else { s })
             }
         }
     }
 
     /// Renders the chat template for a request (see the crate docs); encode the result with
     /// `add_special_tokens = false`.
-    pub fn apply_chat_template(
-        &self,
-        req: &ChatTemplateInput<'_>,
-    ) -> Result<String, TokenizerError> {
+    pub fn apply_chat_template(&self, req: &ChatTemplateInput<'_>) -> Result<String, TokenizerError> {
         match &self.template {
             Some(t) => t.render(req),
-            None => Err(TokenizerError::NoChatTemplate {
-                name: self.name.clone(),
-            }),
+            None => Err(TokenizerError::NoChatTemplate { name: self.name.clone() }),
         }
     }
 
@@ -347,8 +314,7 @@ impl Tokenizer {
         let Backend::Hf { tok, .. } = &self.backend else {
             return;
         };
-        let added: std::collections::HashSet<u32> =
-            tok.get_added_tokens_decoder().keys().copied().collect();
+        let added: std::collections::HashSet<u32> = tok.get_added_tokens_decoder().keys().copied().collect();
         let dec = |ids: &[u32]| self.decode(ids, false).ok();
         let mut words: Vec<(u32, String)> = Vec::new();
         let mut others: Vec<(u32, String)> = Vec::new();
@@ -376,9 +342,7 @@ impl Tokenizer {
             } else {
                 anchor = Some((id, p.clone()));
             }
-            let wordlike = p.len() >= 3
-                && p.starts_with(' ')
-                && p[1..].bytes().all(|b| b.is_ascii_alphabetic());
+            let wordlike = p.len() >= 3 && p.starts_with(' ') && p[1..].bytes().all(|b| b.is_ascii_alphabetic());
             if wordlike {
                 words.push((id, p));
             } else if others.len() < MAX_OUTPUT_TOKENS {

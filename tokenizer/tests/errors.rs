@@ -9,8 +9,7 @@ fn scratch(name: &str, files: &[(&str, &str)]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gantry-tokenizer-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let tokenizer_json =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-chatml/tokenizer.json");
+    let tokenizer_json = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-chatml/tokenizer.json");
     for (file, body) in files {
         if *body == "@tokenizer.json" {
             std::fs::copy(&tokenizer_json, dir.join(file)).expect("copy");
@@ -28,57 +27,34 @@ type Files<'a> = &'a [(&'a str, &'a str)];
 fn load_errors() {
     // (name, files, expected substring of the error)
     let cases: &[(&str, Files, &str)] = &[
-        (
-            "no-tokenizer",
-            &[("tokenizer_config.json", "{}")],
-            "tokenizer.json: file not found",
-        ),
-        (
-            "bad-tokenizer",
-            &[("tokenizer.json", "{\"model\": 3}")],
-            "invalid tokenizer.json",
-        ),
+        ("no-tokenizer", &[("tokenizer_config.json", "{}")], "tokenizer.json: file not found"),
+        ("bad-tokenizer", &[("tokenizer.json", "{\"model\": 3}")], "invalid tokenizer.json"),
         (
             "bad-config",
-            &[
-                ("tokenizer.json", "@tokenizer.json"),
-                ("tokenizer_config.json", "{oops"),
-            ],
+            &[("tokenizer.json", "@tokenizer.json"), ("tokenizer_config.json", "{oops")],
             "tokenizer_config.json: invalid JSON",
         ),
         (
             "bad-eos",
-            &[
-                ("tokenizer.json", "@tokenizer.json"),
-                ("tokenizer_config.json", "{\"eos_token\": 5}"),
-            ],
+            &[("tokenizer.json", "@tokenizer.json"), ("tokenizer_config.json", "{\"eos_token\": 5}")],
             "key `eos_token`",
         ),
         (
             "bad-template-type",
-            &[
-                ("tokenizer.json", "@tokenizer.json"),
-                ("tokenizer_config.json", "{\"chat_template\": 5}"),
-            ],
+            &[("tokenizer.json", "@tokenizer.json"), ("tokenizer_config.json", "{\"chat_template\": 5}")],
             "key `chat_template`",
         ),
         (
             "bad-template-list",
             &[
                 ("tokenizer.json", "@tokenizer.json"),
-                (
-                    "tokenizer_config.json",
-                    "{\"chat_template\": [{\"name\": \"x\"}]}",
-                ),
+                ("tokenizer_config.json", "{\"chat_template\": [{\"name\": \"x\"}]}"),
             ],
             "key `chat_template[0].template`",
         ),
         (
             "bad-template-syntax",
-            &[
-                ("tokenizer.json", "@tokenizer.json"),
-                ("chat_template.jinja", "{% for %}"),
-            ],
+            &[("tokenizer.json", "@tokenizer.json"), ("chat_template.jinja", "{% for %}")],
             "template error: ",
         ),
     ];
@@ -102,31 +78,19 @@ fn template_sources() {
     let tok = Tokenizer::from_dir(&dir).expect("load");
     assert!(tok.encode("hi", true).is_ok());
     let err = tok.apply_chat_template(&req).expect_err("no template");
-    assert!(
-        matches!(err, TokenizerError::NoChatTemplate { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, TokenizerError::NoChatTemplate { .. }), "{err}");
     assert!(err.to_string().contains("no chat template"));
     // chat_template.jinja wins over tokenizer_config.json.
     let dir2 = scratch(
         "jinja-file",
         &[
             ("tokenizer.json", "@tokenizer.json"),
-            (
-                "chat_template.jinja",
-                "{{ bos_token }}J:{{ messages[0].content }}\n",
-            ),
-            (
-                "tokenizer_config.json",
-                "{\"chat_template\": \"C\", \"bos_token\": {\"content\": \"<|endoftext|>\"}}",
-            ),
+            ("chat_template.jinja", "{{ bos_token }}J:{{ messages[0].content }}\n"),
+            ("tokenizer_config.json", "{\"chat_template\": \"C\", \"bos_token\": {\"content\": \"<|endoftext|>\"}}"),
         ],
     );
     let tok = Tokenizer::from_dir(&dir2).expect("load");
-    assert_eq!(
-        tok.apply_chat_template(&req).expect("render"),
-        "<|endoftext|>J:hi"
-    );
+    assert_eq!(tok.apply_chat_template(&req).expect("render"), "<|endoftext|>J:hi");
     assert_eq!(tok.bos_token_id(), Some(0));
     // A list without "default" uses the first entry.
     let dir3 = scratch(
@@ -147,21 +111,13 @@ fn template_sources() {
 fn out_of_range_ids() {
     let builtin = Tokenizer::builtin();
     let err = builtin.decode(&[5, 99_999], false).expect_err("range");
-    assert_eq!(
-        err.to_string(),
-        "token id 99999 out of range (vocab size 16639)"
-    );
+    assert_eq!(err.to_string(), "token id 99999 out of range (vocab size 16639)");
     assert!(builtin.decode(&[u32::MAX], true).is_err());
-    let hf =
-        Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-chatml"))
-            .expect("load");
+    let hf = Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-chatml")).expect("load");
     let v = hf.vocab_size();
     assert!(hf.decode(&[v - 1], false).is_ok());
     let err = hf.decode(&[v], false).expect_err("range");
-    assert_eq!(
-        err.to_string(),
-        format!("token id {v} out of range (vocab size {v})")
-    );
+    assert_eq!(err.to_string(), format!("token id {v} out of range (vocab size {v})"));
 }
 
 #[test]
@@ -173,8 +129,7 @@ fn shared_across_threads() {
         .map(|i| {
             let tok = tok.clone();
             std::thread::spawn(move || {
-                tok.encode(&gantry_tokenizer::builtin_word_text(i, 100), false)
-                    .map(|ids| ids.len())
+                tok.encode(&gantry_tokenizer::builtin_word_text(i, 100), false).map(|ids| ids.len())
             })
         })
         .collect();

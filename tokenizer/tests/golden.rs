@@ -8,9 +8,7 @@ use serde_json::Value;
 const DIRS: [&str; 2] = ["tiny-chatml", "tiny-llama3"];
 
 fn testdata(dir: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata")
-        .join(dir)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(dir)
 }
 
 fn golden(dir: &str) -> Value {
@@ -19,11 +17,7 @@ fn golden(dir: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("ids array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("ids array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 #[test]
@@ -42,21 +36,11 @@ fn chat_cases_match_transformers() {
                 tools: case.get("tools").filter(|t| !t.is_null()),
                 chat_template_kwargs: case.get("chat_template_kwargs").and_then(Value::as_object),
             };
-            let rendered = tok
-                .apply_chat_template(&req)
-                .unwrap_or_else(|e| panic!("{dir}/{name}: {e}"));
-            assert_eq!(
-                rendered,
-                case["rendered"].as_str().unwrap_or_default(),
-                "{dir}/{name}: rendered"
-            );
+            let rendered = tok.apply_chat_template(&req).unwrap_or_else(|e| panic!("{dir}/{name}: {e}"));
+            assert_eq!(rendered, case["rendered"].as_str().unwrap_or_default(), "{dir}/{name}: rendered");
             let got = tok.encode(&rendered, false).expect("encode");
             assert_eq!(got, ids(&case["ids"]), "{dir}/{name}: ids");
-            assert_eq!(
-                tok.encode_chat(&req).expect("encode_chat"),
-                got,
-                "{dir}/{name}"
-            );
+            assert_eq!(tok.encode_chat(&req).expect("encode_chat"), got, "{dir}/{name}");
         }
     }
 }
@@ -65,17 +49,10 @@ fn chat_cases_match_transformers() {
 fn completion_cases_match_transformers() {
     for dir in DIRS {
         let tok = Tokenizer::from_dir(&testdata(dir)).expect("load");
-        for case in golden(dir)["completion"]
-            .as_array()
-            .expect("completion cases")
-        {
+        for case in golden(dir)["completion"].as_array().expect("completion cases") {
             let prompt = case["prompt"].as_str().expect("prompt");
             let want = ids(&case["ids"]);
-            assert_eq!(
-                tok.encode(prompt, true).expect("encode"),
-                want,
-                "{dir}: {prompt:?}"
-            );
+            assert_eq!(tok.encode(prompt, true).expect("encode"), want, "{dir}: {prompt:?}");
             assert_eq!(
                 tok.decode(&want, false).expect("decode"),
                 case["decoded"].as_str().unwrap_or_default(),
@@ -95,23 +72,12 @@ fn llama3_bos_comes_from_post_processor_or_template_never_both() {
     let tok = Tokenizer::from_dir(&testdata("tiny-llama3")).expect("load");
     let bos = tok.bos_token_id().expect("bos");
     assert_eq!(tok.encode("hello", true).expect("encode")[0], bos);
-    assert_ne!(
-        tok.encode("hello", false).expect("encode").first(),
-        Some(&bos)
-    );
+    assert_ne!(tok.encode("hello", false).expect("encode").first(), Some(&bos));
     let msgs = serde_json::json!([{"role": "user", "content": "hi"}]);
-    let chat = tok
-        .encode_chat(&ChatTemplateInput::new(&msgs))
-        .expect("chat");
+    let chat = tok.encode_chat(&ChatTemplateInput::new(&msgs)).expect("chat");
     assert_eq!(chat[0], bos);
     assert_ne!(chat[1], bos);
-    assert_eq!(
-        tok.eos_token_id(),
-        tok.encode("<|eot_id|>", false)
-            .expect("eot")
-            .first()
-            .copied()
-    );
+    assert_eq!(tok.eos_token_id(), tok.encode("<|eot_id|>", false).expect("eot").first().copied());
 }
 
 #[test]
@@ -143,12 +109,7 @@ fn output_tokens_concatenate() {
     ];
     for tok in &tokenizers {
         let out = tok.output_tokens();
-        assert!(
-            out.len() >= 64,
-            "{}: only {} output tokens",
-            tok.name(),
-            out.len()
-        );
+        assert!(out.len() >= 64, "{}: only {} output tokens", tok.name(), out.len());
         for &id in out {
             let p = tok.piece(id);
             assert!(!p.is_empty());
@@ -157,16 +118,9 @@ fn output_tokens_concatenate() {
         let mut seed = 0x9E37_79B9_7F4A_7C15;
         for _ in 0..200 {
             let n = (rng(&mut seed) % 40) as usize;
-            let seq: Vec<u32> = (0..n)
-                .map(|_| out[(rng(&mut seed) % out.len() as u64) as usize])
-                .collect();
+            let seq: Vec<u32> = (0..n).map(|_| out[(rng(&mut seed) % out.len() as u64) as usize]).collect();
             let concat: String = seq.iter().map(|&id| tok.piece(id)).collect();
-            assert_eq!(
-                tok.decode(&seq, false).expect("decode"),
-                concat,
-                "{}: {seq:?}",
-                tok.name()
-            );
+            assert_eq!(tok.decode(&seq, false).expect("decode"), concat, "{}: {seq:?}", tok.name());
         }
     }
 }
@@ -178,9 +132,7 @@ fn hf_roundtrip_random_text() {
     let mut seed = 42;
     for _ in 0..300 {
         let n = (rng(&mut seed) % 30) as usize;
-        let s: String = (0..n)
-            .map(|_| alphabet[(rng(&mut seed) % alphabet.len() as u64) as usize])
-            .collect();
+        let s: String = (0..n).map(|_| alphabet[(rng(&mut seed) % alphabet.len() as u64) as usize]).collect();
         let ids = tok.encode(&s, false).expect("encode");
         assert_eq!(tok.decode(&ids, false).expect("decode"), s);
     }

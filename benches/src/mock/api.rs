@@ -54,7 +54,8 @@ impl ApiError {
 
     /// The JSON body.
     pub fn body(&self) -> String {
-        json!({"error": {"message": self.message, "type": self.type_name(), "param": self.param, "code": self.status}}).to_string()
+        json!({"error": {"message": self.message, "type": self.type_name(), "param": self.param, "code": self.status}})
+            .to_string()
     }
 
     fn response(&self) -> Response {
@@ -230,21 +231,19 @@ impl Api {
         if !(path.starts_with("/v1") || path.starts_with("/v2")) {
             return true;
         }
-        req.head
-            .headers()
-            .get_str("authorization")
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == key)
+        req.head.headers().get_str("authorization").and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| t == key)
     }
 
     fn prepare(&self, kind: Kind, body: &[u8]) -> Result<Prepared, ApiError> {
-        let r: GenRequest = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid request body: {e}")))?;
+        let r: GenRequest =
+            serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid request body: {e}")))?;
         self.info_model_ok(r.model.as_deref(), true)?;
         let tok = &self.engine.tokenizer;
         let mut echo_prompt = None;
         let prompt = match kind {
             Kind::Chat => {
-                let messages = r.messages.as_ref().ok_or_else(|| ApiError::bad("Field required: `messages`").param("messages"))?;
+                let messages =
+                    r.messages.as_ref().ok_or_else(|| ApiError::bad("Field required: `messages`").param("messages"))?;
                 if !messages.is_array() {
                     return Err(ApiError::bad("`messages` must be an array").param("messages"));
                 }
@@ -347,27 +346,41 @@ impl Api {
                 ids.iter()
                     .map(|v| match v.as_u64() {
                         Some(id) if id < u64::from(vocab) => Ok(id as u32),
-                        _ => Err(ApiError::bad(format!("Token id {v} is out of vocabulary (vocab size {vocab})")).param("prompt")),
+                        _ => Err(ApiError::bad(format!("Token id {v} is out of vocabulary (vocab size {vocab})"))
+                            .param("prompt")),
                     })
                     .collect()
             }
-            _ => Err(ApiError::bad("`prompt` must be a string, an array of token ids, or a one-element array of either").param("prompt")),
+            _ => {
+                Err(ApiError::bad("`prompt` must be a string, an array of token ids, or a one-element array of either")
+                    .param("prompt"))
+            }
         }
     }
 
     /// Reads `kv_transfer_params` for this engine's role: (lease the blocks, remote prefill).
     fn kv_transfer(&self, params: Option<&Value>) -> Result<(bool, Option<RemotePrefill>), ApiError> {
         let Some(p) = params.filter(|v| !v.is_null()) else { return Ok((false, None)) };
-        let p = p.as_object().ok_or_else(|| ApiError::bad("`kv_transfer_params` must be an object").param("kv_transfer_params"))?;
+        let p = p
+            .as_object()
+            .ok_or_else(|| ApiError::bad("`kv_transfer_params` must be an object").param("kv_transfer_params"))?;
         let flag = |k: &str| p.get(k).and_then(Value::as_bool).unwrap_or(false);
         match self.engine.info.role {
             Role::Agg => Ok((false, None)),
             Role::Prefill => Ok((flag("do_remote_decode"), None)),
             Role::Decode if flag("do_remote_prefill") => {
-                let missing = |k: &str| ApiError::bad(format!("kv_transfer_params.{k} is missing or has the wrong type")).param("kv_transfer_params");
+                let missing = |k: &str| {
+                    ApiError::bad(format!("kv_transfer_params.{k} is missing or has the wrong type"))
+                        .param("kv_transfer_params")
+                };
                 let host = p.get("remote_host").and_then(Value::as_str).ok_or_else(|| missing("remote_host"))?;
-                let port = p.get("remote_port").and_then(Value::as_u64).filter(|&v| v <= 65535).ok_or_else(|| missing("remote_port"))?;
-                let request_id = p.get("remote_request_id").and_then(Value::as_str).ok_or_else(|| missing("remote_request_id"))?;
+                let port = p
+                    .get("remote_port")
+                    .and_then(Value::as_u64)
+                    .filter(|&v| v <= 65535)
+                    .ok_or_else(|| missing("remote_port"))?;
+                let request_id =
+                    p.get("remote_request_id").and_then(Value::as_str).ok_or_else(|| missing("remote_request_id"))?;
                 let mut block_ids = Vec::new();
                 if let Some(ids) = p.get("remote_block_ids").and_then(Value::as_array) {
                     // 0.33 nests one list per KV-cache group; older versions send a flat list.
@@ -381,7 +394,13 @@ impl Api {
                 let num_tokens = p.get("remote_num_tokens").and_then(Value::as_u64).unwrap_or(u64::MAX) as usize;
                 Ok((
                     false,
-                    Some(RemotePrefill { host: host.to_owned(), port: port as u16, request_id: request_id.to_owned(), block_ids, num_tokens }),
+                    Some(RemotePrefill {
+                        host: host.to_owned(),
+                        port: port as u16,
+                        request_id: request_id.to_owned(),
+                        block_ids,
+                        num_tokens,
+                    }),
                 ))
             }
             Role::Decode => Ok((false, None)),
@@ -390,29 +409,23 @@ impl Api {
 
     async fn generate(&self, kind: Kind, req: Request, resp: &mut Responder) {
         let engine = &self.engine;
-        {
-            let f = engine.faults.borrow();
-            if f.dead {
-                drop(f);
-                let e = ApiError::new(500, "EngineCore encountered an issue. See stack trace (above) for the root cause.");
-                let _ = resp.send(e.response()).await;
-                return;
-            }
-            if f.fail_rate > 0.0 {
-                let seq = engine.request_seq.get();
-                let draw = splitmix(seq ^ engine.info.fault_seed) as f64 / u64::MAX as f64;
-                if draw < f.fail_rate {
-                    let status = f.fail_status;
-                    drop(f);
-                    engine.request_seq.set(seq + 1);
-                    let e = ApiError::new(status, format!("injected failure (status {status})"));
-                    let _ = resp.send(e.response()).await;
-                    return;
-                }
-            }
-        }
         let seq = engine.request_seq.get();
         engine.request_seq.set(seq + 1);
+        let injected = {
+            let f = engine.faults.borrow();
+            let draw = splitmix(seq ^ engine.info.fault_seed) as f64 / u64::MAX as f64;
+            if f.dead {
+                Some(ApiError::new(500, "EngineCore encountered an issue. See stack trace (above) for the root cause."))
+            } else if draw < f.fail_rate {
+                Some(ApiError::new(f.fail_status, format!("injected failure (status {})", f.fail_status)))
+            } else {
+                None
+            }
+        };
+        if let Some(e) = injected {
+            let _ = resp.send(e.response()).await;
+            return;
+        }
         let p = match self.prepare(kind, &req.body) {
             Ok(p) => p,
             Err(e) => {
@@ -426,7 +439,9 @@ impl Api {
             .get_str("x-request-id")
             .filter(|s| !s.is_empty() && s.len() <= 256)
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("{:016x}{:016x}", splitmix(seq ^ engine.id_salt), splitmix(!seq ^ engine.id_salt)));
+            .unwrap_or_else(|| {
+                format!("{:016x}{:016x}", splitmix(seq ^ engine.id_salt), splitmix(!seq ^ engine.id_salt))
+            });
         let prefix = match kind {
             Kind::Chat => "chatcmpl",
             Kind::Text => "cmpl",
@@ -448,7 +463,8 @@ impl Api {
         let out = match submitted {
             Ok((_, out)) => out,
             Err(SubmitError::QueueFull) => {
-                let e = ApiError::new(503, "The server is overloaded: the waiting queue is full. Retry on another engine.");
+                let e =
+                    ApiError::new(503, "The server is overloaded: the waiting queue is full. Retry on another engine.");
                 let _ = resp.send(e.response()).await;
                 return;
             }
@@ -572,7 +588,9 @@ impl Api {
         if ctx.kind == Kind::Chat {
             buf.push_str("data: ");
             buf.push_str(&head);
-            buf.push_str(r#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]"#);
+            buf.push_str(
+                r#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]"#,
+            );
             if include_usage && continuous {
                 buf.push_str(r#","usage":"#);
                 usage_json(&mut buf, ctx.prompt_len, 0, out.borrow().cached_tokens);
@@ -700,7 +718,8 @@ impl Api {
     }
 
     fn tokenize(&self, body: &[u8]) -> Result<Response, ApiError> {
-        let r: GenRequest = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid request body: {e}")))?;
+        let r: GenRequest =
+            serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid request body: {e}")))?;
         self.info_model_ok(r.model.as_deref(), false)?;
         let tok = &self.engine.tokenizer;
         let tokens = if let Some(messages) = &r.messages {
@@ -734,15 +753,21 @@ impl Api {
     }
 
     fn detokenize(&self, body: &[u8]) -> Result<Response, ApiError> {
-        let r: GenRequest = serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid request body: {e}")))?;
+        let r: GenRequest =
+            serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid request body: {e}")))?;
         self.info_model_ok(r.model.as_deref(), false)?;
-        let ids = r.tokens.as_ref().and_then(Value::as_array).ok_or_else(|| ApiError::bad("Field required: `tokens`").param("tokens"))?;
+        let ids = r
+            .tokens
+            .as_ref()
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::bad("Field required: `tokens`").param("tokens"))?;
         let ids: Vec<u32> = ids
             .iter()
             .map(|v| v.as_u64().filter(|&x| x <= u64::from(u32::MAX)).map(|x| x as u32))
             .collect::<Option<_>>()
             .ok_or_else(|| ApiError::bad("`tokens` must be non-negative integers").param("tokens"))?;
-        let text = self.engine.tokenizer.decode(&ids, false).map_err(|e| ApiError::bad(e.to_string()).param("tokens"))?;
+        let text =
+            self.engine.tokenizer.decode(&ids, false).map_err(|e| ApiError::bad(e.to_string()).param("tokens"))?;
         Ok(Response::json(200, json!({"prompt": text}).to_string()))
     }
 

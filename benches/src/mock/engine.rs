@@ -550,7 +550,8 @@ impl EngineCore {
             let token = if stop {
                 self.eos_token
             } else {
-                let idx = splitmix(r.seed ^ (pos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize % self.output_tokens.len();
+                let idx = splitmix(r.seed ^ (pos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as usize
+                    % self.output_tokens.len();
                 Some(self.output_tokens[idx])
             };
             if let Some(t) = token {
@@ -623,7 +624,8 @@ impl EngineCore {
 
     /// Frees the blocks of leases that expired by `now`. Returns how many expired.
     pub fn expire_leases(&mut self, now: Instant) -> usize {
-        let expired: Vec<String> = self.leases.iter().filter(|(_, l)| l.expires <= now).map(|(k, _)| k.clone()).collect();
+        let expired: Vec<String> =
+            self.leases.iter().filter(|(_, l)| l.expires <= now).map(|(k, _)| k.clone()).collect();
         for k in &expired {
             if let Some(l) = self.leases.remove(k) {
                 self.kv.free(&l.blocks);

@@ -85,7 +85,7 @@ impl Faults {
             return false;
         }
         match self.flap_health {
-            Some(k) if k > 0 => (n / k) % 2 == 0,
+            Some(k) if k > 0 => (n / k).is_multiple_of(2),
             _ => true,
         }
     }

@@ -131,11 +131,7 @@ impl KvCache {
         if !self.prefix_caching {
             return 0;
         }
-        hashes
-            .iter()
-            .take(max)
-            .take_while(|h| self.cached.contains_key(&h.digest))
-            .count()
+        hashes.iter().take(max).take_while(|h| self.cached.contains_key(&h.digest)).count()
     }
 
     /// How many of the cached blocks of the first `n` hashes sit in the free queue (touching

@@ -8,9 +8,8 @@ pub const TTFT_BUCKETS: &[f64] = &[
     160.0, 640.0, 2560.0,
 ];
 /// Inter-token latency buckets (s), vLLM 0.33 defaults.
-pub const ITL_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-];
+pub const ITL_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 /// End-to-end latency buckets (s), vLLM 0.33 defaults.
 pub const E2E_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
@@ -165,7 +164,11 @@ pub fn render(model: &str, m: &EngineMetrics, g: &Gauges, cache: &CacheInfo) -> 
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{labels}}} {}", fmt_f(v as f64));
     };
-    counter("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", m.prefix_queries);
+    counter(
+        "vllm:prefix_cache_queries_total",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        m.prefix_queries,
+    );
     counter("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", m.prefix_hits);
     counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", m.prompt_tokens);
     counter("vllm:generation_tokens_total", "Number of generation tokens processed.", m.generation_tokens);
@@ -173,9 +176,15 @@ pub fn render(model: &str, m: &EngineMetrics, g: &Gauges, cache: &CacheInfo) -> 
     counter("vllm:iteration_tokens_total_count", "Number of scheduler steps.", m.iterations);
     let _ = writeln!(out, "# HELP vllm:request_success_total Count of successfully processed requests.\n# TYPE vllm:request_success_total counter");
     for (reason, n) in &m.success {
-        let _ = writeln!(out, "vllm:request_success_total{{{labels},finished_reason=\"{reason}\"}} {}", fmt_f(*n as f64));
+        let _ =
+            writeln!(out, "vllm:request_success_total{{{labels},finished_reason=\"{reason}\"}} {}", fmt_f(*n as f64));
     }
-    m.ttft.render(&mut out, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", &labels);
+    m.ttft.render(
+        &mut out,
+        "vllm:time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        &labels,
+    );
     m.itl.render(&mut out, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", &labels);
     m.e2e.render(&mut out, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", &labels);
     let _ = writeln!(

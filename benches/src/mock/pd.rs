@@ -50,7 +50,8 @@ impl Handler for SideChannel {
                 return;
             }
         };
-        let result = self.engine.core.borrow_mut().pull_lease(&body.remote_request_id, &body.remote_block_ids, Instant::now());
+        let result =
+            self.engine.core.borrow_mut().pull_lease(&body.remote_request_id, &body.remote_block_ids, Instant::now());
         self.engine.wake.notify();
         let r = match result {
             Ok(n) => Response::json(200, format!(r#"{{"num_blocks":{n}}}"#)),

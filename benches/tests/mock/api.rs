@@ -68,8 +68,11 @@ fn streams_match_the_whole_response() {
     let text: String = content.iter().map(|c| c["delta"]["content"].as_str().unwrap()).collect();
     assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap(), "output is deterministic");
 
-    let (status, events) =
-        stream(addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "x", "max_tokens": 4, "stream": true}));
+    let (status, events) = stream(
+        addr,
+        "/v1/completions",
+        &json!({"model": "mock-model", "prompt": "x", "max_tokens": 4, "stream": true}),
+    );
     assert_eq!(status, 200);
     assert_eq!(events.len(), 5, "4 token events and [DONE], no usage unless asked");
     let last: Value = serde_json::from_str(&events[3]).unwrap();
@@ -167,7 +170,9 @@ fn tokenize_and_detokenize_both_forms() {
     assert_eq!(t["max_model_len"], 32768);
     let d = post(addr, "/detokenize", &json!({"tokens": t["tokens"]})).json();
     assert_eq!(d["prompt"], text);
-    let c = post(addr, "/tokenize", &json!({"messages": [{"role": "user", "content": text}], "return_token_strs": true})).json();
+    let c =
+        post(addr, "/tokenize", &json!({"messages": [{"role": "user", "content": text}], "return_token_strs": true}))
+            .json();
     assert_eq!(c["count"].as_u64().unwrap() as usize, c["token_strs"].as_array().unwrap().len());
     let d = post(addr, "/detokenize", &json!({"tokens": c["tokens"]})).json();
     assert_eq!(d["prompt"], format!("<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"));
@@ -181,11 +186,13 @@ fn a_real_tokenizer_directory_tokenizes_like_the_tokenizer_crate() {
     let m = start(&["--tokenizer", dir.to_str().unwrap()]);
     let addr = m.engines[0].http;
     let tok = gantry_tokenizer::Tokenizer::from_dir(&dir).unwrap();
-    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a KV cache?"}]);
+    let messages =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a KV cache?"}]);
     let want = tok.encode_chat(&gantry_tokenizer::ChatTemplateInput::new(&messages)).unwrap();
     let got = post(addr, "/tokenize", &json!({"messages": messages})).json();
     assert_eq!(got["tokens"], json!(want));
-    let r = post(addr, "/v1/chat/completions", &json!({"model": "mock-model", "messages": messages, "max_tokens": 4})).json();
+    let r = post(addr, "/v1/chat/completions", &json!({"model": "mock-model", "messages": messages, "max_tokens": 4}))
+        .json();
     assert_eq!(r["usage"]["prompt_tokens"], want.len());
     let want = tok.encode("The quick brown fox", true).unwrap();
     assert_eq!(want.first().copied(), tok.bos_token_id(), "completions get BOS from the post-processor");
@@ -208,11 +215,24 @@ fn api_key_guards_v1_only() {
 #[test]
 fn full_queue_answers_503() {
     // One request runs (slowly), one waits; the next finds the queue full.
-    let m = start(&["--max-num-seqs", "1", "--max-num-queued-reqs", "1", "--speedup", "1", "--prefill-ms-coeffs", "0,0,400"]);
+    let m = start(&[
+        "--max-num-seqs",
+        "1",
+        "--max-num-queued-reqs",
+        "1",
+        "--speedup",
+        "1",
+        "--prefill-ms-coeffs",
+        "0,0,400",
+    ]);
     let addr = m.engines[0].http;
-    let first = std::thread::spawn(move || post(addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "a", "max_tokens": 1})));
+    let first = std::thread::spawn(move || {
+        post(addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "a", "max_tokens": 1}))
+    });
     wait_until("the first request to run", Duration::from_secs(10), || state(addr)["running"] == 1);
-    let second = std::thread::spawn(move || post(addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "b", "max_tokens": 1})));
+    let second = std::thread::spawn(move || {
+        post(addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "b", "max_tokens": 1}))
+    });
     wait_until("the second request to wait", Duration::from_secs(10), || state(addr)["waiting"] == 1);
     let r = post(addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "c", "max_tokens": 1}));
     assert_eq!(r.status, 503, "{}", r.text());

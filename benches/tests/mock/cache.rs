@@ -55,9 +55,9 @@ fn decode(payload: &[u8]) -> (f64, Vec<Ev>, Mp) {
                     block_size: as_u64(field(e, "block_size", 4)),
                     medium: field(e, "medium", 6).as_str().unwrap_or_default().to_owned(),
                 },
-                Some("BlockRemoved") => Ev::Removed {
-                    hashes: field(e, "block_hashes", 1).as_array().unwrap().iter().map(as_u64).collect(),
-                },
+                Some("BlockRemoved") => {
+                    Ev::Removed { hashes: field(e, "block_hashes", 1).as_array().unwrap().iter().map(as_u64).collect() }
+                }
                 Some("AllBlocksCleared") => Ev::Cleared,
                 other => panic!("unknown event tag {other:?}"),
             }
@@ -131,8 +131,16 @@ fn prefix_hits_show_in_cached_tokens_and_metrics() {
     let first = post(addr, "/v1/completions", &body).json();
     assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let second = post(addr, "/v1/completions", &body).json();
-    assert_eq!(second["usage"]["prompt_tokens_details"]["cached_tokens"], 96, "6 full blocks of 16 (the last token is never a hit)");
-    let other = post(addr, "/v1/completions", &json!({"model": "mock-model", "prompt": format!("{prompt}{}", words(9, 40)), "max_tokens": 1})).json();
+    assert_eq!(
+        second["usage"]["prompt_tokens_details"]["cached_tokens"], 96,
+        "6 full blocks of 16 (the last token is never a hit)"
+    );
+    let other = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": "mock-model", "prompt": format!("{prompt}{}", words(9, 40)), "max_tokens": 1}),
+    )
+    .json();
     assert_eq!(other["usage"]["prompt_tokens_details"]["cached_tokens"], 96, "a longer prompt shares the prefix");
     let text = get(addr, "/metrics").text();
     assert_eq!(metric(&text, "vllm:prefix_cache_queries_total", ""), Some(340.0));
@@ -176,11 +184,10 @@ fn evictions_and_events(format: &str) {
     // A different 30-token prompt needs all 8 blocks: it evicts the cached ones, tail first.
     let b = json!({"model": "mock-model", "prompt": (100..130).collect::<Vec<u32>>(), "max_tokens": 1});
     assert_eq!(post(e.http, "/v1/completions", &b).status, 200);
-    let evs = sub.until(Duration::from_secs(10), |evs| evs.iter().filter(|e| matches!(e, Ev::Removed { .. })).count() >= 4);
-    let removed: Vec<u64> = evs
-        .iter()
-        .filter_map(|e| if let Ev::Removed { hashes } = e { Some(hashes[0]) } else { None })
-        .collect();
+    let evs =
+        sub.until(Duration::from_secs(10), |evs| evs.iter().filter(|e| matches!(e, Ev::Removed { .. })).count() >= 4);
+    let removed: Vec<u64> =
+        evs.iter().filter_map(|e| if let Ev::Removed { hashes } = e { Some(hashes[0]) } else { None }).collect();
     let mut tail_first = chain.clone();
     tail_first.reverse();
     assert_eq!(removed, tail_first, "eviction takes a prefix's tail first");
@@ -205,9 +212,16 @@ fn the_test_decoder_reads_the_spec_worked_example() {
     // vllm-protocols.md §1.9: the same batch in both forms must decode to the same events.
     let map = "93cb41d954fc4020000093de000ba474797065ab426c6f636b53746f726564ac626c6f636b5f68617368657391cf1a1eb4e3edd9361ab1706172656e745f626c6f636b5f68617368c0a9746f6b656e5f6964739401020304aa626c6f636b5f73697a6504a76c6f72615f6964c0a66d656469756da3475055a96c6f72615f6e616d65c0aa65787472615f6b65797391c0a967726f75705f69647800b26b765f63616368655f737065635f6b696e64ae66756c6c5f617474656e74696f6e84a474797065ac426c6f636b52656d6f766564ac626c6f636b5f68617368657391cf1a1eb4e3edd9361aa66d656469756da3475055a967726f75705f6964780081a474797065b0416c6c426c6f636b73436c656172656400";
     let arr = "93cb41d954fc40200000939cab426c6f636b53746f72656491cf1a1eb4e3edd9361ac0940102030404c0a3475055c091c000ae66756c6c5f617474656e74696f6ec094ac426c6f636b52656d6f76656491cf1a1eb4e3edd9361aa34750550091b0416c6c426c6f636b73436c656172656400";
-    let unhex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<u8>>();
+    let unhex =
+        |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<u8>>();
     let want = vec![
-        Ev::Stored { hashes: vec![1882140585328457242], parent: None, tokens: vec![1, 2, 3, 4], block_size: 4, medium: "GPU".into() },
+        Ev::Stored {
+            hashes: vec![1882140585328457242],
+            parent: None,
+            tokens: vec![1, 2, 3, 4],
+            block_size: 4,
+            medium: "GPU".into(),
+        },
         Ev::Removed { hashes: vec![1882140585328457242] },
         Ev::Cleared,
     ];
@@ -304,8 +318,14 @@ fn several_engines_publish_independently() {
     assert_eq!(eps.len(), 3);
     let body = json!({"model": "mock-model", "prompt": words(7, 50), "max_tokens": 1});
     assert_eq!(post(m.engines[1].http, "/v1/completions", &body).status, 200);
-    assert_eq!(post(m.engines[1].http, "/v1/completions", &body).json()["usage"]["prompt_tokens_details"]["cached_tokens"], 48);
-    assert_eq!(post(m.engines[2].http, "/v1/completions", &body).json()["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        post(m.engines[1].http, "/v1/completions", &body).json()["usage"]["prompt_tokens_details"]["cached_tokens"],
+        48
+    );
+    assert_eq!(
+        post(m.engines[2].http, "/v1/completions", &body).json()["usage"]["prompt_tokens_details"]["cached_tokens"],
+        0
+    );
     let ctx = zmq::Context::new();
     for (i, e) in m.engines.iter().enumerate() {
         let replayed = replay(&ctx, e.kv_replay.as_deref().unwrap(), 0);

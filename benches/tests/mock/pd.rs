@@ -34,7 +34,9 @@ fn prefill_then_decode() {
     let groups = kv["remote_block_ids"].as_array().unwrap();
     assert_eq!(groups.len(), 1, "one list per KV-cache group (0.33)");
     assert_eq!(groups[0].as_array().unwrap().len(), 13, "200 tokens in 16-token blocks");
-    for key in ["remote_engine_id", "remote_request_id", "tp_size", "dcp_size", "pp_size", "remote_registration_generation"] {
+    for key in
+        ["remote_engine_id", "remote_request_id", "tp_size", "dcp_size", "pp_size", "remote_registration_generation"]
+    {
         assert!(!kv[key].is_null(), "{key} missing");
     }
     assert!(kv.as_object().unwrap().contains_key("remote_blocks_expiry_time"));
@@ -74,18 +76,26 @@ fn expired_lease_fails_the_decode_leg() {
     let p = start(&["--role", "prefill", "--kv-side-channel-port", "0", "--kv-lease-secs", "1"]);
     let d = start(&["--role", "decode"]);
     let prompt = words(4, 100);
-    let leg1 = post(p.engines[0].http, "/v1/chat/completions", &json!({
-        "model": "mock-model", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "stream": false,
-        "kv_transfer_params": {"do_remote_decode": true}
-    }))
+    let leg1 = post(
+        p.engines[0].http,
+        "/v1/chat/completions",
+        &json!({
+            "model": "mock-model", "messages": [{"role": "user", "content": prompt}], "max_tokens": 1, "stream": false,
+            "kv_transfer_params": {"do_remote_decode": true}
+        }),
+    )
     .json();
     assert_eq!(leg1["object"], "chat.completion");
     let kv = leg1["kv_transfer_params"].clone();
     assert!(kv["remote_request_id"].as_str().unwrap().starts_with("chatcmpl-"));
     wait_until("the lease to expire", Duration::from_secs(10), || state(p.engines[0].http)["leases"] == 0);
-    let r = post(d.engines[0].http, "/v1/chat/completions", &json!({
-        "model": "mock-model", "messages": [{"role": "user", "content": prompt}], "max_tokens": 3, "kv_transfer_params": kv
-    }));
+    let r = post(
+        d.engines[0].http,
+        "/v1/chat/completions",
+        &json!({
+            "model": "mock-model", "messages": [{"role": "user", "content": prompt}], "max_tokens": 3, "kv_transfer_params": kv
+        }),
+    );
     assert_eq!(r.status, 500, "{}", r.text());
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("no live KV lease"));
 }

@@ -11,10 +11,7 @@ const MAP_HEX: &str = "93cb41d954fc4020000093de000ba474797065ab426c6f636b53746f7
 const ARRAY_HEX: &str = "93cb41d954fc40200000939cab426c6f636b53746f72656491cf1a1eb4e3edd9361ac0940102030404c0a3475055c091c000ae66756c6c5f617474656e74696f6ec094ac426c6f636b52656d6f76656491cf1a1eb4e3edd9361aa34750550091b0416c6c426c6f636b73436c656172656400";
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn worked_example() -> KvEventBatch {
@@ -81,17 +78,11 @@ fn encode_appends() {
 
 #[test]
 fn nil_rank_and_minimal_block_stored() {
-    let batch = KvEventBatch {
-        ts: 0.0,
-        events: vec![KvEvent::BlockStored(BlockStored::default())],
-        data_parallel_rank: None,
-    };
+    let batch =
+        KvEventBatch { ts: 0.0, events: vec![KvEvent::BlockStored(BlockStored::default())], data_parallel_rank: None };
     let bytes = encode(&batch, WireFormat::Map);
     // array(3), float64 0.0, array(1), map16(8) ..., nil rank.
-    assert_eq!(
-        &bytes[..14],
-        &[0x93, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0x91, 0xde, 0x00, 0x08]
-    );
+    assert_eq!(&bytes[..14], &[0x93, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0x91, 0xde, 0x00, 0x08]);
     assert_eq!(*bytes.last().unwrap(), 0xc0);
     let mut arr = encode(&batch, WireFormat::Array);
     assert_eq!(arr.pop(), Some(0xc0));
@@ -168,19 +159,8 @@ impl Rng {
     }
     /// Values clustered on msgpack width boundaries.
     fn u64_edge(&mut self) -> u64 {
-        const EDGES: [u64; 11] = [
-            0,
-            127,
-            128,
-            255,
-            256,
-            65535,
-            65536,
-            u32::MAX as u64,
-            1 << 32,
-            u64::MAX,
-            1882140585328457242,
-        ];
+        const EDGES: [u64; 11] =
+            [0, 127, 128, 255, 256, 65535, 65536, u32::MAX as u64, 1 << 32, u64::MAX, 1882140585328457242];
         if self.chance() {
             EDGES[self.below(EDGES.len() as u64) as usize]
         } else {
@@ -202,9 +182,7 @@ impl Rng {
         const LENS: [usize; 7] = [0, 3, 31, 32, 255, 256, 70000];
         let len = LENS[self.below(LENS.len() as u64) as usize];
         // Mix in a multi-byte char so byte length (not char count) drives the header.
-        (0..len)
-            .map(|i| if i % 7 == 3 { 'é' } else { 'a' })
-            .collect::<String>()
+        (0..len).map(|i| if i % 7 == 3 { 'é' } else { 'a' }).collect::<String>()
     }
     fn opt_string(&mut self) -> Option<String> {
         self.chance().then(|| self.string())
@@ -219,11 +197,7 @@ impl Rng {
             1 => ExtraKey::Int(self.i64_edge()),
             2 => ExtraKey::Str(self.string()),
             3 => ExtraKey::Bin((0..self.below(40)).map(|i| i as u8).collect()),
-            _ => ExtraKey::Array(
-                (0..self.below(3))
-                    .map(|_| self.extra_key(depth + 1))
-                    .collect(),
-            ),
+            _ => ExtraKey::Array((0..self.below(3)).map(|_| self.extra_key(depth + 1)).collect()),
         }
     }
     fn event(&mut self) -> KvEvent {
@@ -240,11 +214,7 @@ impl Rng {
                     lora_name: self.opt_string(),
                     extra_keys: self.chance().then(|| {
                         (0..n)
-                            .map(|_| {
-                                self.chance().then(|| {
-                                    (0..self.below(3)).map(|_| self.extra_key(0)).collect()
-                                })
-                            })
+                            .map(|_| self.chance().then(|| (0..self.below(3)).map(|_| self.extra_key(0)).collect()))
                             .collect()
                     }),
                     group_idx: self.chance().then(|| self.u32_edge()),
@@ -291,13 +261,7 @@ fn v_key(k: &ExtraKey) -> Value {
 }
 fn v_extra(keys: &[Option<Vec<ExtraKey>>]) -> Value {
     Value::Array(
-        keys.iter()
-            .map(|b| {
-                b.as_ref().map_or(Value::Nil, |ks| {
-                    Value::Array(ks.iter().map(v_key).collect())
-                })
-            })
-            .collect(),
+        keys.iter().map(|b| b.as_ref().map_or(Value::Nil, |ks| Value::Array(ks.iter().map(v_key).collect()))).collect(),
     )
 }
 
@@ -312,26 +276,15 @@ fn expected(batch: &KvEventBatch, format: WireFormat) -> Value {
                     vec![
                         ("block_hashes", Some(v_u64s(&b.block_hashes))),
                         ("parent_block_hash", Some(v_opt(b.parent_block_hash))),
-                        (
-                            "token_ids",
-                            Some(Value::Array(
-                                b.token_ids.iter().map(|&t| Value::from(t)).collect(),
-                            )),
-                        ),
+                        ("token_ids", Some(Value::Array(b.token_ids.iter().map(|&t| Value::from(t)).collect()))),
                         ("block_size", Some(Value::from(b.block_size))),
                         ("lora_id", Some(v_opt(b.lora_id))),
                         ("medium", Some(v_opt(b.medium.as_deref()))),
                         ("lora_name", Some(v_opt(b.lora_name.as_deref()))),
                         ("extra_keys", b.extra_keys.as_deref().map(v_extra)),
                         ("group_idx", b.group_idx.map(Value::from)),
-                        (
-                            "kv_cache_spec_kind",
-                            b.kv_cache_spec_kind.as_deref().map(v_str),
-                        ),
-                        (
-                            "kv_cache_spec_sliding_window",
-                            b.kv_cache_spec_sliding_window.map(Value::from),
-                        ),
+                        ("kv_cache_spec_kind", b.kv_cache_spec_kind.as_deref().map(v_str)),
+                        ("kv_cache_spec_sliding_window", b.kv_cache_spec_sliding_window.map(Value::from)),
                     ],
                 ),
                 KvEvent::BlockRemoved(b) => (
@@ -347,11 +300,7 @@ fn expected(batch: &KvEventBatch, format: WireFormat) -> Value {
             match format {
                 WireFormat::Map => Value::Map(
                     std::iter::once((v_str("type"), v_str(tag)))
-                        .chain(
-                            fields
-                                .into_iter()
-                                .filter_map(|(k, v)| v.map(|v| (v_str(k), v))),
-                        )
+                        .chain(fields.into_iter().filter_map(|(k, v)| v.map(|v| (v_str(k), v))))
                         .collect(),
                 ),
                 WireFormat::Array => Value::Array(
@@ -362,11 +311,7 @@ fn expected(batch: &KvEventBatch, format: WireFormat) -> Value {
             }
         })
         .collect();
-    Value::Array(vec![
-        Value::F64(batch.ts),
-        Value::Array(events),
-        v_opt(batch.data_parallel_rank),
-    ])
+    Value::Array(vec![Value::F64(batch.ts), Value::Array(events), v_opt(batch.data_parallel_rank)])
 }
 
 /// Re-encodes a decoded value with `rmp`/`rmpv` (compact forms), except that a `BlockStored` map
@@ -374,9 +319,7 @@ fn expected(batch: &KvEventBatch, format: WireFormat) -> Value {
 fn reencode(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Map(entries) => {
-            if entries.first().is_some_and(|(k, v)| {
-                k.as_str() == Some("type") && v.as_str() == Some("BlockStored")
-            }) {
+            if entries.first().is_some_and(|(k, v)| k.as_str() == Some("type") && v.as_str() == Some("BlockStored")) {
                 out.push(0xde);
                 out.extend_from_slice(&(entries.len() as u16).to_be_bytes());
             } else {
@@ -411,22 +354,11 @@ fn random_batches_decode_with_rmpv() {
             let (Value::Array(got), Value::Array(exp)) = (&decoded, &want) else {
                 panic!("batch {i}: outer not an array");
             };
-            assert_eq!(
-                got[0].as_f64().map(f64::to_bits),
-                Some(batch.ts.to_bits()),
-                "batch {i} ts"
-            );
-            assert_eq!(
-                got[1..],
-                exp[1..],
-                "batch {i} {format:?}: structure differs"
-            );
+            assert_eq!(got[0].as_f64().map(f64::to_bits), Some(batch.ts.to_bits()), "batch {i} ts");
+            assert_eq!(got[1..], exp[1..], "batch {i} {format:?}: structure differs");
             let mut again = Vec::new();
             reencode(&decoded, &mut again);
-            assert_eq!(
-                again, bytes,
-                "batch {i} {format:?}: not the compact encoding"
-            );
+            assert_eq!(again, bytes, "batch {i} {format:?}: not the compact encoding");
         }
     }
 }

@@ -8,14 +8,8 @@ fn defaults_match_vllm() {
     assert_eq!(cfg.endpoint, "tcp://*:5557");
     assert_eq!(cfg.replay_endpoint, None);
     assert_eq!(cfg.topic, "");
-    assert_eq!(
-        (cfg.buffer_steps, cfg.hwm, cfg.max_queue_size),
-        (10_000, 100_000, 100_000)
-    );
-    assert_eq!(
-        (cfg.format, cfg.replay_framing, cfg.bind),
-        (WireFormat::Map, ReplayFraming::V033, true)
-    );
+    assert_eq!((cfg.buffer_steps, cfg.hwm, cfg.max_queue_size), (10_000, 100_000, 100_000));
+    assert_eq!((cfg.format, cfg.replay_framing, cfg.bind), (WireFormat::Map, ReplayFraming::V033, true));
     assert!(cfg.validate().is_ok());
     assert_eq!(replay_hwm(cfg.buffer_steps), Some(20_002));
 }
@@ -26,9 +20,7 @@ fn validate_names_the_bad_key() {
     let cases: [(&str, Mutate); 6] = [
         ("endpoint", |c| c.endpoint.clear()),
         ("endpoint", |c| c.endpoint = "127.0.0.1:5557".into()),
-        ("replay_endpoint", |c| {
-            c.replay_endpoint = Some("tcp://a\0b:1".into())
-        }),
+        ("replay_endpoint", |c| c.replay_endpoint = Some("tcp://a\0b:1".into())),
         ("max_queue_size", |c| c.max_queue_size = 0),
         ("hwm", |c| c.hwm = -1),
         ("buffer_steps", |c| c.buffer_steps = usize::MAX),
@@ -37,10 +29,7 @@ fn validate_names_the_bad_key() {
         let mut cfg = PublisherConfig::default();
         mutate(&mut cfg);
         let err = cfg.validate().expect_err(key);
-        assert!(
-            matches!(err, PublisherError::InvalidConfig { key: k, .. } if k == key),
-            "{err}"
-        );
+        assert!(matches!(err, PublisherError::InvalidConfig { key: k, .. } if k == key), "{err}");
         assert!(err.to_string().contains(key), "{err}");
     }
 }

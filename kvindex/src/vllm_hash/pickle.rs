@@ -45,8 +45,7 @@ pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
     let mut p = Pickler::new();
     p.boundary(); // save(outer tuple)
     p.boundary(); // save(parent)
-    p.frame
-        .extend_from_slice(&[SHORT_BINBYTES, parent.len() as u8]);
+    p.frame.extend_from_slice(&[SHORT_BINBYTES, parent.len() as u8]);
     p.frame.extend_from_slice(parent);
     p.frame.push(MEMOIZE);
     p.boundary(); // save(token tuple)
@@ -80,10 +79,7 @@ struct Pickler {
 
 impl Pickler {
     fn new() -> Self {
-        Pickler {
-            out: vec![PROTO, 5],
-            frame: Vec::with_capacity(128),
-        }
+        Pickler { out: vec![PROTO, 5], frame: Vec::with_capacity(128) }
     }
 
     /// `_Framer.commit_frame()` as called at the start of `Pickler.save`.
@@ -96,8 +92,7 @@ impl Pickler {
     fn commit(&mut self) {
         if self.frame.len() >= FRAME_SIZE_MIN {
             self.out.push(FRAME);
-            self.out
-                .extend_from_slice(&(self.frame.len() as u64).to_le_bytes());
+            self.out.extend_from_slice(&(self.frame.len() as u64).to_le_bytes());
         }
         self.out.append(&mut self.frame);
     }

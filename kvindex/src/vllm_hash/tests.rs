@@ -4,10 +4,7 @@ use super::*;
 
 fn unhex(s: &str) -> Vec<u8> {
     let s: String = s.split_whitespace().collect();
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -62,38 +59,18 @@ fn spec_test_vectors() {
 
 #[test]
 fn cbor_serialization_bytes() {
-    assert_eq!(
-        cbor::dumps_str(NONE_HASH_SEED),
-        unhex("6e 766c6c6d2d6e6f6e652d68617368")
-    );
+    assert_eq!(cbor::dumps_str(NONE_HASH_SEED), unhex("6e 766c6c6d2d6e6f6e652d68617368"));
     let none = none_hash(VllmHashAlgo::Sha256Cbor);
     let mut want = unhex("83 58 20");
     want.extend_from_slice(&none);
     want.extend_from_slice(&unhex("84 01 02 03 04 f6"));
-    assert_eq!(
-        serialize_block(VllmHashAlgo::Sha256Cbor, &none, &[1, 2, 3, 4]),
-        want
-    );
+    assert_eq!(serialize_block(VllmHashAlgo::Sha256Cbor, &none, &[1, 2, 3, 4]), want);
 
-    let big = serialize_block(
-        VllmHashAlgo::Sha256Cbor,
-        &none,
-        &[1, 300, 70000, 1 << 31, 151644],
-    );
-    assert_eq!(
-        &big[35..big.len() - 1],
-        unhex("85 01 19012c 1a00011170 1a80000000 1a0002505c").as_slice()
-    );
+    let big = serialize_block(VllmHashAlgo::Sha256Cbor, &none, &[1, 300, 70000, 1 << 31, 151644]);
+    assert_eq!(&big[35..big.len() - 1], unhex("85 01 19012c 1a00011170 1a80000000 1a0002505c").as_slice());
     // Width boundaries: 23/24 and 255/256 and 65535/65536, u32::MAX.
-    let edges = serialize_block(
-        VllmHashAlgo::Sha256Cbor,
-        &none,
-        &[23, 24, 255, 256, 65535, 65536, u32::MAX],
-    );
-    assert_eq!(
-        &edges[35..edges.len() - 1],
-        unhex("87 17 1818 18ff 190100 19ffff 1a00010000 1affffffff").as_slice()
-    );
+    let edges = serialize_block(VllmHashAlgo::Sha256Cbor, &none, &[23, 24, 255, 256, 65535, 65536, u32::MAX]);
+    assert_eq!(&edges[35..edges.len() - 1], unhex("87 17 1818 18ff 190100 19ffff 1a00010000 1affffffff").as_slice());
     let empty = serialize_block(VllmHashAlgo::Sha256Cbor, &none, &[]);
     assert_eq!(&empty[35..], &[0x80, 0xf6]);
 }
@@ -109,10 +86,7 @@ fn pickle_serialization_bytes() {
     let mut want = unhex("80 05 95 32 00 00 00 00 00 00 00 43 20");
     want.extend_from_slice(&none);
     want.extend_from_slice(&unhex("94 28 4b 01 4b 02 4b 03 4b 04 74 94 4e 87 94 2e"));
-    assert_eq!(
-        serialize_block(VllmHashAlgo::Sha256, &none, &[1, 2, 3, 4]),
-        want
-    );
+    assert_eq!(serialize_block(VllmHashAlgo::Sha256, &none, &[1, 2, 3, 4]), want);
 }
 
 /// Frame length = everything after the 11-byte PROTO+FRAME header; body after `43 20 <32> 94`.
@@ -120,11 +94,7 @@ fn pickle_body(tokens: &[u32]) -> Vec<u8> {
     let bytes = serialize_block(VllmHashAlgo::Sha256, &[7; 32], tokens);
     assert_eq!(&bytes[..3], &[0x80, 0x05, 0x95]);
     let frame_len = u64::from_le_bytes(bytes[3..11].try_into().unwrap());
-    assert_eq!(
-        frame_len as usize,
-        bytes.len() - 11,
-        "frame length for {tokens:?}"
-    );
+    assert_eq!(frame_len as usize, bytes.len() - 11, "frame length for {tokens:?}");
     assert_eq!(&bytes[11..13], &[0x43, 0x20]);
     assert_eq!(bytes[45], 0x94);
     bytes[46..].to_vec()
@@ -136,14 +106,8 @@ fn pickle_tuple_shapes_and_int_widths() {
     assert_eq!(pickle_body(&[]), unhex("29 4e 87 94 2e"));
     // 1-3 elements: TUPLE1/2/3 without MARK, then MEMOIZE.
     assert_eq!(pickle_body(&[9]), unhex("4b 09 85 94 4e 87 94 2e"));
-    assert_eq!(
-        pickle_body(&[9, 10]),
-        unhex("4b 09 4b 0a 86 94 4e 87 94 2e")
-    );
-    assert_eq!(
-        pickle_body(&[9, 10, 11]),
-        unhex("4b 09 4b 0a 4b 0b 87 94 4e 87 94 2e")
-    );
+    assert_eq!(pickle_body(&[9, 10]), unhex("4b 09 4b 0a 86 94 4e 87 94 2e"));
+    assert_eq!(pickle_body(&[9, 10, 11]), unhex("4b 09 4b 0a 4b 0b 87 94 4e 87 94 2e"));
     // > 3 elements and every int width: BININT1, BININT2, BININT (signed 32-bit), LONG1.
     assert_eq!(
         pickle_body(&[255, 256, 65535, 65536, 0x7fff_ffff, 0x8000_0000, u32::MAX]),

@@ -61,11 +61,7 @@ impl BodyReader {
     }
 
     /// The next piece of the body, or `None` at its end. Reads from `r` when `buf` runs dry.
-    pub async fn next<R: AsyncReadRent>(
-        &mut self,
-        r: &mut R,
-        buf: &mut BytesMut,
-    ) -> Result<Option<Bytes>, HttpError> {
+    pub async fn next<R: AsyncReadRent>(&mut self, r: &mut R, buf: &mut BytesMut) -> Result<Option<Bytes>, HttpError> {
         loop {
             let piece = match &mut self.kind {
                 Kind::Done => return Ok(None),
@@ -115,11 +111,7 @@ impl BodyReader {
     }
 
     /// Reads the rest of the body into one buffer.
-    pub async fn read_all<R: AsyncReadRent>(
-        &mut self,
-        r: &mut R,
-        buf: &mut BytesMut,
-    ) -> Result<Bytes, HttpError> {
+    pub async fn read_all<R: AsyncReadRent>(&mut self, r: &mut R, buf: &mut BytesMut) -> Result<Bytes, HttpError> {
         // Fast path: a Content-Length body already fully buffered is split off without copying.
         if let Kind::Length(n) = self.kind {
             if buf.len() as u64 >= n {

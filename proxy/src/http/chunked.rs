@@ -81,9 +81,7 @@ impl ChunkedDecoder {
                     }
                     let mut size: u64 = 0;
                     for &d in digits {
-                        let v = (d as char)
-                            .to_digit(16)
-                            .ok_or(HttpError::BadChunk("invalid chunk size"))?;
+                        let v = (d as char).to_digit(16).ok_or(HttpError::BadChunk("invalid chunk size"))?;
                         size = size * 16 + u64::from(v);
                     }
                     let _ = buf.split_to(eol + 1);

@@ -85,15 +85,12 @@ impl<'a> Headers<'a> {
 
     /// The first value of the header `name` (case-insensitive).
     pub fn get(&self, name: &str) -> Option<&'a [u8]> {
-        self.iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+        self.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v)
     }
 
     /// The first value of `name` as trimmed UTF-8, if present and valid.
     pub fn get_str(&self, name: &str) -> Option<&'a str> {
-        self.get(name)
-            .and_then(|v| std::str::from_utf8(v.trim_ascii()).ok())
+        self.get(name).and_then(|v| std::str::from_utf8(v.trim_ascii()).ok())
     }
 
     /// Whether any `name` header contains the comma-separated token `token` (case-insensitive).
@@ -123,10 +120,7 @@ fn span_of(base: *const u8, part: &[u8]) -> (u32, u32) {
 fn collect_spans(base: &[u8], headers: &[httparse::Header<'_>]) -> Vec<HeaderSpan> {
     headers
         .iter()
-        .map(|h| HeaderSpan {
-            name: span_of(base.as_ptr(), h.name.as_bytes()),
-            value: span_of(base.as_ptr(), h.value),
-        })
+        .map(|h| HeaderSpan { name: span_of(base.as_ptr(), h.name.as_bytes()), value: span_of(base.as_ptr(), h.value) })
         .collect()
 }
 

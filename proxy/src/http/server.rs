@@ -17,10 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{
-    AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf,
-    Splitable,
-};
+use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
 use super::body::{fill, BodyReader, READ_RESERVE};
@@ -57,9 +54,7 @@ impl Response {
 
     /// A response with a JSON body.
     pub fn json(status: u16, body: impl Into<Bytes>) -> Response {
-        Response::new(status)
-            .header("content-type", "application/json")
-            .body(body)
+        Response::new(status).header("content-type", "application/json").body(body)
     }
 
     /// Adds a header line.
@@ -83,9 +78,7 @@ pub trait Handler: 'static {
 
     /// The response for a request the server itself rejects (bad head, too large, timeout).
     fn error_response(&self, status: u16, message: &str) -> Response {
-        Response::new(status)
-            .header("content-type", "text/plain; charset=utf-8")
-            .body(format!("{message}\n"))
+        Response::new(status).header("content-type", "text/plain; charset=utf-8").body(format!("{message}\n"))
     }
 }
 
@@ -190,11 +183,7 @@ impl Responder {
     }
 
     /// Sends the head of a chunked response; the body follows with [`Responder::send_chunk`].
-    pub async fn start_stream(
-        &mut self,
-        status: u16,
-        headers: &[(Cow<'static, str>, Bytes)],
-    ) -> io::Result<()> {
+    pub async fn start_stream(&mut self, status: u16, headers: &[(Cow<'static, str>, Bytes)]) -> io::Result<()> {
         if self.state != RespState::Idle {
             return Err(io::Error::other("response already started"));
         }
@@ -279,10 +268,7 @@ fn content_length_line(storage: &mut [u8; 40], len: usize) -> &[u8] {
 
 /// Binds a listener with `SO_REUSEPORT` (one per thread on the same address) and a deep backlog.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let opts = ListenerOpts::new()
-        .reuse_port(true)
-        .reuse_addr(true)
-        .backlog(4096);
+    let opts = ListenerOpts::new().reuse_port(true).reuse_addr(true).backlog(4096);
     TcpListener::bind_with_config(addr, &opts)
 }
 
@@ -421,11 +407,7 @@ async fn read_head(
 /// Runs `fut` while watching the connection for the client going away. Returns false (having
 /// dropped `fut`) if it went away first. Bytes that arrive meanwhile (a pipelined request) are
 /// kept in `buf`.
-async fn run_watched<F: Future<Output = ()>>(
-    fut: F,
-    r: &mut OwnedReadHalf<TcpStream>,
-    buf: &mut BytesMut,
-) -> bool {
+async fn run_watched<F: Future<Output = ()>>(fut: F, r: &mut OwnedReadHalf<TcpStream>, buf: &mut BytesMut) -> bool {
     let mut fut = pin!(fut);
     // Most handlers that finish at once need no watch at all.
     let first = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await;

@@ -13,7 +13,10 @@ fn parse_req(s: &str) -> Result<Option<RequestHead>, HttpError> {
 
 #[test]
 fn request_head_fields_and_leftover() {
-    let mut b = BytesMut::from(&b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-Multi: 1\r\nx-multi: 2\r\n\r\nabcGET"[..]);
+    let mut b = BytesMut::from(
+        &b"POST /v1/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nX-Multi: 1\r\nx-multi: 2\r\n\r\nabcGET"
+            [..],
+    );
     let h = RequestHead::parse(&mut b, 100, 65536).unwrap().unwrap();
     assert_eq!(h.method, Method::Post);
     assert_eq!(h.target(), "/v1/completions?x=1");

@@ -13,10 +13,7 @@ fn vocabulary_layout() {
     assert_eq!(&words[90..92], ["baba", "babe"]);
     assert_eq!(words[BUILTIN_WORD_COUNT - 1], "zuzu");
     let tok = Tokenizer::builtin();
-    assert_eq!(
-        tok.decode(&[259, 260, 261], false).expect("decode"),
-        " baba be"
-    );
+    assert_eq!(tok.decode(&[259, 260, 261], false).expect("decode"), " baba be");
     assert_eq!(tok.decode(&[259], false).expect("decode"), " ba");
     assert_eq!(tok.decode(&[260], false).expect("decode"), "ba");
     assert_eq!(tok.decode(&[3 + b'A' as u32], false).expect("decode"), "A");
@@ -36,10 +33,7 @@ fn token_counts() {
         (" ba", &[259]),
         ("  ba", &[3 + 32, 259]),
         ("x", &[3 + b'x' as u32]),
-        (
-            " xyz",
-            &[3 + 32, 3 + b'x' as u32, 3 + b'y' as u32, 3 + b'z' as u32],
-        ),
+        (" xyz", &[3 + 32, 3 + b'x' as u32, 3 + b'y' as u32, 3 + b'z' as u32]),
         ("ba!", &[260, 3 + b'!' as u32]),
         ("<|im_start|>ba<|im_end|>", &[1, 260, 2]),
         ("<|endoftext|>", &[0]),
@@ -57,10 +51,7 @@ fn token_counts() {
             ],
         ),
         // 6 letters: not a word, so every byte is a byte token
-        (
-            "badoke",
-            &[3 + 98, 3 + 97, 3 + 100, 3 + 111, 3 + 107, 3 + 101],
-        ),
+        ("badoke", &[3 + 98, 3 + 97, 3 + 100, 3 + 111, 3 + 107, 3 + 101]),
     ];
     for (text, want) in cases {
         let got = tok.encode(text, true).expect("encode");
@@ -69,20 +60,11 @@ fn token_counts() {
     }
     for n in [0, 1, 7, 100, 2048, 10_000] {
         let text = builtin_word_text(n, n);
-        assert_eq!(
-            tok.encode(&text, false).expect("encode").len(),
-            n,
-            "{n} words"
-        );
+        assert_eq!(tok.encode(&text, false).expect("encode").len(), n, "{n} words");
     }
     let all: String = builtin_words().iter().map(|w| format!(" {w}")).collect();
     let ids = tok.encode(&all, false).expect("encode");
-    assert_eq!(
-        ids,
-        (0..BUILTIN_WORD_COUNT as u32)
-            .map(|w| 259 + 2 * w)
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(ids, (0..BUILTIN_WORD_COUNT as u32).map(|w| 259 + 2 * w).collect::<Vec<_>>());
 }
 
 /// xorshift64*: a tiny seeded PRNG.
@@ -107,15 +89,11 @@ fn roundtrip() {
         assert_eq!(tok.decode(&ids, false).expect("decode"), s);
         assert!(ids.iter().all(|&id| id < tok.vocab_size()));
     }
-    let pieces = [
-        "ba", "do", " ", "ke", "x", "<|", "im_end|>", "é", "😀", "\n", "Z", "zuzu",
-    ];
+    let pieces = ["ba", "do", " ", "ke", "x", "<|", "im_end|>", "é", "😀", "\n", "Z", "zuzu"];
     let mut seed = 7;
     for _ in 0..2000 {
         let n = (next(&mut seed) % 20) as usize;
-        let s: String = (0..n)
-            .map(|_| pieces[(next(&mut seed) % pieces.len() as u64) as usize])
-            .collect();
+        let s: String = (0..n).map(|_| pieces[(next(&mut seed) % pieces.len() as u64) as usize]).collect();
         let ids = tok.encode(&s, false).expect("encode");
         assert_eq!(tok.decode(&ids, false).expect("decode"), s);
     }
@@ -134,9 +112,7 @@ fn roundtrip() {
 #[test]
 fn skip_special_tokens() {
     let tok = Tokenizer::builtin();
-    let ids = tok
-        .encode("<|im_start|> ba<|im_end|>", false)
-        .expect("encode");
+    let ids = tok.encode("<|im_start|> ba<|im_end|>", false).expect("encode");
     assert_eq!(ids, [1, 259, 2]);
     assert_eq!(tok.decode(&ids, true).expect("decode"), " ba");
 }

@@ -216,7 +216,13 @@ fn prefill_lease_holds_blocks_until_pulled_or_expired() {
 
 #[test]
 fn decode_side_pulls_then_decodes_or_fails() {
-    let remote = RemotePrefill { host: "127.0.0.1".into(), port: 1, request_id: "p".into(), block_ids: vec![1, 2, 3], num_tokens: 10 };
+    let remote = RemotePrefill {
+        host: "127.0.0.1".into(),
+        port: 1,
+        request_id: "p".into(),
+        block_ids: vec![1, 2, 3],
+        num_tokens: 10,
+    };
     let mut e = EngineCore::new(cfg(64, 4), vec![100], None);
     let mut r = req((0..10).collect(), 3);
     r.remote_prefill = Some(remote.clone());
@@ -245,7 +251,8 @@ fn decode_side_pulls_then_decodes_or_fails() {
 
     let mut e = EngineCore::new(cfg(64, 4), vec![100], None);
     let mut r = req((50..70).collect(), 3);
-    r.remote_prefill = Some(RemotePrefill { host: "h".into(), port: 1, request_id: "x".into(), block_ids: vec![], num_tokens: 20 });
+    r.remote_prefill =
+        Some(RemotePrefill { host: "h".into(), port: 1, request_id: "x".into(), block_ids: vec![], num_tokens: 20 });
     let (id, out) = e.submit(r, Instant::now()).unwrap();
     let _ = e.schedule();
     e.pull_done(id, Err("gone".into()), Instant::now());

@@ -1,0 +1,178 @@
+//! The `gantry` binary itself: flags, startup errors, process-level faults, the openai client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn gantry() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gantry"))
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the child on drop (by PID), so a failing test leaves nothing running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `gantry mock ARGS` and waits until its log line says engine `engines - 1` serves.
+fn start_mock(args: &[&str], engines: usize) -> Running {
+    let mut child = gantry()
+        .arg("mock")
+        .args(args)
+        .env("GANTRY_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gantry mock");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let want = format!("engine={}", engines - 1);
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("serving") && line.contains(&want) => return Running(child),
+            Ok(_) => {}
+            Err(_) => panic!("gantry mock did not report readiness"),
+        }
+    }
+}
+
+fn http(addr: SocketAddr, req: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn post_completion(addr: SocketAddr) -> String {
+    let body = r#"{"model":"mock-model","prompt":"hi","max_tokens":2}"#;
+    http(
+        addr,
+        &format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+#[test]
+fn mock_help_documents_every_flag_with_its_default() {
+    let out = gantry().args(["mock", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--port",
+        "--engines",
+        "--model",
+        "--tokenizer",
+        "--block-size",
+        "--num-gpu-blocks",
+        "--speedup",
+        "--kv-events-port",
+        "--kv-replay-port",
+        "--kv-events-format",
+        "--role",
+        "--host",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--fail-rate",
+        "--stall-after",
+        "--cut-after",
+        "--exit-after",
+        "--flap-health",
+    ] {
+        assert!(help.contains(flag), "{flag} is not documented:\n{help}");
+    }
+    for default in [
+        "[default: 8000]",
+        "[default: 16]",
+        "[default: 16384]",
+        "[default: mock-model]",
+        "[default: agg]",
+        "[default: map]",
+        "[default: 127.0.0.1]",
+    ] {
+        assert!(help.contains(default), "{default} missing:\n{help}");
+    }
+}
+
+#[test]
+fn bad_flags_and_busy_ports_fail_with_a_clear_message() {
+    let out = gantry().args(["mock", "--engines", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid --engines"));
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = gantry().args(["mock", "--port", &port]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("binding engine 0 HTTP") && err.contains(&port), "{err}");
+}
+
+#[test]
+fn several_engines_and_exit_after() {
+    let port = free_port();
+    let p = port.to_string();
+    let mut mock = start_mock(&["--port", &p, "--engines", "2", "--speedup", "0", "--exit-after", "3"], 2);
+    let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let b: SocketAddr = format!("127.0.0.1:{}", port + 1).parse().unwrap();
+    assert!(post_completion(a).starts_with("HTTP/1.1 200"));
+    assert!(post_completion(b).starts_with("HTTP/1.1 200"));
+    let _ = post_completion(a);
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = mock.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "the mock did not exit after 3 requests");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(3));
+}
+
+/// Finds a Python with the `openai` package: `GANTRY_TEST_PYTHON`, else `.venv/bin/python`.
+fn openai_python() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [std::env::var_os("GANTRY_TEST_PYTHON").map(PathBuf::from), Some(root.join(".venv/bin/python"))];
+    candidates.into_iter().flatten().find(|p| {
+        p.exists() && Command::new(p).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success())
+    })
+}
+
+#[test]
+fn official_openai_client_against_the_mock() {
+    let Some(python) = openai_python() else {
+        assert!(
+            std::env::var_os("GANTRY_REQUIRE_PYTHON").is_none(),
+            "GANTRY_REQUIRE_PYTHON is set but no Python with `openai` was found (.venv/bin/python or GANTRY_TEST_PYTHON)"
+        );
+        eprintln!("SKIPPED official_openai_client_against_the_mock: no Python with the `openai` package (run .ci/run, or set GANTRY_TEST_PYTHON)");
+        return;
+    };
+    let port = free_port();
+    let _mock = start_mock(&["--port", &port.to_string(), "--speedup", "0"], 1);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/tests/python/openai_client.py");
+    let out = Command::new(python).arg(script).arg(format!("http://127.0.0.1:{port}/v1")).output().unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "openai client failed:\n{o}\n{e}");
+    assert!(o.contains("6 calls ok"), "{o}");
+}
