@@ -1,9 +1,15 @@
 //! The `gantry` binary: parses the command line and calls into the library crates.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 use gantry_bench::mock::{self, MockArgs};
+use gantry_bench::up::{self, UpArgs};
+use gantry_proxy::config::Config;
+use gantry_proxy::serve;
 
 /// Gantry: a data plane for LLM inference fleets.
 #[derive(Debug, Parser)]
@@ -15,8 +21,77 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// A whole local stack: mock engines behind the proxy. Ctrl-C stops it.
+    Up(UpArgs),
+    /// The OpenAI-compatible proxy in front of vLLM engines.
+    Serve(ServeArgs),
     /// Run vLLM-faithful mock engines (HTTP, metrics, KV events, P/D) for tests and benchmarks.
     Mock(MockArgs),
+}
+
+/// `gantry serve` flags; they override the config file's values.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML config file (see `proxy/src/config.rs` for every key). SIGHUP re-reads it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Client listener address [default: 127.0.0.1:8000].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Shortcut without a config file: one aggregated pool of these engines.
+    #[arg(long = "engine", value_name = "URL")]
+    engines: Vec<String>,
+    /// Model served by the --engine engines.
+    #[arg(long, default_value = "mock-model")]
+    model: String,
+    /// Worker threads [default: one per core].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// I/O driver: auto, io_uring, legacy.
+    #[arg(long)]
+    driver: Option<String>,
+    /// Policy of the --engine pool: round_robin, random, least_loaded, power_of_two, session.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Dynamo global-router JSON config (pool choice; used by KV-aware routing).
+    #[arg(long)]
+    global_router_config: Option<PathBuf>,
+    /// Seconds SIGTERM waits for in-flight requests.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_secs: u64,
+}
+
+fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = match &a.config {
+        Some(path) => Config::load(path)?,
+        None if !a.engines.is_empty() => Config::single_pool(&a.model, &a.engines),
+        None => anyhow::bail!("give --config FILE, or --engine URL (one or more)"),
+    };
+    if a.config.is_some() && !a.engines.is_empty() {
+        anyhow::bail!("--engine and --config are exclusive: list engines in the config file");
+    }
+    if let Some(l) = a.listen {
+        cfg.server.listen = l;
+    }
+    if let Some(w) = a.workers {
+        cfg.server.workers = w;
+    }
+    if let Some(d) = a.driver {
+        cfg.server.driver = d;
+    }
+    if let Some(g) = a.global_router_config {
+        cfg.server.global_router = Some(g);
+    }
+    if let Some(p) = a.policy {
+        let v: gantry_proxy::config::PolicyKind = serde_json::from_value(serde_json::Value::String(p.clone()))
+            .with_context(|| format!("invalid --policy `{p}`"))?;
+        for pool in &mut cfg.pool {
+            pool.policy = v;
+        }
+    }
+    cfg.validate()?;
+    serve::run(cfg, a.config, Duration::from_secs(a.drain_timeout_secs))?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -29,6 +104,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Up(args) => up::run(&args).map_err(Into::into),
+        Command::Serve(args) => serve_cmd(args),
         Command::Mock(args) => mock::run(&args).map_err(Into::into),
     };
     match result {

@@ -4,8 +4,9 @@
 //! surface and error shapes, its Prometheus metrics, KV events on ZMQ in both wire forms with
 //! replay, the NixlConnector P/D protocol, a paged KV cache with prefix caching and LRU
 //! eviction, continuous batching with chunked prefill, a polynomial step-time model and fault
-//! injection. Read `benches/tests/mock_api.rs` first. The load generator and trace replay
-//! (`gantry bench`) come with their own issue.
+//! injection. Read `benches/tests/mock.rs` first. [`up`] runs mock engines behind the proxy
+//! (`gantry up`). The load generator and trace replay (`gantry bench`) come with their own issue.
 #![forbid(unsafe_code)]
 
 pub mod mock;
+pub mod up;

@@ -280,7 +280,7 @@ fn start_engine(
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ (seed_port << 48),
         ),
     });
-    let server_cfg = Rc::new(ServerConfig { limits });
+    let server_cfg = Rc::new(ServerConfig { limits, ..ServerConfig::default() });
     match monoio::net::TcpListener::from_std(seed.listener) {
         Ok(l) => {
             monoio::spawn(server::serve(l, Rc::new(api::Api { engine: engine.clone() }), server_cfg.clone()));

@@ -24,7 +24,7 @@ mod tests;
 use std::time::Duration;
 
 pub use body::BodyReader;
-pub use head::{Headers, Method, RequestHead, ResponseHead};
+pub use head::{Headers, Method, RequestHead, ResponseHead, MAX_HEADERS_CAP};
 
 /// Largest request or response head accepted by default, in bytes.
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 64 * 1024;

@@ -70,7 +70,7 @@ fn start_server(driver: Driver, limits: Limits) -> TestServer {
             let listener = server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
             let handler = Rc::new(Echo { dropped: d, started: s });
-            server::serve(listener, handler, Rc::new(ServerConfig { limits })).await;
+            server::serve(listener, handler, Rc::new(ServerConfig { limits, ..ServerConfig::default() })).await;
         })
         .unwrap();
     });

@@ -12,6 +12,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -87,6 +89,28 @@ pub trait Handler: 'static {
 pub struct ServerConfig {
     /// Bounds on requests.
     pub limits: Limits,
+    /// Gauge of open connections, if someone keeps one.
+    pub open_connections: Option<Arc<AtomicI64>>,
+}
+
+/// Decrements the open-connections gauge when a connection ends.
+struct ConnGauge(Option<Arc<AtomicI64>>);
+
+impl ConnGauge {
+    fn open(g: &Option<Arc<AtomicI64>>) -> ConnGauge {
+        if let Some(g) = g {
+            g.fetch_add(1, Ordering::Relaxed);
+        }
+        ConnGauge(g.clone())
+    }
+}
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,6 +324,7 @@ pub async fn serve_connection<H: Handler>(
     config: Rc<ServerConfig>,
 ) {
     let _ = stream.set_nodelay(true);
+    let _gauge = ConnGauge::open(&config.open_connections);
     let limits = &config.limits;
     let (mut r, w) = stream.into_split();
     let mut buf = BytesMut::with_capacity(READ_RESERVE);

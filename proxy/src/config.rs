@@ -1,0 +1,489 @@
+//! `gantry serve` configuration: one TOML file, raw then validated, every key documented.
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `server.listen` | `127.0.0.1:8000` | client listener (one `SO_REUSEPORT` socket per worker) |
+//! | `server.workers` | cores | worker threads, one monoio runtime each |
+//! | `server.driver` | `auto` | `auto` (io_uring, else epoll), `io_uring`, `legacy` |
+//! | `server.max_body_bytes` | 32 MiB | largest request body (413) |
+//! | `server.max_head_bytes` | 64 KiB | largest request head (431) |
+//! | `server.max_headers` | 100 | most request header lines (431) |
+//! | `server.header_timeout_ms` | 10000 | time to receive a whole head (408) |
+//! | `server.body_timeout_ms` | 60000 | time to receive a whole body (408) |
+//! | `server.idle_timeout_ms` | 75000 | idle keep-alive connection lifetime |
+//! | `upstream.connect_timeout_ms` | 2000 | engine connect timeout |
+//! | `upstream.first_byte_timeout_ms` | 600000 | time until an engine's response head (504) |
+//! | `upstream.idle_timeout_ms` | 600000 | longest gap between two body reads of a response (504) |
+//! | `upstream.max_idle_per_engine` | 64 | pooled idle connections per engine per worker |
+//! | `retry.attempts` | 3 | engines tried for one request before any byte reached the client |
+//! | `health.interval_ms` | 2000 | active `/health` probe period (0: no probes) |
+//! | `health.timeout_ms` | 1000 | probe timeout |
+//! | `health.unhealthy_threshold` | 2 | consecutive failed probes that eject an engine |
+//! | `health.healthy_threshold` | 1 | consecutive good probes that restore it |
+//! | `health.passive_failures` | 3 | consecutive request failures (connect error, 5xx) that eject an engine |
+//! | `health.eject_ms` | 5000 | first passive ejection; doubles per repeat, up to 60 s |
+//! | `model[].name` | — | a served model name |
+//! | `model[].tokenizer` | none | HF model directory (used by KV-aware routing) |
+//! | `pool[].name` | — | pool name (`x-gantry-pool`) |
+//! | `pool[].role` | `agg` | `agg`, `prefill` or `decode` |
+//! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session` |
+//! | `pool[].session_header` | `x-session-id` | header keyed by the `session` policy |
+//! | `pool[].block_size` | 16 | KV block size of the pool's engines |
+//! | `pool[].engine[].url` | — | `http://host:port` of a `vllm serve` |
+//! | `pool[].engine[].model` | — | model it serves (must be a `model[].name`) |
+//! | `pool[].engine[].kv_events` / `kv_replay` | none | its ZMQ KV-event endpoints |
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default client listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+/// Default engine connect timeout, ms.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Default time to an engine's response head, ms.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT_MS: u64 = 600_000;
+/// Default longest silence inside an engine's response, ms.
+pub const DEFAULT_UPSTREAM_IDLE_MS: u64 = 600_000;
+/// Default pooled idle connections per engine per worker.
+pub const DEFAULT_MAX_IDLE_PER_ENGINE: usize = 64;
+/// Default engines tried per request.
+pub const DEFAULT_RETRY_ATTEMPTS: usize = 3;
+/// Default probe period, ms.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 2_000;
+/// Default probe timeout, ms.
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1_000;
+/// Default first passive ejection, ms.
+pub const DEFAULT_EJECT_MS: u64 = 5_000;
+/// Default KV block size.
+pub const DEFAULT_BLOCK_SIZE: u32 = 16;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConf,
+    /// `[upstream]`.
+    pub upstream: UpstreamConf,
+    /// `[retry]`.
+    pub retry: RetryConf,
+    /// `[health]`.
+    pub health: HealthConf,
+    /// `[admin]`: the admin listener (off when absent).
+    pub admin: Option<AdminConf>,
+    /// `[[model]]`.
+    pub model: Vec<ModelConf>,
+    /// `[[pool]]`.
+    pub pool: Vec<PoolConf>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConf {
+    /// Client listener address.
+    pub listen: String,
+    /// Worker threads (0 = one per core).
+    pub workers: usize,
+    /// I/O driver.
+    pub driver: String,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Largest request head, bytes.
+    pub max_head_bytes: usize,
+    /// Most header lines.
+    pub max_headers: usize,
+    /// Head timeout, ms.
+    pub header_timeout_ms: u64,
+    /// Body timeout, ms.
+    pub body_timeout_ms: u64,
+    /// Idle keep-alive timeout, ms.
+    pub idle_timeout_ms: u64,
+    /// Dynamo global-router JSON config (KV-aware routing issue).
+    pub global_router: Option<PathBuf>,
+}
+
+impl Default for ServerConf {
+    fn default() -> Self {
+        ServerConf {
+            listen: DEFAULT_LISTEN.into(),
+            workers: 0,
+            driver: "auto".into(),
+            max_body_bytes: crate::http::DEFAULT_MAX_BODY_BYTES,
+            max_head_bytes: crate::http::DEFAULT_MAX_HEAD_BYTES,
+            max_headers: crate::http::DEFAULT_MAX_HEADERS,
+            header_timeout_ms: crate::http::DEFAULT_HEADER_TIMEOUT.as_millis() as u64,
+            body_timeout_ms: crate::http::DEFAULT_BODY_TIMEOUT.as_millis() as u64,
+            idle_timeout_ms: crate::http::DEFAULT_IDLE_TIMEOUT.as_millis() as u64,
+            global_router: None,
+        }
+    }
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConf {
+    /// Connect timeout, ms.
+    pub connect_timeout_ms: u64,
+    /// Time to the response head, ms.
+    pub first_byte_timeout_ms: u64,
+    /// Longest gap between body reads, ms.
+    pub idle_timeout_ms: u64,
+    /// Pooled idle connections per engine per worker.
+    pub max_idle_per_engine: usize,
+}
+
+impl Default for UpstreamConf {
+    fn default() -> Self {
+        UpstreamConf {
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            first_byte_timeout_ms: DEFAULT_FIRST_BYTE_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_UPSTREAM_IDLE_MS,
+            max_idle_per_engine: DEFAULT_MAX_IDLE_PER_ENGINE,
+        }
+    }
+}
+
+/// `[retry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConf {
+    /// Engines tried per request (1 = no retry).
+    pub attempts: usize,
+}
+
+impl Default for RetryConf {
+    fn default() -> Self {
+        RetryConf { attempts: DEFAULT_RETRY_ATTEMPTS }
+    }
+}
+
+/// `[health]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConf {
+    /// Probe period, ms (0 = no active probes).
+    pub interval_ms: u64,
+    /// Probe timeout, ms.
+    pub timeout_ms: u64,
+    /// Failed probes in a row that eject.
+    pub unhealthy_threshold: u32,
+    /// Good probes in a row that restore.
+    pub healthy_threshold: u32,
+    /// Failed requests in a row that eject.
+    pub passive_failures: u32,
+    /// First passive ejection, ms (doubles per repeat, capped at 60 s).
+    pub eject_ms: u64,
+}
+
+impl Default for HealthConf {
+    fn default() -> Self {
+        HealthConf {
+            interval_ms: DEFAULT_HEALTH_INTERVAL_MS,
+            timeout_ms: DEFAULT_HEALTH_TIMEOUT_MS,
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+            passive_failures: 3,
+            eject_ms: DEFAULT_EJECT_MS,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConf {
+    /// Admin listener address.
+    pub listen: String,
+    /// Bearer token every admin request must carry.
+    pub token: String,
+}
+
+/// `[[model]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConf {
+    /// Served model name.
+    pub name: String,
+    /// HF model directory.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// Engine role in P/D.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Aggregated.
+    #[default]
+    Agg,
+    /// Prefill.
+    Prefill,
+    /// Decode.
+    Decode,
+}
+
+/// Engine choice policy inside a pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    /// In turn.
+    #[default]
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// Fewest in-flight requests.
+    LeastLoaded,
+    /// The less loaded of two random engines.
+    PowerOfTwo,
+    /// Consistent hashing of a session header, with bounded load.
+    Session,
+}
+
+/// `[[pool]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConf {
+    /// Pool name.
+    pub name: String,
+    /// Role.
+    #[serde(default)]
+    pub role: Role,
+    /// Policy.
+    #[serde(default)]
+    pub policy: PolicyKind,
+    /// Header for the session policy.
+    #[serde(default = "default_session_header")]
+    pub session_header: String,
+    /// KV block size.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// `[[pool.engine]]`.
+    #[serde(default)]
+    pub engine: Vec<EngineConf>,
+}
+
+fn default_session_header() -> String {
+    "x-session-id".into()
+}
+
+fn default_block_size() -> u32 {
+    DEFAULT_BLOCK_SIZE
+}
+
+/// `[[pool.engine]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConf {
+    /// `http://host:port`.
+    pub url: String,
+    /// Model it serves.
+    pub model: String,
+    /// ZMQ KV-event endpoint.
+    #[serde(default)]
+    pub kv_events: Option<String>,
+    /// ZMQ KV-event replay endpoint.
+    #[serde(default)]
+    pub kv_replay: Option<String>,
+}
+
+/// A config problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of this shape.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (names the key and line).
+        message: String,
+    },
+    /// A value is invalid.
+    #[error("invalid `{key}`: {problem}")]
+    Invalid {
+        /// The key, e.g. `pool[0].engine[1].url`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), problem: problem.into() }
+}
+
+/// An engine URL split into what the proxy needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineUrl {
+    /// The URL as configured, without a trailing slash.
+    pub url: String,
+    /// `host:port` for the Host header.
+    pub authority: String,
+    /// Resolved address.
+    pub addr: SocketAddr,
+}
+
+/// Parses `http://host[:port]` (no path, no TLS) and resolves it.
+pub fn parse_engine_url(url: &str) -> Result<EngineUrl, String> {
+    let url = url.trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("`{url}` must start with http:// (TLS to engines is not supported)"))?;
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(format!("`{url}` must be http://host:port with no path"));
+    }
+    let authority = if rest.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        rest.to_owned()
+    } else {
+        format!("{rest}:80")
+    };
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{authority}` resolves to no address"))?;
+    Ok(EngineUrl { url: url.to_owned(), authority: rest.to_owned(), addr })
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// One aggregated pool of `engines` serving `model` (the `--engine URL` shortcut).
+    pub fn single_pool(model: &str, engines: &[String]) -> Config {
+        Config {
+            model: vec![ModelConf { name: model.into(), tokenizer: None }],
+            pool: vec![PoolConf {
+                name: "agg-0".into(),
+                role: Role::Agg,
+                policy: PolicyKind::RoundRobin,
+                session_header: default_session_header(),
+                block_size: DEFAULT_BLOCK_SIZE,
+                engine: engines
+                    .iter()
+                    .map(|u| EngineConf { url: u.clone(), model: model.into(), kv_events: None, kv_replay: None })
+                    .collect(),
+            }],
+            ..Config::default()
+        }
+    }
+
+    /// Checks every value, naming the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if crate::rt::Driver::parse(&self.server.driver).is_none() {
+            return Err(invalid("server.driver", format!("`{}` is not auto, io_uring or legacy", self.server.driver)));
+        }
+        for (key, v) in [
+            ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.max_head_bytes", self.server.max_head_bytes),
+            ("server.max_headers", self.server.max_headers),
+            ("retry.attempts", self.retry.attempts),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.server.max_headers > crate::http::MAX_HEADERS_CAP {
+            return Err(invalid("server.max_headers", format!("at most {}", crate::http::MAX_HEADERS_CAP)));
+        }
+        for (key, v) in [
+            ("server.header_timeout_ms", self.server.header_timeout_ms),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
+            ("upstream.idle_timeout_ms", self.upstream.idle_timeout_ms),
+            ("health.timeout_ms", self.health.timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1 ms"));
+            }
+        }
+        if self.health.unhealthy_threshold == 0 || self.health.healthy_threshold == 0 {
+            return Err(invalid("health.unhealthy_threshold", "thresholds must be at least 1"));
+        }
+        if let Some(a) = &self.admin {
+            a.listen.parse::<SocketAddr>().map_err(|e| invalid("admin.listen", e.to_string()))?;
+            if a.token.len() < 8 {
+                return Err(invalid("admin.token", "must be at least 8 characters"));
+            }
+        }
+        if self.model.is_empty() {
+            return Err(invalid("model", "at least one [[model]] is required"));
+        }
+        for (i, m) in self.model.iter().enumerate() {
+            if m.name.is_empty() {
+                return Err(invalid(format!("model[{i}].name"), "must not be empty"));
+            }
+            if self.model[..i].iter().any(|o| o.name == m.name) {
+                return Err(invalid(format!("model[{i}].name"), format!("`{}` is listed twice", m.name)));
+            }
+        }
+        if self.pool.is_empty() {
+            return Err(invalid("pool", "at least one [[pool]] is required"));
+        }
+        for (i, p) in self.pool.iter().enumerate() {
+            if p.name.is_empty() || self.pool[..i].iter().any(|o| o.name == p.name) {
+                return Err(invalid(format!("pool[{i}].name"), "must be non-empty and unique"));
+            }
+            if p.block_size == 0 {
+                return Err(invalid(format!("pool[{i}].block_size"), "must be at least 1"));
+            }
+            if p.role != Role::Agg {
+                return Err(invalid(
+                    format!("pool[{i}].role"),
+                    "prefill/decode pools arrive with P/D orchestration; only `agg` is served today",
+                ));
+            }
+            for (j, e) in p.engine.iter().enumerate() {
+                parse_engine_url(&e.url).map_err(|m| invalid(format!("pool[{i}].engine[{j}].url"), m))?;
+                if !self.model.iter().any(|m| m.name == e.model) {
+                    return Err(invalid(
+                        format!("pool[{i}].engine[{j}].model"),
+                        format!("`{}` is not a configured [[model]]", e.model),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The client listener address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|e| invalid("server.listen", format!("`{}`: {e}", self.server.listen)))
+    }
+
+    /// Server limits as the HTTP layer takes them.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            max_head_bytes: self.server.max_head_bytes,
+            max_headers: self.server.max_headers,
+            max_body_bytes: self.server.max_body_bytes,
+            header_timeout: Duration::from_millis(self.server.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.server.body_timeout_ms),
+            idle_timeout: Duration::from_millis(self.server.idle_timeout_ms),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

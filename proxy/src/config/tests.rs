@@ -1,0 +1,71 @@
+//! Config parsing and validation: the issue's example parses; bad values name their key.
+
+use super::*;
+
+const EXAMPLE: &str = r#"
+[server]
+listen = "127.0.0.1:8000"
+workers = 2
+[[model]]
+name = "mock-model"
+[[pool]]
+name = "agg-0"
+role = "agg"
+policy = "round_robin"
+block_size = 16
+[[pool.engine]]
+url = "http://127.0.0.1:8101"
+model = "mock-model"
+kv_events = "tcp://127.0.0.1:5557"
+kv_replay = "tcp://127.0.0.1:5558"
+"#;
+
+fn parse(s: &str) -> Result<Config, ConfigError> {
+    let cfg: Config =
+        toml::from_str(s).map_err(|e| ConfigError::Parse { path: "test.toml".into(), message: e.to_string() })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[test]
+fn the_documented_shape_parses() {
+    let cfg = parse(EXAMPLE).unwrap();
+    assert_eq!(cfg.server.workers, 2);
+    assert_eq!(cfg.pool[0].engine[0].kv_replay.as_deref(), Some("tcp://127.0.0.1:5558"));
+    assert_eq!(cfg.pool[0].policy, PolicyKind::RoundRobin);
+    assert_eq!(cfg.retry.attempts, DEFAULT_RETRY_ATTEMPTS);
+    assert_eq!(cfg.listen_addr().unwrap().port(), 8000);
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases = [
+        (EXAMPLE.replace("workers = 2", "workers = \"two\""), "workers"),
+        (EXAMPLE.replace("127.0.0.1:8000", "nowhere"), "server.listen"),
+        (EXAMPLE.replace("http://127.0.0.1:8101", "127.0.0.1:8101"), "pool[0].engine[0].url"),
+        (EXAMPLE.replace("http://127.0.0.1:8101", "https://127.0.0.1:8101"), "pool[0].engine[0].url"),
+        (
+            EXAMPLE.replace("model = \"mock-model\"\nkv_events", "model = \"other\"\nkv_events"),
+            "pool[0].engine[0].model",
+        ),
+        (EXAMPLE.replace("policy = \"round_robin\"", "policy = \"fastest\""), "policy"),
+        (EXAMPLE.replace("block_size = 16", "block_size = 0"), "pool[0].block_size"),
+        (EXAMPLE.replace("[server]", "[server]\nbogus = 1"), "bogus"),
+        (format!("{EXAMPLE}\n[retry]\nattempts = 0\n"), "retry.attempts"),
+        (format!("{EXAMPLE}\n[admin]\nlisten = \"127.0.0.1:9000\"\ntoken = \"short\"\n"), "admin.token"),
+    ];
+    for (text, key) in cases {
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains(key), "expected `{key}` in: {err}");
+    }
+}
+
+#[test]
+fn engine_urls() {
+    let u = parse_engine_url("http://127.0.0.1:8101/").unwrap();
+    assert_eq!(u.url, "http://127.0.0.1:8101");
+    assert_eq!(u.authority, "127.0.0.1:8101");
+    assert_eq!(u.addr.port(), 8101);
+    assert!(parse_engine_url("http://127.0.0.1:8101/v1").is_err());
+    assert!(parse_engine_url("ftp://x").is_err());
+}

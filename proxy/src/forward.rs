@@ -1,0 +1,584 @@
+//! The request path of `gantry serve`: the OpenAI surface, engine choice, forwarding with
+//! retries, and relaying the response (whole or streamed) while measuring it.
+//!
+//! Bodies go upstream byte for byte; only hop-by-hop headers and Host are rewritten. A request
+//! is retried on another engine only while nothing has reached the client (connect refused,
+//! reset or timeout before the response head, or a 503). Once a stream has started, an engine
+//! failure ends it with vLLM's SSE error event and `data: [DONE]`. A client that goes away
+//! drops this future: the upstream connection is closed (the engine aborts the request) and
+//! the load charge is released by [`Charge`]'s destructor.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::config::{HealthConf, RetryConf, UpstreamConf};
+use crate::fleet::{now_ms, EngineState, Fleet, Pool, SharedFleet};
+use crate::http::client::ClientConn;
+use crate::http::server::{Handler, Request, Responder, Response};
+use crate::http::sse::SseParser;
+use crate::http::{HttpError, Method, ResponseHead};
+use crate::metrics::Metrics;
+use crate::policy::{pick, PickInput};
+
+/// Longest ejection after repeated passive failures.
+const MAX_EJECT_MS: u64 = 60_000;
+/// Largest error body read from an engine before retrying elsewhere.
+const MAX_DISCARD_BYTES: usize = 64 * 1024;
+
+/// An OpenAI/vLLM-shaped error response.
+pub fn error_response(status: u16, message: &str, param: Option<&str>) -> Response {
+    let kind = match status {
+        400 => "BadRequestError",
+        401 => "UnauthorizedError",
+        404 => "NotFoundError",
+        405 => "MethodNotAllowedError",
+        408 => "RequestTimeoutError",
+        413 => "PayloadTooLargeError",
+        431 => "RequestHeaderFieldsTooLargeError",
+        502 => "BadGatewayError",
+        503 => "ServiceUnavailableError",
+        504 => "GatewayTimeoutError",
+        s if s >= 500 => "InternalServerError",
+        _ => "BadRequestError",
+    };
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": status}});
+    Response::json(status, body.to_string())
+}
+
+/// Settings of the request path.
+#[derive(Debug, Clone)]
+pub struct PathConf {
+    /// Upstream timeouts and pooling.
+    pub upstream: UpstreamConf,
+    /// Retries.
+    pub retry: RetryConf,
+    /// Passive health.
+    pub health: HealthConf,
+}
+
+/// Keeps an engine's in-flight count raised while alive.
+struct Charge(Arc<EngineState>);
+
+impl Charge {
+    fn new(e: &Arc<EngineState>) -> Charge {
+        e.in_flight.fetch_add(1, Ordering::Relaxed);
+        Charge(Arc::clone(e))
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts a client abort unless disarmed.
+struct AbortWatch<'a> {
+    metrics: &'a Metrics,
+    done: bool,
+}
+
+impl Drop for AbortWatch<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.client_aborts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The fields routing reads; everything else is forwarded untouched.
+#[derive(Debug, Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+}
+
+/// Usage as engines report it (non-streaming body, or the final SSE chunk).
+#[derive(Debug, Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+/// One worker's proxy handler. Its upstream connection pool is per worker (no sharing).
+pub struct Proxy {
+    fleet: SharedFleet,
+    metrics: Arc<Metrics>,
+    conf: Arc<PathConf>,
+    idle: RefCell<HashMap<SocketAddr, Vec<ClientConn>>>,
+    rng: RefCell<fastrand::Rng>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").finish_non_exhaustive()
+    }
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "expect",
+];
+
+fn is_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Why an attempt failed before anything reached the client.
+enum AttemptError {
+    /// Connect, write or read failure, or a malformed head; `timeout` if a timer ran out.
+    Upstream { message: String, timeout: bool },
+}
+
+impl Proxy {
+    /// A handler for one worker.
+    pub fn new(fleet: SharedFleet, metrics: Arc<Metrics>, conf: Arc<PathConf>, seed: u64) -> Proxy {
+        Proxy { fleet, metrics, conf, idle: RefCell::default(), rng: RefCell::new(fastrand::Rng::with_seed(seed)) }
+    }
+
+    fn passive_failure(&self, e: &EngineState) {
+        e.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        let n = e.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.conf.health.passive_failures {
+            let k = e.ejections.fetch_add(1, Ordering::Relaxed).min(6);
+            let dur = (self.conf.health.eject_ms << k).min(MAX_EJECT_MS);
+            e.ejected_until.store(now_ms() + dur, Ordering::Relaxed);
+            e.passive_failures.store(0, Ordering::Relaxed);
+            e.counters.ejections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(engine = %e.url, eject_ms = dur, "engine ejected after {n} failed requests");
+        }
+    }
+
+    fn passive_success(&self, e: &EngineState) {
+        if e.passive_failures.load(Ordering::Relaxed) != 0 {
+            e.passive_failures.store(0, Ordering::Relaxed);
+        }
+        if e.ejections.load(Ordering::Relaxed) != 0 && e.ejected_until.load(Ordering::Relaxed) <= now_ms() {
+            e.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<ClientConn> {
+        self.idle.borrow_mut().get_mut(&addr).and_then(Vec::pop)
+    }
+
+    fn put_idle(&self, addr: SocketAddr, conn: ClientConn) {
+        if !conn.reusable() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.conf.upstream.max_idle_per_engine {
+            list.push(conn);
+        }
+    }
+
+    fn upstream_head(req: &Request, engine: &EngineState) -> Vec<u8> {
+        let mut out = Vec::with_capacity(req.head.raw().len() + 64 + req.body.len());
+        out.extend_from_slice(req.head.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(req.head.target().as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(engine.authority.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in req.head.headers().iter() {
+            if !is_hop(name) {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        if !req.body.is_empty() || req.head.method == Method::Post {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(req.body.len().to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&req.body);
+        out
+    }
+
+    /// Sends the request to `engine` and reads the response head (one retry on a fresh
+    /// connection when a pooled one turns out to be closed).
+    async fn attempt(&self, engine: &EngineState, wire: &[u8]) -> Result<(ClientConn, ResponseHead), AttemptError> {
+        let up = &self.conf.upstream;
+        let first_byte = Duration::from_millis(up.first_byte_timeout_ms);
+        let mut pooled = self.take_idle(engine.addr);
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(c) => c,
+                None => ClientConn::connect(engine.addr, Duration::from_millis(up.connect_timeout_ms)).await.map_err(
+                    |e| AttemptError::Upstream {
+                        message: format!("connect to {}: {e}", engine.url),
+                        timeout: e.kind() == std::io::ErrorKind::TimedOut,
+                    },
+                )?,
+            };
+            let exchange = async {
+                conn.send_raw(wire).await?;
+                conn.read_head(false).await
+            };
+            match monoio::time::timeout(first_byte, exchange).await {
+                Ok(Ok(head)) => return Ok((conn, head)),
+                Ok(Err(e)) if reused && matches!(e, HttpError::Io(_) | HttpError::UnexpectedEof(_)) => {
+                    // The engine closed an idle pooled connection: try once on a fresh one.
+                    pooled = self.take_idle(engine.addr);
+                }
+                Ok(Err(e)) => {
+                    return Err(AttemptError::Upstream { message: format!("{}: {e}", engine.url), timeout: false })
+                }
+                Err(_) => {
+                    return Err(AttemptError::Upstream {
+                        message: format!("{}: no response head within {first_byte:?}", engine.url),
+                        timeout: true,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn route(&self, req: Request, resp: &mut Responder, model: Option<String>) {
+        let started = Instant::now();
+        let fleet = self.fleet.load_full();
+        let model = match model {
+            Some(m) => m,
+            None => fleet.models.first().cloned().unwrap_or_default(),
+        };
+        if !fleet.has_model(&model) {
+            self.metrics.rejected(404);
+            let _ =
+                resp.send(error_response(404, &format!("The model `{model}` does not exist."), Some("model"))).await;
+            return;
+        }
+        let Some(pool) = fleet.pool_for(&model) else {
+            self.metrics.rejected(503);
+            let _ = resp.send(error_response(503, &format!("no engine serves model `{model}`"), None)).await;
+            return;
+        };
+        let session = req.head.headers().get(&pool.session_header).map(<[u8]>::to_vec);
+        let mut watch = AbortWatch { metrics: &self.metrics, done: false };
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error = String::from("no engine available");
+        let mut last_timeout = false;
+        let attempts = self.conf.retry.attempts.min(pool.engines.len().max(1));
+        for attempt in 0..attempts {
+            let pick_in = PickInput { tried: &tried, session: session.as_deref(), now: now_ms() };
+            let idx = { pick(pool, &pick_in, &mut self.rng.borrow_mut()) };
+            let Some(idx) = idx else { break };
+            tried.push(idx);
+            let engine = &pool.engines[idx];
+            let charge = Charge::new(engine);
+            let wire = Self::upstream_head(&req, engine);
+            match self.attempt(engine, &wire).await {
+                Ok((mut conn, head)) => {
+                    if head.status == 503 && attempt + 1 < attempts {
+                        // Admission control: try another engine; the client has seen nothing.
+                        let _ = monoio::time::timeout(Duration::from_secs(5), conn.read_body()).await;
+                        self.passive_failure(engine);
+                        engine.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        engine.counters.request(503);
+                        last_error = format!("{} answered 503", engine.url);
+                        last_timeout = false;
+                        if conn.reusable() && MAX_DISCARD_BYTES > 0 {
+                            self.put_idle(engine.addr, conn);
+                        }
+                        continue;
+                    }
+                    if head.status >= 500 {
+                        self.passive_failure(engine);
+                    } else {
+                        self.passive_success(engine);
+                    }
+                    engine.counters.request(head.status);
+                    self.relay(conn, head, resp, pool, engine, started).await;
+                    drop(charge);
+                    watch.done = true;
+                    return;
+                }
+                Err(AttemptError::Upstream { message, timeout }) => {
+                    tracing::debug!(error = %message, "upstream attempt failed");
+                    self.passive_failure(engine);
+                    if attempt + 1 < attempts {
+                        engine.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    last_error = message;
+                    last_timeout = timeout;
+                }
+            }
+        }
+        let status = if last_timeout { 504 } else { 502 };
+        self.metrics.rejected(status);
+        let msg = format!("no engine of pool `{}` could serve the request: {last_error}", pool.name);
+        let _ = resp.send(error_response(status, &msg, None).header("x-gantry-pool", pool.name.clone())).await;
+        watch.done = true;
+    }
+
+    fn response_headers(head: &ResponseHead, pool: &Pool, engine: &EngineState) -> Vec<(Cow<'static, str>, Bytes)> {
+        let mut out: Vec<(Cow<'static, str>, Bytes)> = head
+            .headers()
+            .iter()
+            .filter(|(n, _)| !is_hop(n))
+            .map(|(n, v)| (Cow::Owned(n.to_owned()), Bytes::copy_from_slice(v)))
+            .collect();
+        out.push(("x-gantry-pool".into(), Bytes::from(pool.name.clone())));
+        out.push(("x-gantry-engine".into(), Bytes::from(engine.url.clone())));
+        out
+    }
+
+    async fn relay(
+        &self,
+        mut conn: ClientConn,
+        head: ResponseHead,
+        resp: &mut Responder,
+        pool: &Pool,
+        engine: &EngineState,
+        started: Instant,
+    ) {
+        let headers = Self::response_headers(&head, pool, engine);
+        let chunked_or_close = head.headers().get("content-length").is_none();
+        let is_sse = head.headers().get_str("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
+        let idle = Duration::from_millis(self.conf.upstream.idle_timeout_ms);
+        if !chunked_or_close && !is_sse {
+            match monoio::time::timeout(idle, conn.read_body()).await {
+                Ok(Ok(body)) => {
+                    let elapsed = started.elapsed().as_secs_f64();
+                    self.metrics.ttft.observe(elapsed);
+                    self.metrics.e2e.observe(elapsed);
+                    if head.status == 200 {
+                        self.observe_usage(&body);
+                    }
+                    let r = Response { status: head.status, headers, body };
+                    if resp.send(r).await.is_ok() {
+                        self.put_idle(engine.addr, conn);
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.passive_failure(engine);
+                    let _ = resp.send(error_response(502, &format!("engine {}: {e}", engine.url), None)).await;
+                }
+                Err(_) => {
+                    self.passive_failure(engine);
+                    let _ =
+                        resp.send(error_response(504, &format!("engine {}: body timed out", engine.url), None)).await;
+                }
+            }
+            return;
+        }
+        if resp.start_stream(head.status, &headers).await.is_err() {
+            return;
+        }
+        let mut sse = is_sse.then(SseParser::new);
+        let mut first_token: Option<Instant> = None;
+        let mut last_token: Option<Instant> = None;
+        let mut tokens = 0u64;
+        let mut usage: Option<(Option<u64>, Option<u64>)> = None;
+        loop {
+            match monoio::time::timeout(idle, conn.read_chunk()).await {
+                Ok(Ok(Some(chunk))) => {
+                    if let Some(p) = sse.as_mut() {
+                        p.push(&chunk);
+                        while let Some(ev) = p.next_event() {
+                            if is_token_event(&ev.data) {
+                                let now = Instant::now();
+                                tokens += 1;
+                                match last_token {
+                                    None => first_token = Some(now),
+                                    Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+                                }
+                                last_token = Some(now);
+                            } else if ev.data.contains("\"usage\"") {
+                                if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_str::<UsageOnly>(&ev.data) {
+                                    usage = Some((u.prompt_tokens, u.completion_tokens));
+                                }
+                            }
+                        }
+                    }
+                    if resp.send_chunk(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(None)) => {
+                    if resp.end_stream().await.is_ok() {
+                        self.put_idle(engine.addr, conn);
+                    }
+                    break;
+                }
+                Ok(Err(_)) | Err(_) => {
+                    // The engine failed mid-stream: end the stream as vLLM does, never hang.
+                    self.passive_failure(engine);
+                    self.metrics.broken_streams.fetch_add(1, Ordering::Relaxed);
+                    if is_sse {
+                        let err = error_response(502, &format!("engine {} failed mid-stream", engine.url), None);
+                        let mut ev = Vec::with_capacity(err.body.len() + 32);
+                        ev.extend_from_slice(b"data: ");
+                        ev.extend_from_slice(&err.body);
+                        ev.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+                        let _ = resp.send_chunk(&ev).await;
+                        let _ = resp.end_stream().await;
+                    } else {
+                        resp.abort();
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(t) = first_token {
+            self.metrics.ttft.observe(t.duration_since(started).as_secs_f64());
+        }
+        self.metrics.e2e.observe(started.elapsed().as_secs_f64());
+        match usage {
+            Some((isl, osl)) => {
+                if let Some(i) = isl {
+                    self.metrics.isl.observe(i as f64);
+                }
+                self.metrics.osl.observe(osl.unwrap_or(tokens) as f64);
+            }
+            None if tokens > 0 => self.metrics.osl.observe(tokens as f64),
+            None => {}
+        }
+    }
+
+    fn observe_usage(&self, body: &[u8]) {
+        if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice::<UsageOnly>(body) {
+            if let Some(i) = u.prompt_tokens {
+                self.metrics.isl.observe(i as f64);
+            }
+            if let Some(o) = u.completion_tokens {
+                self.metrics.osl.observe(o as f64);
+            }
+        }
+    }
+
+    fn models(fleet: &Fleet) -> Response {
+        let data: Vec<serde_json::Value> = fleet
+            .models
+            .iter()
+            .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "gantry"}))
+            .collect();
+        Response::json(200, serde_json::json!({"object": "list", "data": data}).to_string())
+    }
+
+    fn health(fleet: &Fleet) -> Response {
+        let now = now_ms();
+        let missing: Vec<&str> = fleet
+            .models
+            .iter()
+            .filter(|m| !fleet.engines().any(|(_, e)| &e.model == *m && e.healthy(now)))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            Response::new(200)
+        } else {
+            error_response(503, &format!("no healthy engine for: {}", missing.join(", ")), None)
+        }
+    }
+}
+
+/// Whether an SSE `data` payload carries generated text (a chat delta or a completion text).
+pub fn is_token_event(data: &str) -> bool {
+    for key in ["\"content\":\"", "\"text\":\""] {
+        if let Some(i) = data.find(key) {
+            if data.as_bytes().get(i + key.len()).is_some_and(|&b| b != b'"') {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+const ROUTED: &[&str] = &["/v1/chat/completions", "/v1/completions"];
+
+impl Handler for Proxy {
+    async fn handle(&self, req: Request, resp: &mut Responder) {
+        let path = req.head.path();
+        let method = &req.head.method;
+        let (get, post) = (matches!(method, Method::Get | Method::Head), *method == Method::Post);
+        match path {
+            "/v1/models" if get => {
+                let _ = resp.send(Self::models(&self.fleet.load())).await;
+            }
+            "/health" if get => {
+                let _ = resp.send(Self::health(&self.fleet.load())).await;
+            }
+            "/metrics" if get => {
+                let text = self.metrics.render(&self.fleet.load());
+                let r =
+                    Response::new(200).header("content-type", "text/plain; version=0.0.4; charset=utf-8").body(text);
+                let _ = resp.send(r).await;
+            }
+            "/version" if get => {
+                let v = serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "name": "gantry"});
+                let _ = resp.send(Response::json(200, v.to_string())).await;
+            }
+            p if post && (ROUTED.contains(&p) || p.starts_with("/v1/") || p == "/tokenize" || p == "/detokenize") => {
+                let peek: Result<Peek<'_>, _> = serde_json::from_slice(&req.body);
+                let model = match peek {
+                    Ok(Peek { model: Some(m), .. }) => Some(m.into_owned()),
+                    Ok(Peek { model: None, .. }) if ROUTED.contains(&p) => {
+                        self.metrics.rejected(400);
+                        let _ = resp.send(error_response(400, "Field required: `model`", Some("model"))).await;
+                        return;
+                    }
+                    Ok(_) => None,
+                    Err(e) if ROUTED.contains(&p) || !req.body.is_empty() => {
+                        self.metrics.rejected(400);
+                        let _ = resp.send(error_response(400, &format!("Invalid JSON body: {e}"), None)).await;
+                        return;
+                    }
+                    Err(_) => None,
+                };
+                self.route(req, resp, model).await;
+            }
+            "/v1/models"
+            | "/health"
+            | "/metrics"
+            | "/version"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/tokenize"
+            | "/detokenize" => {
+                self.metrics.rejected(405);
+                let _ = resp
+                    .send(error_response(405, &format!("method {} not allowed on {path}", method.as_str()), None))
+                    .await;
+            }
+            _ => {
+                self.metrics.rejected(404);
+                let _ = resp.send(error_response(404, &format!("no route for {} {path}", method.as_str()), None)).await;
+            }
+        }
+    }
+
+    fn error_response(&self, status: u16, message: &str) -> Response {
+        self.metrics.rejected(status);
+        error_response(status, message, None)
+    }
+}

@@ -1,0 +1,236 @@
+//! The proxy's Prometheus metrics (`gantry_*`): atomics written by every worker, rendered on
+//! scrape. No lock is taken on the request path.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::fleet::{now_ms, Fleet};
+
+/// Statuses counted individually; any other lands in the last slot (`other`).
+pub const STATUSES: [u16; 12] = [200, 400, 401, 404, 405, 408, 413, 429, 500, 502, 503, 504];
+const SLOTS: usize = STATUSES.len() + 1;
+
+fn slot(status: u16) -> usize {
+    STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len())
+}
+
+fn slot_label(i: usize) -> String {
+    STATUSES.get(i).map_or_else(|| "other".to_owned(), u16::to_string)
+}
+
+/// Counters of one engine.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    requests: [AtomicU64; SLOTS],
+    /// Upstream failures (connect, reset, malformed or truncated responses, timeouts).
+    pub upstream_errors: AtomicU64,
+    /// Attempts moved from this engine to another.
+    pub retries: AtomicU64,
+    /// Passive or active ejections.
+    pub ejections: AtomicU64,
+}
+
+impl EngineCounters {
+    /// Counts a request answered with `status`.
+    pub fn request(&self, status: u16) {
+        self.requests[slot(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests answered with `status` so far.
+    pub fn requests(&self, status: u16) -> u64 {
+        self.requests[slot(status)].load(Ordering::Relaxed)
+    }
+}
+
+/// A histogram over fixed bounds, in atomics.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micro: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// An empty histogram.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micro: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records `v` (non-negative).
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micro.fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cum += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5];
+const TOKEN_BUCKETS: &[f64] =
+    &[16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0];
+
+/// Process-wide proxy metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Open client connections.
+    pub open_connections: std::sync::Arc<AtomicI64>,
+    /// Requests answered by the proxy itself (no engine): by status.
+    rejected: [AtomicU64; SLOTS],
+    /// Time to first token (first SSE event with content, or the whole response).
+    pub ttft: Histogram,
+    /// Gaps between SSE token events.
+    pub itl: Histogram,
+    /// Whole request.
+    pub e2e: Histogram,
+    /// Prompt tokens (from the engine's usage).
+    pub isl: Histogram,
+    /// Output tokens.
+    pub osl: Histogram,
+    /// Streams that ended with an error event because the engine failed mid-stream.
+    pub broken_streams: AtomicU64,
+    /// Requests whose client went away before the end.
+    pub client_aborts: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            open_connections: Default::default(),
+            rejected: Default::default(),
+            ttft: Histogram::new(LATENCY_BUCKETS),
+            itl: Histogram::new(ITL_BUCKETS),
+            e2e: Histogram::new(LATENCY_BUCKETS),
+            isl: Histogram::new(TOKEN_BUCKETS),
+            osl: Histogram::new(TOKEN_BUCKETS),
+            broken_streams: AtomicU64::new(0),
+            client_aborts: AtomicU64::new(0),
+        }
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// Counts a request the proxy answered itself.
+    pub fn rejected(&self, status: u16) {
+        self.rejected[slot(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text for these metrics and `fleet`'s engines.
+    pub fn render(&self, fleet: &Fleet) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let now = now_ms();
+        let _ = writeln!(out, "# HELP gantry_requests_total Requests by model, pool, engine and status.\n# TYPE gantry_requests_total counter");
+        for (pool, e) in fleet.engines() {
+            for i in 0..SLOTS {
+                let n = e.counters.requests[i].load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "gantry_requests_total{{model=\"{}\",pool=\"{}\",engine=\"{}\",status=\"{}\"}} {n}",
+                        esc(&e.model),
+                        esc(&pool.name),
+                        esc(&e.url),
+                        slot_label(i)
+                    );
+                }
+            }
+        }
+        for i in 0..SLOTS {
+            let n = self.rejected[i].load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "gantry_requests_total{{model=\"\",pool=\"\",engine=\"\",status=\"{}\"}} {n}",
+                    slot_label(i)
+                );
+            }
+        }
+        let per_engine: [(&str, &str, &str, fn(&crate::fleet::EngineState, u64) -> f64); 5] = [
+            ("gantry_engine_in_flight", "gauge", "Requests in flight per engine.", |e, _| e.load() as f64),
+            (
+                "gantry_engine_healthy",
+                "gauge",
+                "1 if the engine takes traffic (not probed down, ejected or draining).",
+                |e, now| f64::from(u8::from(e.healthy(now))),
+            ),
+            ("gantry_upstream_errors_total", "counter", "Upstream failures per engine.", |e, _| {
+                e.counters.upstream_errors.load(Ordering::Relaxed) as f64
+            }),
+            ("gantry_retries_total", "counter", "Attempts moved away from an engine.", |e, _| {
+                e.counters.retries.load(Ordering::Relaxed) as f64
+            }),
+            ("gantry_ejections_total", "counter", "Engine ejections (probes or passive).", |e, _| {
+                e.counters.ejections.load(Ordering::Relaxed) as f64
+            }),
+        ];
+        for (name, kind, help, get) in per_engine {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (pool, e) in fleet.engines() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{model=\"{}\",pool=\"{}\",engine=\"{}\"}} {}",
+                    esc(&e.model),
+                    esc(&pool.name),
+                    esc(&e.url),
+                    get(e, now)
+                );
+            }
+        }
+        self.ttft.render(&mut out, "gantry_ttft_seconds", "Time to first token seen by the proxy.");
+        self.itl.render(&mut out, "gantry_itl_seconds", "Gap between streamed token events.");
+        self.e2e.render(&mut out, "gantry_e2e_seconds", "Request duration seen by the proxy.");
+        self.isl.render(&mut out, "gantry_input_tokens", "Prompt tokens per request (engine usage).");
+        self.osl.render(&mut out, "gantry_output_tokens", "Output tokens per request.");
+        for (name, help, v) in [
+            (
+                "gantry_open_connections",
+                "Open client connections.",
+                self.open_connections.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "gantry_broken_streams_total",
+                "Streams ended with an error event after the engine failed.",
+                self.broken_streams.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "gantry_client_aborts_total",
+                "Requests whose client went away before the end.",
+                self.client_aborts.load(Ordering::Relaxed) as f64,
+            ),
+        ] {
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        out
+    }
+}
