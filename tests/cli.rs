@@ -32,6 +32,7 @@ fn start_mock(args: &[&str], engines: usize) -> Running {
         .args(args)
         .env("GANTRY_LOG", "info")
         .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn gantry mock");
@@ -158,21 +159,69 @@ fn openai_python() -> Option<PathBuf> {
     })
 }
 
-#[test]
-fn official_openai_client_against_the_mock() {
-    let Some(python) = openai_python() else {
+fn require_python(test: &str) -> Option<PathBuf> {
+    let python = openai_python();
+    if python.is_none() {
         assert!(
             std::env::var_os("GANTRY_REQUIRE_PYTHON").is_none(),
             "GANTRY_REQUIRE_PYTHON is set but no Python with `openai` was found (.venv/bin/python or GANTRY_TEST_PYTHON)"
         );
-        eprintln!("SKIPPED official_openai_client_against_the_mock: no Python with the `openai` package (run .ci/run, or set GANTRY_TEST_PYTHON)");
-        return;
-    };
-    let port = free_port();
-    let _mock = start_mock(&["--port", &port.to_string(), "--speedup", "0"], 1);
+        eprintln!("SKIPPED {test}: no Python with the `openai` package (run .ci/run, or set GANTRY_TEST_PYTHON)");
+    }
+    python
+}
+
+fn run_openai_script(python: &PathBuf, base: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/tests/python/openai_client.py");
-    let out = Command::new(python).arg(script).arg(format!("http://127.0.0.1:{port}/v1")).output().unwrap();
+    let out = Command::new(python).arg(script).arg(base).output().unwrap();
     let (o, e) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "openai client failed:\n{o}\n{e}");
     assert!(o.contains("6 calls ok"), "{o}");
+}
+
+#[test]
+fn official_openai_client_through_the_proxy() {
+    let Some(python) = require_python("official_openai_client_through_the_proxy") else { return };
+    let engine_port = free_port();
+    let _mock = start_mock(&["--port", &engine_port.to_string(), "--speedup", "0"], 1);
+    let port = free_port();
+    let proxy = gantry()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--engine",
+            &format!("http://127.0.0.1:{engine_port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Guard first, so a failure below still stops the child.
+    let mut proxy = Running(proxy);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let healthy = || {
+        TcpStream::connect(addr).is_ok_and(|mut s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out.starts_with("HTTP/1.1 200")
+        })
+    };
+    while !healthy() {
+        assert!(Instant::now() < end, "gantry serve did not become healthy");
+        assert!(proxy.0.try_wait().unwrap().is_none(), "gantry serve exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_openai_script(&python, &format!("http://127.0.0.1:{port}/v1"));
+}
+
+#[test]
+fn official_openai_client_against_the_mock() {
+    let Some(python) = require_python("official_openai_client_against_the_mock") else { return };
+    let port = free_port();
+    let _mock = start_mock(&["--port", &port.to_string(), "--speedup", "0"], 1);
+    run_openai_script(&python, &format!("http://127.0.0.1:{port}/v1"));
 }

@@ -135,6 +135,9 @@ impl Default for Metrics {
     }
 }
 
+/// Reads one per-engine value at `now_ms`.
+type EngineGauge = fn(&crate::fleet::EngineState, u64) -> f64;
+
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -175,7 +178,7 @@ impl Metrics {
                 );
             }
         }
-        let per_engine: [(&str, &str, &str, fn(&crate::fleet::EngineState, u64) -> f64); 5] = [
+        let per_engine: [(&str, &str, &str, EngineGauge); 5] = [
             ("gantry_engine_in_flight", "gauge", "Requests in flight per engine.", |e, _| e.load() as f64),
             (
                 "gantry_engine_healthy",

@@ -82,7 +82,7 @@ pub fn pick(pool: &Pool, input: &PickInput<'_>, rng: &mut fastrand::Rng) -> Opti
                 let bound = (SESSION_LOAD_FACTOR * (total as f64 / candidates.len() as f64 + 1.0)).ceil() as u64;
                 let mut ranked: Vec<(u64, usize)> =
                     candidates.iter().map(|&i| (hash64(key, &engines[i].url), i)).collect();
-                ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                ranked.sort_unstable_by_key(|&(score, _)| std::cmp::Reverse(score));
                 ranked.iter().find(|&&(_, i)| load(i) < bound).map_or(ranked[0].1, |&(_, i)| i)
             }
         },
