@@ -26,7 +26,7 @@ enum Command {
     /// The OpenAI-compatible proxy in front of vLLM engines.
     Serve(ServeArgs),
     /// Run vLLM-faithful mock engines (HTTP, metrics, KV events, P/D) for tests and benchmarks.
-    Mock(MockArgs),
+    Mock(Box<MockArgs>),
 }
 
 /// `gantry serve` flags; they override the config file's values.
