@@ -10,11 +10,12 @@
 # For each target: 2 s warm-up, a measured run at N connections (req/s, p50), and a run
 # at 1 connection (p50, i.e. unloaded latency). Target: mock req/s >= 0.5 x nginx req/s.
 #
-# Usage: scripts/bench-mock.sh [--duration SECS] [--connections N] [--out DIR] [--no-build]
+# Usage: scripts/bench-mock.sh [--duration SECS] [--connections N] [--out DIR] [--driver D] [--no-build]
 #   --duration SECS    length of each measured wrk run (default 10)
 #   --connections N    connections of the throughput run (default 32)
 #   --out DIR          where results.md, results.json and raw wrk output go
 #                      (default bench-results/mock-vs-nginx, relative to the repo root)
+#   --driver D         the mock's I/O driver: auto (default), io_uring or legacy (epoll)
 #   --no-build         use the existing target/release/gantry instead of running cargo build
 #
 # Needs at least 2 CPUs. Installs wrk and nginx-light with apt-get when missing (as root or
@@ -29,6 +30,7 @@ out=""
 build=1
 warmup=2
 
+driver=auto
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "bench-mock: error: $*" >&2; exit 1; }
 log() { echo "bench-mock: $*" >&2; }
@@ -42,6 +44,8 @@ while [[ $# -gt 0 ]]; do
         --out) out="${2:?--out needs a value}"; shift 2 ;;
         --out=*) out="${1#*=}"; shift ;;
         --no-build) build=""; shift ;;
+        --driver) driver="${2:?--driver needs a value}"; shift 2 ;;
+        --driver=*) driver="${1#*=}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -231,7 +235,7 @@ bench_target() {
 # ---------------------------------------------------------------------------------------
 # 1. The mock, on CPU 1.
 mock_port="$(free_port)"
-mock_cmd=("$gantry" mock --port "$mock_port" --engines 1 --workers 1 --speedup 0)
+mock_cmd=("$gantry" mock --port "$mock_port" --engines 1 --workers 1 --speedup 0 --driver "$driver")
 mock_cmd_str="taskset -c 1 $(printf '%q ' "${mock_cmd[@]}")"
 mock_cmd_str="${mock_cmd_str% }"
 mock_cmd_str="${mock_cmd_str//$root\//}"

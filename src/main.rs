@@ -11,6 +11,11 @@ use gantry_bench::up::{self, UpArgs};
 use gantry_proxy::config::Config;
 use gantry_proxy::serve;
 
+/// mimalloc: the request paths allocate small, short-lived buffers on every worker thread,
+/// which glibc's allocator serves measurably slower (see the benchmark notes).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Gantry: a data plane for LLM inference fleets.
 #[derive(Debug, Parser)]
 #[command(name = "gantry", version, about, long_about = None)]

@@ -171,6 +171,7 @@ impl Drop for AbortGuard {
         if out.finished.is_none() {
             out.aborted = true;
             drop(out);
+            self.engine.core.borrow_mut().note_abort();
             self.engine.wake.notify();
         }
     }

@@ -13,6 +13,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -25,6 +26,26 @@ use super::timing::TimingModel;
 
 /// Identifies a request inside one engine.
 pub type ReqId = u64;
+
+/// Hashes sequential request ids with one multiplication (they are not attacker-chosen).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ReqMap<V> = HashMap<ReqId, V, BuildHasherDefault<IdHasher>>;
 
 /// Engine settings (resolved from the CLI).
 #[derive(Debug, Clone)]
@@ -242,7 +263,8 @@ pub enum PullError {
 pub struct EngineCore {
     cfg: EngineConfig,
     kv: KvCache,
-    reqs: HashMap<ReqId, Req>,
+    reqs: ReqMap<Req>,
+    pending_aborts: usize,
     next_id: ReqId,
     waiting: VecDeque<ReqId>,
     running: Vec<ReqId>,
@@ -265,7 +287,8 @@ impl EngineCore {
         EngineCore {
             cfg,
             kv,
-            reqs: HashMap::new(),
+            reqs: ReqMap::default(),
+            pending_aborts: 0,
             next_id: 1,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -362,8 +385,17 @@ impl EngineCore {
         }
     }
 
+    /// Notes that a handler marked its request aborted; the next step reaps it.
+    pub fn note_abort(&mut self) {
+        self.pending_aborts += 1;
+    }
+
     /// Removes aborted requests, releasing their blocks.
     fn reap_aborted(&mut self) {
+        if self.pending_aborts == 0 {
+            return;
+        }
+        self.pending_aborts = 0;
         let aborted: Vec<ReqId> = self
             .reqs
             .iter()

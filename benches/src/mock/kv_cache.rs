@@ -53,6 +53,8 @@ struct Block {
     hash: Option<BlockHash>,
     prev: u32,
     next: u32,
+    /// Position in its hash's `Copies::Many` list, for O(1) removal.
+    copy_slot: u32,
     in_free: bool,
 }
 
@@ -80,7 +82,10 @@ impl KvCache {
         assert!(num_blocks >= 2 && block_size >= 1 && num_blocks < NIL as usize);
         let mut c = KvCache {
             block_size,
-            blocks: vec![Block { ref_cnt: 0, hash: None, prev: NIL, next: NIL, in_free: false }; num_blocks],
+            blocks: vec![
+                Block { ref_cnt: 0, hash: None, prev: NIL, next: NIL, copy_slot: 0, in_free: false };
+                num_blocks
+            ],
             free_head: NIL,
             free_tail: NIL,
             num_free: 0,
@@ -208,9 +213,14 @@ impl KvCache {
                 }
                 Some(Copies::One(first)) => {
                     let first = *first;
+                    self.blocks[first as usize].copy_slot = 0;
+                    self.blocks[block as usize].copy_slot = 1;
                     self.cached.insert(hash.digest, Copies::Many(vec![first, block]));
                 }
-                Some(Copies::Many(ids)) => ids.push(block),
+                Some(Copies::Many(ids)) => {
+                    self.blocks[block as usize].copy_slot = ids.len() as u32;
+                    ids.push(block);
+                }
             }
         }
         if self.events_enabled {
@@ -261,7 +271,13 @@ impl KvCache {
         let remove_key = match self.cached.get_mut(&hash.digest) {
             Some(Copies::One(_)) => true,
             Some(Copies::Many(ids)) => {
-                ids.retain(|&b| b != id);
+                // O(1): swap the last copy into this one's slot.
+                let slot = self.blocks[id as usize].copy_slot as usize;
+                debug_assert_eq!(ids.get(slot), Some(&id));
+                ids.swap_remove(slot);
+                if let Some(&moved) = ids.get(slot) {
+                    self.blocks[moved as usize].copy_slot = slot as u32;
+                }
                 if ids.len() == 1 {
                     let only = ids[0];
                     self.cached.insert(hash.digest, Copies::One(only));

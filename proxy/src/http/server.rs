@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncWriteRentExt, CancelableAsyncReadRent, Canceller, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
-use super::body::{fill, BodyReader, READ_RESERVE};
+use super::body::{BodyReader, READ_RESERVE};
 use super::chunked::{encode_chunk, LAST_CHUNK};
 use super::{framing_from_headers, reason, HttpError, Limits, Method, RequestHead};
 
@@ -316,6 +316,52 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Rc<H>, config: Rc
     }
 }
 
+/// A read in flight on a connection: it owns the read half and the buffer and gives both back.
+type PendingRead = Pin<Box<dyn Future<Output = (io::Result<usize>, BytesMut, OwnedReadHalf<TcpStream>)>>>;
+
+/// The read side of a connection: idle (we hold the half and buffer) or a read in flight.
+///
+/// A read started to watch for the client going away while a handler runs is never cancelled:
+/// if the handler finishes first, that same read receives the next request. So a keep-alive
+/// connection always has at most one read outstanding and costs no cancellations.
+enum ReadSide {
+    Idle(OwnedReadHalf<TcpStream>, BytesMut),
+    Reading(PendingRead),
+    Gone,
+}
+
+fn start_read(mut r: OwnedReadHalf<TcpStream>, mut buf: BytesMut) -> PendingRead {
+    Box::pin(async move {
+        if buf.capacity() - buf.len() < READ_RESERVE {
+            buf.reserve(READ_RESERVE);
+        }
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = r.read(buf.slice_mut(len..cap)).await;
+        (res, slice.into_inner(), r)
+    })
+}
+
+impl ReadSide {
+    /// Reads more bytes (awaiting the read in flight, if any); returns the count (0 = EOF).
+    async fn fill(&mut self) -> io::Result<usize> {
+        let fut = match std::mem::replace(self, ReadSide::Gone) {
+            ReadSide::Idle(r, buf) => start_read(r, buf),
+            ReadSide::Reading(f) => f,
+            ReadSide::Gone => return Ok(0),
+        };
+        let (res, buf, r) = fut.await;
+        *self = ReadSide::Idle(r, buf);
+        res
+    }
+
+    fn buffered(&self) -> usize {
+        match self {
+            ReadSide::Idle(_, buf) => buf.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Serves one connection until it closes, fails or times out.
 pub async fn serve_connection<H: Handler>(
     stream: TcpStream,
@@ -326,11 +372,11 @@ pub async fn serve_connection<H: Handler>(
     let _ = stream.set_nodelay(true);
     let _gauge = ConnGauge::open(&config.open_connections);
     let limits = &config.limits;
-    let (mut r, w) = stream.into_split();
-    let mut buf = BytesMut::with_capacity(READ_RESERVE);
+    let (r, w) = stream.into_split();
+    let mut side = ReadSide::Idle(r, BytesMut::with_capacity(READ_RESERVE));
     let mut resp = Responder::new(w);
     loop {
-        let head = match read_head(&mut r, &mut buf, limits).await {
+        let head = match read_head(&mut side, limits).await {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(e) => {
@@ -338,6 +384,7 @@ pub async fn serve_connection<H: Handler>(
                 return;
             }
         };
+        let ReadSide::Idle(r, buf) = &mut side else { return };
         let keep_alive = head.keep_alive();
         resp.reset(keep_alive, head.method == Method::Head);
         let framing = match framing_from_headers(&head.headers()) {
@@ -355,26 +402,24 @@ pub async fn serve_connection<H: Handler>(
             }
         }
         let body = match BodyReader::new(framing, limits.max_body_bytes) {
-            Ok(mut reader) => {
-                match monoio::time::timeout(limits.body_timeout, reader.read_all(&mut r, &mut buf)).await {
-                    Ok(Ok(body)) => body,
-                    Ok(Err(e)) => {
-                        reject(&mut resp, &*handler, &e).await;
-                        return;
-                    }
-                    Err(_) => {
-                        reject(&mut resp, &*handler, &HttpError::Timeout("request body")).await;
-                        return;
-                    }
+            Ok(mut reader) => match monoio::time::timeout(limits.body_timeout, reader.read_all(r, buf)).await {
+                Ok(Ok(body)) => body,
+                Ok(Err(e)) => {
+                    reject(&mut resp, &*handler, &e).await;
+                    return;
                 }
-            }
+                Err(_) => {
+                    reject(&mut resp, &*handler, &HttpError::Timeout("request body")).await;
+                    return;
+                }
+            },
             Err(e) => {
                 reject(&mut resp, &*handler, &e).await;
                 return;
             }
         };
         let req = Request { head, body, peer };
-        let finished = run_watched(handler.handle(req, &mut resp), &mut r, &mut buf).await;
+        let finished = run_watched(handler.handle(req, &mut resp), &mut side).await;
         if !finished {
             return; // the client went away; the handler was dropped
         }
@@ -403,13 +448,9 @@ async fn reject<H: Handler>(resp: &mut Responder, handler: &H, err: &HttpError) 
     }
 }
 
-async fn read_head(
-    r: &mut OwnedReadHalf<TcpStream>,
-    buf: &mut BytesMut,
-    limits: &Limits,
-) -> Result<Option<RequestHead>, HttpError> {
-    if buf.is_empty() {
-        match monoio::time::timeout(limits.idle_timeout, fill(r, buf)).await {
+async fn read_head(side: &mut ReadSide, limits: &Limits) -> Result<Option<RequestHead>, HttpError> {
+    if side.buffered() == 0 {
+        match monoio::time::timeout(limits.idle_timeout, side.fill()).await {
             Ok(Ok(0)) | Err(_) => return Ok(None),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(HttpError::Io(e)),
@@ -417,10 +458,12 @@ async fn read_head(
     }
     let deadline = monoio::time::Instant::now() + limits.header_timeout;
     loop {
-        if let Some(head) = RequestHead::parse(buf, limits.max_headers, limits.max_head_bytes)? {
-            return Ok(Some(head));
+        if let ReadSide::Idle(_, buf) = side {
+            if let Some(head) = RequestHead::parse(buf, limits.max_headers, limits.max_head_bytes)? {
+                return Ok(Some(head));
+            }
         }
-        match monoio::time::timeout_at(deadline, fill(r, buf)).await {
+        match monoio::time::timeout_at(deadline, side.fill()).await {
             Ok(Ok(0)) => return Err(HttpError::UnexpectedEof("request head")),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(HttpError::Io(e)),
@@ -430,27 +473,29 @@ async fn read_head(
 }
 
 /// Runs `fut` while watching the connection for the client going away. Returns false (having
-/// dropped `fut`) if it went away first. Bytes that arrive meanwhile (a pipelined request) are
-/// kept in `buf`.
-async fn run_watched<F: Future<Output = ()>>(fut: F, r: &mut OwnedReadHalf<TcpStream>, buf: &mut BytesMut) -> bool {
+/// dropped `fut`) if it went away first. The watching read is left in flight for the next
+/// request when `fut` finishes first; bytes that arrive meanwhile (a pipelined request) stay
+/// buffered.
+async fn run_watched<F: Future<Output = ()>>(fut: F, side: &mut ReadSide) -> bool {
     let mut fut = pin!(fut);
     // Most handlers that finish at once need no watch at all.
     let first = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await;
     if first {
         return true;
     }
-    if !buf.is_empty() {
+    if side.buffered() > 0 {
         // A pipelined request is already buffered: the client is still there.
         fut.await;
         return true;
     }
-    if buf.capacity() - buf.len() < READ_RESERVE {
-        buf.reserve(READ_RESERVE);
-    }
-    let owned = std::mem::take(buf);
-    let (len, cap) = (owned.len(), owned.capacity());
-    let canceller = Canceller::new();
-    let mut read = pin!(r.cancelable_read(owned.slice_mut(len..cap), canceller.handle()));
+    let mut read = match std::mem::replace(side, ReadSide::Gone) {
+        ReadSide::Idle(r, buf) => start_read(r, buf),
+        ReadSide::Reading(f) => f,
+        ReadSide::Gone => {
+            fut.await;
+            return true;
+        }
+    };
     enum Outcome<T> {
         Finished,
         Read(T),
@@ -464,19 +509,16 @@ async fn run_watched<F: Future<Output = ()>>(fut: F, r: &mut OwnedReadHalf<TcpSt
     .await;
     match outcome {
         Outcome::Finished => {
-            canceller.cancel();
-            let (_res, slice) = read.await;
-            // Ok(n): bytes of the next request (kept); Ok(0) or Err: seen on the next read.
-            *buf = slice.into_inner();
+            *side = ReadSide::Reading(read);
             true
         }
-        Outcome::Read((Ok(n), slice)) if n > 0 => {
-            *buf = slice.into_inner();
+        Outcome::Read((Ok(n), buf, r)) if n > 0 => {
+            *side = ReadSide::Idle(r, buf);
             fut.await;
             true
         }
-        Outcome::Read((_, slice)) => {
-            *buf = slice.into_inner();
+        Outcome::Read((_, buf, r)) => {
+            *side = ReadSide::Idle(r, buf);
             false
         }
     }

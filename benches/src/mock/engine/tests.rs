@@ -166,6 +166,7 @@ fn aborted_requests_release_their_blocks() {
     e.complete(plan, Instant::now());
     assert!(e.kv_usage() > 0.0);
     out.borrow_mut().aborted = true;
+    e.note_abort();
     let plan = e.schedule();
     assert!(plan.is_empty());
     assert_eq!(e.kv_usage(), 0.0);

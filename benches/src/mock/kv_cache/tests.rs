@@ -145,3 +145,24 @@ fn random_operations_keep_accounting_consistent() {
         let _ = c.take_events();
     }
 }
+
+#[test]
+fn many_copies_of_one_hash_are_removed_in_any_order() {
+    let mut c = KvCache::new(9, 1, true, false);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut b = Vec::new();
+        c.allocate(1, &mut b).unwrap();
+        c.cache_blocks(&b, &[h(9)], None, &[1]);
+        held.push(b);
+    }
+    // Free in a scrambled order; the free queue then evicts them in that order.
+    for i in [3, 0, 7, 5, 1, 6, 2, 4] {
+        c.free(&held[i]);
+    }
+    for left in (0..8).rev() {
+        let mut x = Vec::new();
+        c.allocate(1, &mut x).unwrap();
+        assert_eq!(c.longest_prefix(&[h(9)], 1), usize::from(left > 0), "{left} copies left");
+    }
+}
