@@ -15,7 +15,7 @@
 #   --connections N    connections of the throughput run (default 32)
 #   --out DIR          where results.md, results.json and raw wrk output go
 #                      (default bench-results/mock-vs-nginx, relative to the repo root)
-#   --driver D         the mock's I/O driver: auto (default), io_uring or legacy (epoll)
+#   --driver D         the mock's I/O driver: legacy (epoll, the mock's default), io_uring or auto
 #   --no-build         use the existing target/release/gantry instead of running cargo build
 #
 # Needs at least 2 CPUs. Installs wrk and nginx-light with apt-get when missing (as root or
@@ -30,7 +30,7 @@ out=""
 build=1
 warmup=2
 
-driver=auto
+driver=legacy
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "bench-mock: error: $*" >&2; exit 1; }
 log() { echo "bench-mock: $*" >&2; }
