@@ -225,3 +225,110 @@ fn official_openai_client_against_the_mock() {
     let _mock = start_mock(&["--port", &port.to_string(), "--speedup", "0"], 1);
     run_openai_script(&python, &format!("http://127.0.0.1:{port}/v1"));
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+fn engine_of(reply: &str) -> Option<String> {
+    reply.lines().find_map(|l| l.strip_prefix("x-gantry-engine: ")).map(|s| s.trim().to_owned())
+}
+
+fn chat_request(max_tokens: u32, stream: bool) -> String {
+    let body = format!(
+        r#"{{"model":"mock-model","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{max_tokens},"stream":{stream}}}"#
+    );
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn sighup_reloads_and_sigterm_drains() {
+    let (a_port, b_port) = (free_port(), free_port());
+    let _a = start_mock(&["--port", &a_port.to_string(), "--speedup", "0"], 1);
+    let _b = start_mock(
+        &[
+            "--port",
+            &b_port.to_string(),
+            "--speedup",
+            "1",
+            "--prefill-ms-coeffs",
+            "0,0,1",
+            "--decode-ms-coeffs",
+            "0,0,20",
+        ],
+        1,
+    );
+    let dir = std::env::temp_dir().join(format!("gantry-signals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gantry.toml");
+    let port = free_port();
+    let write = |engine: u16| {
+        std::fs::write(
+            &path,
+            format!("[server]\nlisten = \"127.0.0.1:{port}\"\nworkers = 2\n[[model]]\nname = \"mock-model\"\n[[pool]]\nname = \"agg-0\"\n[[pool.engine]]\nurl = \"http://127.0.0.1:{engine}\"\nmodel = \"mock-model\"\n"),
+        )
+        .unwrap();
+    };
+    write(a_port);
+    let child = gantry()
+        .args(["serve", "--config", path.to_str().unwrap(), "--drain-timeout-secs", "20"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut proxy = Running(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < end, "gantry serve did not start");
+        assert!(proxy.0.try_wait().unwrap().is_none(), "gantry serve exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(engine_of(&http(addr, &chat_request(1, false))), Some(format!("http://127.0.0.1:{a_port}")));
+
+    // SIGHUP: the edited file takes effect.
+    write(b_port);
+    signal(pid, "-HUP");
+    let want = format!("http://127.0.0.1:{b_port}");
+    let end = Instant::now() + Duration::from_secs(10);
+    while engine_of(&http(addr, &chat_request(1, false))).as_deref() != Some(&want) {
+        assert!(Instant::now() < end, "SIGHUP did not switch engines");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // SIGTERM during a ~1 s stream: the stream finishes, then the process exits 0.
+    let streaming = std::thread::spawn(move || http(addr, &chat_request(50, true)));
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = http(addr, "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let in_flight: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("gantry_engine_in_flight{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if in_flight >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < end, "the stream never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(pid, "-TERM");
+    let reply = streaming.join().unwrap();
+    assert!(reply.contains("data: [DONE]"), "the in-flight stream was cut: {reply}");
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = proxy.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "gantry serve did not exit after draining");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(TcpStream::connect(addr).is_err(), "nothing listens after the drain");
+    let _ = std::fs::remove_dir_all(&dir);
+}

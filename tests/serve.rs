@@ -253,6 +253,47 @@ fn retries_before_the_first_byte() {
 }
 
 #[test]
+fn passive_ejection_moves_traffic_off_a_failing_engine() {
+    let good = mock(&[]);
+    let refused = format!("http://{}", TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
+    for driver in drivers() {
+        let p = proxy(&[refused.clone(), good.engines[0].url()], driver, |c| {
+            c.health.passive_failures = 2;
+            c.health.eject_ms = 60_000;
+        });
+        for _ in 0..8 {
+            assert_eq!(post(p.addr, "/v1/chat/completions", &chat(1)).status, 200, "{driver}");
+        }
+        let fleet = p.fleet.load();
+        let bad = &fleet.pools[0].engines[0];
+        assert!(!bad.healthy(gantry_proxy::fleet::now_ms()), "the refusing engine is ejected");
+        assert_eq!(bad.counters.ejections.load(std::sync::atomic::Ordering::Relaxed), 1);
+        let retries_after_eject = bad.counters.retries.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..8 {
+            post(p.addr, "/v1/chat/completions", &chat(1));
+        }
+        assert_eq!(
+            bad.counters.retries.load(std::sync::atomic::Ordering::Relaxed),
+            retries_after_eject,
+            "an ejected engine gets no traffic while a healthy one is left"
+        );
+    }
+}
+
+#[test]
+fn other_endpoints_pass_through_to_an_engine_of_the_model() {
+    let m = mock(&[]);
+    let p = proxy(&[m.engines[0].url()], "legacy", |_| {});
+    let direct = post(m.engines[0].http, "/tokenize", &json!({"model": "mock-model", "prompt": "bado kema"})).json();
+    let r = post(p.addr, "/tokenize", &json!({"model": "mock-model", "prompt": "bado kema"}));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["tokens"], direct["tokens"]);
+    assert_eq!(r.header("x-gantry-engine"), Some(m.engines[0].url().as_str()));
+    let r = post(p.addr, "/detokenize", &json!({"tokens": direct["tokens"]}));
+    assert_eq!(r.json()["prompt"], "bado kema", "no model in the body: the first configured model's engines");
+}
+
+#[test]
 fn engine_death_mid_stream_ends_with_an_error_event() {
     let m = mock(&["--cut-after", "3"]);
     for driver in drivers() {
@@ -363,8 +404,14 @@ fn reload_swaps_engines_without_dropping_connections() {
 
 #[test]
 fn bad_requests_get_openai_errors() {
+    for driver in drivers() {
+        bad_requests_on(driver);
+    }
+}
+
+fn bad_requests_on(driver: &str) {
     let m = mock(&[]);
-    let p = proxy(&[m.engines[0].url()], "legacy", |c| {
+    let p = proxy(&[m.engines[0].url()], driver, |c| {
         c.server.max_body_bytes = 1000;
         c.server.header_timeout_ms = 300;
     });
@@ -407,7 +454,7 @@ fn bad_requests_get_openai_errors() {
             let _ = s.write_all(b"garbage\r\n\r\n");
         }
     });
-    let p2 = proxy(&[format!("http://{addr}")], "legacy", |c| c.retry.attempts = 1);
+    let p2 = proxy(&[format!("http://{addr}")], driver, |c| c.retry.attempts = 1);
     assert_eq!(post(p2.addr, "/v1/chat/completions", &chat(1)).status, 502);
 }
 
