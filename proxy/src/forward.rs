@@ -467,13 +467,14 @@ impl Proxy {
     }
 
     fn observe_usage(&self, body: &[u8]) {
-        if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice::<UsageOnly>(body) {
-            if let Some(i) = u.prompt_tokens {
-                self.metrics.isl.observe(i as f64);
-            }
-            if let Some(o) = u.completion_tokens {
-                self.metrics.osl.observe(o as f64);
-            }
+        // A scan, not a parse: the body is forwarded as is and only two numbers are wanted.
+        let Some(at) = memchr::memmem::find(body, b"\"usage\":{") else { return };
+        let usage = &body[at..];
+        if let Some(i) = json_uint_after(usage, b"\"prompt_tokens\":") {
+            self.metrics.isl.observe(i as f64);
+        }
+        if let Some(o) = json_uint_after(usage, b"\"completion_tokens\":") {
+            self.metrics.osl.observe(o as f64);
         }
     }
 
@@ -500,6 +501,14 @@ impl Proxy {
             error_response(503, &format!("no healthy engine for: {}", missing.join(", ")), None)
         }
     }
+}
+
+/// The unsigned integer right after the first `key` in `json` (whitespace allowed).
+fn json_uint_after(json: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(json, key)? + key.len();
+    let digits: &[u8] = json[at..].trim_ascii_start();
+    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
 /// Whether an SSE `data` payload carries generated text (a chat delta or a completion text).
