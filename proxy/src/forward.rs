@@ -23,7 +23,7 @@ use crate::config::{HealthConf, RetryConf, UpstreamConf};
 use crate::fleet::{now_ms, EngineState, Fleet, Pool, SharedFleet};
 use crate::http::client::ClientConn;
 use crate::http::server::{Handler, Request, Responder, Response};
-use crate::http::sse::SseParser;
+use crate::http::sse::SseScanner;
 use crate::http::{HttpError, Method, ResponseHead};
 use crate::metrics::Metrics;
 use crate::policy::{pick, PickInput};
@@ -99,21 +99,6 @@ impl Drop for AbortWatch<'_> {
 struct Peek<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
-}
-
-/// Usage as engines report it (non-streaming body, or the final SSE chunk).
-#[derive(Debug, Deserialize)]
-struct UsageOnly {
-    #[serde(default)]
-    usage: Option<Usage>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Usage {
-    #[serde(default)]
-    prompt_tokens: Option<u64>,
-    #[serde(default)]
-    completion_tokens: Option<u64>,
 }
 
 /// One worker's proxy handler. Its upstream connection pool is per worker (no sharing).
@@ -392,10 +377,20 @@ impl Proxy {
             }
             return;
         }
-        if resp.start_stream(head.status, &headers).await.is_err() {
+        // Keep the engine's framing: a sized body stays sized (no re-chunking).
+        let sized = if chunked_or_close {
+            None
+        } else {
+            head.headers().get_str("content-length").and_then(|v| v.parse::<u64>().ok())
+        };
+        let started_stream = match sized {
+            Some(len) => resp.start_sized_stream(head.status, &headers, len).await,
+            None => resp.start_stream(head.status, &headers).await,
+        };
+        if started_stream.is_err() {
             return;
         }
-        let mut sse = is_sse.then(SseParser::new);
+        let mut scanner = is_sse.then(SseScanner::new);
         let mut first_token: Option<Instant> = None;
         let mut last_token: Option<Instant> = None;
         let mut tokens = 0u64;
@@ -403,23 +398,23 @@ impl Proxy {
         loop {
             match monoio::time::timeout(idle, conn.read_chunk()).await {
                 Ok(Ok(Some(chunk))) => {
-                    if let Some(p) = sse.as_mut() {
-                        p.push(&chunk);
-                        while let Some(ev) = p.next_event() {
-                            if is_token_event(&ev.data) {
-                                let now = Instant::now();
+                    if let Some(sc) = scanner.as_mut() {
+                        let now = Instant::now();
+                        sc.feed(&chunk, |ev| {
+                            if is_token_event(ev) {
                                 tokens += 1;
                                 match last_token {
                                     None => first_token = Some(now),
                                     Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
                                 }
                                 last_token = Some(now);
-                            } else if ev.data.contains("\"usage\"") {
-                                if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_str::<UsageOnly>(&ev.data) {
-                                    usage = Some((u.prompt_tokens, u.completion_tokens));
-                                }
+                            } else if memchr::memmem::find(ev, b"\"usage\":{").is_some() {
+                                usage = Some((
+                                    json_uint_after(ev, b"\"prompt_tokens\":"),
+                                    json_uint_after(ev, b"\"completion_tokens\":"),
+                                ));
                             }
-                        }
+                        });
                     }
                     if resp.send_chunk(&chunk).await.is_err() {
                         return;
@@ -432,10 +427,11 @@ impl Proxy {
                     break;
                 }
                 Ok(Err(_)) | Err(_) => {
-                    // The engine failed mid-stream: end the stream as vLLM does, never hang.
+                    // The engine failed mid-stream: end the stream as vLLM does, never hang. A
+                    // sized body cannot take extra bytes, so that connection is closed instead.
                     self.passive_failure(engine);
                     self.metrics.broken_streams.fetch_add(1, Ordering::Relaxed);
-                    if is_sse {
+                    if is_sse && sized.is_none() {
                         let err = error_response(502, &format!("engine {} failed mid-stream", engine.url), None);
                         let mut ev = Vec::with_capacity(err.body.len() + 32);
                         ev.extend_from_slice(b"data: ");
@@ -511,11 +507,11 @@ fn json_uint_after(json: &[u8], key: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
-/// Whether an SSE `data` payload carries generated text (a chat delta or a completion text).
-pub fn is_token_event(data: &str) -> bool {
-    for key in ["\"content\":\"", "\"text\":\""] {
-        if let Some(i) = data.find(key) {
-            if data.as_bytes().get(i + key.len()).is_some_and(|&b| b != b'"') {
+/// Whether an SSE event carries generated text (a chat delta or a completion text).
+pub fn is_token_event(event: &[u8]) -> bool {
+    for key in [&b"\"content\":\""[..], b"\"text\":\""] {
+        if let Some(i) = memchr::memmem::find(event, key) {
+            if event.get(i + key.len()).is_some_and(|&b| b != b'"') {
                 return true;
             }
         }

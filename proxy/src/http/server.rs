@@ -22,7 +22,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 
-use super::body::{BodyReader, READ_RESERVE};
+use super::body::BodyReader;
 use super::chunked::{encode_chunk, LAST_CHUNK};
 use super::{framing_from_headers, reason, HttpError, Limits, Method, RequestHead};
 
@@ -130,15 +130,25 @@ pub struct Responder {
     state: RespState,
     keep_alive: bool,
     head_only: bool,
+    /// The streamed body has a Content-Length: pieces go out as they are, unframed.
+    length_framed: bool,
 }
 
 impl Responder {
     fn new(w: OwnedWriteHalf<TcpStream>) -> Responder {
-        Responder { w, out: Vec::with_capacity(4096), state: RespState::Idle, keep_alive: true, head_only: false }
+        Responder {
+            w,
+            out: Vec::new(),
+            state: RespState::Idle,
+            keep_alive: true,
+            head_only: false,
+            length_framed: false,
+        }
     }
 
     fn reset(&mut self, keep_alive: bool, head_only: bool) {
         self.state = RespState::Idle;
+        self.length_framed = false;
         self.keep_alive = keep_alive;
         self.head_only = head_only;
     }
@@ -216,7 +226,26 @@ impl Responder {
         self.flush().await
     }
 
-    /// Sends one chunk of a streamed body, flushed at once.
+    /// Sends the head of a response whose body of `len` bytes follows in pieces with
+    /// [`Responder::send_chunk`] (no chunked framing: the bytes go out as they are).
+    pub async fn start_sized_stream(
+        &mut self,
+        status: u16,
+        headers: &[(Cow<'static, str>, Bytes)],
+        len: u64,
+    ) -> io::Result<()> {
+        if self.state != RespState::Idle {
+            return Err(io::Error::other("response already started"));
+        }
+        let mut cl = [0u8; 40];
+        let framing = content_length_line(&mut cl, len as usize).to_vec();
+        self.write_head(status, headers, &framing);
+        self.state = RespState::Streaming;
+        self.length_framed = true;
+        self.flush().await
+    }
+
+    /// Sends one piece of a streamed body, flushed at once.
     pub async fn send_chunk(&mut self, data: &[u8]) -> io::Result<()> {
         if self.state != RespState::Streaming {
             return Err(io::Error::other("no stream started"));
@@ -225,7 +254,11 @@ impl Responder {
             return Ok(());
         }
         self.out.clear();
-        encode_chunk(&mut self.out, data);
+        if self.length_framed {
+            self.out.extend_from_slice(data);
+        } else {
+            encode_chunk(&mut self.out, data);
+        }
         self.flush().await
     }
 
@@ -235,10 +268,11 @@ impl Responder {
             return Err(io::Error::other("no stream started"));
         }
         self.out.clear();
-        if !self.head_only {
-            self.out.extend_from_slice(LAST_CHUNK);
-        }
         self.state = RespState::Done;
+        if self.head_only || self.length_framed {
+            return Ok(());
+        }
+        self.out.extend_from_slice(LAST_CHUNK);
         self.flush().await
     }
 }
@@ -330,10 +364,13 @@ enum ReadSide {
     Gone,
 }
 
+/// Bytes reserved for reading a request head (most heads are far smaller; bodies grow it).
+const HEAD_READ_RESERVE: usize = 2048;
+
 fn start_read(mut r: OwnedReadHalf<TcpStream>, mut buf: BytesMut) -> PendingRead {
     Box::pin(async move {
-        if buf.capacity() - buf.len() < READ_RESERVE {
-            buf.reserve(READ_RESERVE);
+        if buf.capacity() - buf.len() < HEAD_READ_RESERVE {
+            buf.reserve(HEAD_READ_RESERVE);
         }
         let (len, cap) = (buf.len(), buf.capacity());
         let (res, slice) = r.read(buf.slice_mut(len..cap)).await;
@@ -373,7 +410,7 @@ pub async fn serve_connection<H: Handler>(
     let _gauge = ConnGauge::open(&config.open_connections);
     let limits = &config.limits;
     let (r, w) = stream.into_split();
-    let mut side = ReadSide::Idle(r, BytesMut::with_capacity(READ_RESERVE));
+    let mut side = ReadSide::Idle(r, BytesMut::new());
     let mut resp = Responder::new(w);
     loop {
         let head = match read_head(&mut side, limits).await {
@@ -419,7 +456,8 @@ pub async fn serve_connection<H: Handler>(
             }
         };
         let req = Request { head, body, peer };
-        let finished = run_watched(handler.handle(req, &mut resp), &mut side).await;
+        // Boxed: an idle keep-alive connection then carries no handler state.
+        let finished = run_watched(Box::pin(handler.handle(req, &mut resp)), &mut side).await;
         if !finished {
             return; // the client went away; the handler was dropped
         }

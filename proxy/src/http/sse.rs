@@ -82,3 +82,64 @@ impl SseParser {
         }
     }
 }
+
+/// Longest event the scanner buffers across reads; longer ones are skipped (not metered).
+const MAX_SCANNED_EVENT: usize = 1024 * 1024;
+
+/// Splits a byte stream into raw SSE events (separated by `\n\n`) without allocating per
+/// event: for measuring a stream that is forwarded unchanged. Only an event split across two
+/// reads is copied.
+#[derive(Debug, Default)]
+pub struct SseScanner {
+    partial: Vec<u8>,
+    skipping: bool,
+}
+
+impl SseScanner {
+    /// A scanner at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds received bytes; calls `on_event` with each complete event's bytes.
+    pub fn feed(&mut self, mut bytes: &[u8], mut on_event: impl FnMut(&[u8])) {
+        if !self.partial.is_empty() || self.skipping {
+            let split_boundary = self.partial.last() == Some(&b'\n') && bytes.first() == Some(&b'\n');
+            if split_boundary {
+                // The blank line straddles the two reads: the event is what was buffered.
+                self.partial.pop();
+            }
+            let boundary =
+                if split_boundary { Some((0, 1)) } else { memchr::memmem::find(bytes, b"\n\n").map(|i| (i, i + 2)) };
+            match boundary {
+                None => {
+                    if !self.skipping && self.partial.len() + bytes.len() <= MAX_SCANNED_EVENT {
+                        self.partial.extend_from_slice(bytes);
+                    } else {
+                        self.partial.clear();
+                        self.skipping = true;
+                    }
+                    return;
+                }
+                Some((end, next)) => {
+                    if !self.skipping {
+                        self.partial.extend_from_slice(&bytes[..end]);
+                        on_event(&self.partial);
+                    }
+                    self.partial.clear();
+                    self.skipping = false;
+                    bytes = &bytes[next..];
+                }
+            }
+        }
+        while let Some(i) = memchr::memmem::find(bytes, b"\n\n") {
+            on_event(&bytes[..i]);
+            bytes = &bytes[i + 2..];
+        }
+        if bytes.len() <= MAX_SCANNED_EVENT {
+            self.partial.extend_from_slice(bytes);
+        } else {
+            self.skipping = true;
+        }
+    }
+}

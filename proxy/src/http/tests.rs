@@ -145,3 +145,18 @@ fn sse_events_split_anywhere() {
         assert_eq!(events[2].event.as_deref(), Some("e"));
     }
 }
+
+#[test]
+fn sse_scanner_events_split_anywhere() {
+    use super::sse::SseScanner;
+    let wire = b"data: {\"a\":1}\n\n: keep-alive\n\ndata: x\ndata: y\n\ndata: [DONE]\n\n";
+    let want: Vec<&[u8]> = vec![b"data: {\"a\":1}", b": keep-alive", b"data: x\ndata: y", b"data: [DONE]"];
+    for split in 1..=wire.len() {
+        let mut sc = SseScanner::new();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        for piece in wire.chunks(split) {
+            sc.feed(piece, |e| got.push(e.to_vec()));
+        }
+        assert_eq!(got, want, "split {split}");
+    }
+}
