@@ -33,24 +33,37 @@ const MAX_EJECT_MS: u64 = 60_000;
 /// Largest error body read from an engine before retrying elsewhere.
 const MAX_DISCARD_BYTES: usize = 64 * 1024;
 
-/// An OpenAI/vLLM-shaped error response.
-pub fn error_response(status: u16, message: &str, param: Option<&str>) -> Response {
-    let kind = match status {
+/// vLLM's error `type` for a status (its error JSON is the OpenAI shape clients expect).
+pub fn error_type(status: u16) -> &'static str {
+    match status {
         400 => "BadRequestError",
         401 => "UnauthorizedError",
         404 => "NotFoundError",
         405 => "MethodNotAllowedError",
         408 => "RequestTimeoutError",
+        409 => "ConflictError",
         413 => "PayloadTooLargeError",
+        422 => "UnprocessableEntityError",
+        429 => "TooManyRequestsError",
         431 => "RequestHeaderFieldsTooLargeError",
+        501 => "NotImplementedError",
         502 => "BadGatewayError",
         503 => "ServiceUnavailableError",
         504 => "GatewayTimeoutError",
         s if s >= 500 => "InternalServerError",
         _ => "BadRequestError",
-    };
-    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": param, "code": status}});
-    Response::json(status, body.to_string())
+    }
+}
+
+/// The body of a vLLM/OpenAI-shaped error: `{"error": {"message", "type", "param", "code"}}`.
+pub fn error_body(status: u16, message: &str, param: Option<&str>) -> String {
+    serde_json::json!({"error": {"message": message, "type": error_type(status), "param": param, "code": status}})
+        .to_string()
+}
+
+/// A vLLM/OpenAI-shaped error response.
+pub fn error_response(status: u16, message: &str, param: Option<&str>) -> Response {
+    Response::json(status, error_body(status, message, param))
 }
 
 /// Settings of the request path.

@@ -48,37 +48,13 @@ impl ApiError {
         self
     }
 
-    fn type_name(&self) -> &'static str {
-        error_type(self.status)
-    }
-
     /// The JSON body.
     pub fn body(&self) -> String {
-        json!({"error": {"message": self.message, "type": self.type_name(), "param": self.param, "code": self.status}})
-            .to_string()
+        gantry_proxy::forward::error_body(self.status, &self.message, self.param)
     }
 
     fn response(&self) -> Response {
         Response::json(self.status, self.body())
-    }
-}
-
-/// vLLM's error `type` for a status.
-pub fn error_type(status: u16) -> &'static str {
-    match status {
-        400 => "BadRequestError",
-        401 => "UnauthorizedError",
-        404 => "NotFoundError",
-        405 => "MethodNotAllowedError",
-        408 => "RequestTimeoutError",
-        413 => "PayloadTooLargeError",
-        422 => "UnprocessableEntityError",
-        429 => "TooManyRequestsError",
-        431 => "RequestHeaderFieldsTooLargeError",
-        501 => "NotImplementedError",
-        503 => "ServiceUnavailableError",
-        s if s >= 500 => "InternalServerError",
-        _ => "BadRequestError",
     }
 }
 
@@ -113,6 +89,19 @@ struct GenRequest {
     echo: Option<bool>,
     return_token_strs: Option<bool>,
     tokens: Option<Value>,
+}
+
+impl GenRequest {
+    /// The chat template's input, with vLLM's defaults for absent fields.
+    fn chat_input<'a>(&'a self, messages: &'a Value) -> ChatTemplateInput<'a> {
+        ChatTemplateInput {
+            messages,
+            add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
+            continue_final_message: self.continue_final_message.unwrap_or(false),
+            tools: self.tools.as_ref(),
+            chat_template_kwargs: self.chat_template_kwargs.as_ref(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,14 +240,7 @@ impl Api {
                 if messages.as_array().is_some_and(Vec::is_empty) {
                     return Err(ApiError::bad("`messages` must not be empty").param("messages"));
                 }
-                let input = ChatTemplateInput {
-                    messages,
-                    add_generation_prompt: r.add_generation_prompt.unwrap_or(true),
-                    continue_final_message: r.continue_final_message.unwrap_or(false),
-                    tools: r.tools.as_ref(),
-                    chat_template_kwargs: r.chat_template_kwargs.as_ref(),
-                };
-                tok.encode_chat(&input).map_err(|e| ApiError::bad(e.to_string()))?
+                tok.encode_chat(&r.chat_input(messages)).map_err(|e| ApiError::bad(e.to_string()))?
             }
             Kind::Text => {
                 let p = r.prompt.as_ref().ok_or_else(|| ApiError::bad("Field required: `prompt`").param("prompt"))?;
@@ -727,14 +709,7 @@ impl Api {
             if !messages.is_array() {
                 return Err(ApiError::bad("`messages` must be an array").param("messages"));
             }
-            let input = ChatTemplateInput {
-                messages,
-                add_generation_prompt: r.add_generation_prompt.unwrap_or(true),
-                continue_final_message: r.continue_final_message.unwrap_or(false),
-                tools: r.tools.as_ref(),
-                chat_template_kwargs: r.chat_template_kwargs.as_ref(),
-            };
-            let text = tok.apply_chat_template(&input).map_err(|e| ApiError::bad(e.to_string()))?;
+            let text = tok.apply_chat_template(&r.chat_input(messages)).map_err(|e| ApiError::bad(e.to_string()))?;
             tok.encode(&text, r.add_special_tokens.unwrap_or(false)).map_err(|e| ApiError::bad(e.to_string()))?
         } else if let Some(p) = &r.prompt {
             let s = p.as_str().ok_or_else(|| ApiError::bad("`prompt` must be a string").param("prompt"))?;

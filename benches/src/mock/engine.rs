@@ -527,13 +527,8 @@ impl EngineCore {
                     self.reqs.get_mut(&id).expect("exists").remote = RemoteState::Pending(spec);
                     return Admit::NoSpace;
                 }
-                let r = self.reqs.get_mut(&id).expect("exists");
-                self.kv.touch_prefix(&r.hashes, hits, &mut r.blocks);
-                self.kv.allocate(fresh, &mut r.blocks).expect("checked free blocks");
-                r.num_computed = hit_tokens;
-                r.num_cached_blocks = hits;
-                r.remote = RemoteState::Pulling;
-                self.record_query(id, num_tokens, hit_tokens);
+                self.take_blocks(id, hits, fresh, num_tokens);
+                self.reqs.get_mut(&id).expect("exists").remote = RemoteState::Pulling;
                 plan.pulls.push(PullJob { req: id, remote: spec, tokens: load });
                 return Admit::Pulling;
             }
@@ -544,14 +539,19 @@ impl EngineCore {
         if fresh + hits_free > self.kv.num_free() {
             return Admit::NoSpace;
         }
+        self.take_blocks(id, hits, fresh, num_tokens);
+        self.plan_item(plan, id, n);
+        Admit::Scheduled(n)
+    }
+
+    /// Gives a request its `hits` cached prefix blocks plus `fresh` new ones (space checked).
+    fn take_blocks(&mut self, id: ReqId, hits: usize, fresh: usize, num_tokens: usize) {
         let r = self.reqs.get_mut(&id).expect("exists");
         self.kv.touch_prefix(&r.hashes, hits, &mut r.blocks);
         self.kv.allocate(fresh, &mut r.blocks).expect("checked free blocks");
-        r.num_computed = hit_tokens;
+        r.num_computed = hits * self.cfg.block_size;
         r.num_cached_blocks = hits;
-        self.record_query(id, num_tokens, hit_tokens);
-        self.plan_item(plan, id, n);
-        Admit::Scheduled(n)
+        self.record_query(id, num_tokens, hits * self.cfg.block_size);
     }
 
     /// Counts a request's prefix-cache lookup once (not again after a preemption).

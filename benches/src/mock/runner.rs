@@ -3,7 +3,6 @@
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -202,20 +201,6 @@ pub async fn yield_now() {
         } else {
             yielded = true;
             cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await
-}
-
-/// Waits for the first of two futures; the other is dropped.
-pub async fn race<A: std::future::Future<Output = ()>, B: std::future::Future<Output = ()>>(a: A, b: B) {
-    let mut a = pin!(a);
-    let mut b = pin!(b);
-    poll_fn(|cx| {
-        if a.as_mut().poll(cx).is_ready() || b.as_mut().poll(cx).is_ready() {
-            Poll::Ready(())
-        } else {
             Poll::Pending
         }
     })

@@ -124,10 +124,24 @@ fn collect_spans(base: &[u8], headers: &[httparse::Header<'_>]) -> Vec<HeaderSpa
         .collect()
 }
 
-fn map_parse_error(e: httparse::Error, max_headers: usize) -> HttpError {
-    match e {
-        httparse::Error::TooManyHeaders => HttpError::TooManyHeaders { limit: max_headers },
-        other => HttpError::Parse(other),
+/// The head's length if complete, None if more bytes are needed; limits applied either way.
+fn head_len(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    max_headers: usize,
+    max_head_bytes: usize,
+) -> Result<Option<usize>, HttpError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n > max_head_bytes => {
+            Err(HttpError::HeadTooLarge { limit: max_head_bytes })
+        }
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if buffered > max_head_bytes => {
+            Err(HttpError::HeadTooLarge { limit: max_head_bytes })
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HttpError::TooManyHeaders { limit: max_headers }),
+        Err(other) => Err(HttpError::Parse(other)),
     }
 }
 
@@ -154,19 +168,9 @@ impl RequestHead {
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
         let max_headers = max_headers.min(MAX_HEADERS_CAP);
         let mut req = httparse::Request::new(&mut storage[..max_headers]);
-        let n = match req.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                if buf.len() > max_head_bytes {
-                    return Err(HttpError::HeadTooLarge { limit: max_head_bytes });
-                }
-                return Ok(None);
-            }
-            Err(e) => return Err(map_parse_error(e, max_headers)),
+        let Some(n) = head_len(req.parse(buf), buf.len(), max_headers, max_head_bytes)? else {
+            return Ok(None);
         };
-        if n > max_head_bytes {
-            return Err(HttpError::HeadTooLarge { limit: max_head_bytes });
-        }
         let method = Method::parse(req.method.unwrap_or("GET"));
         let path = req.path.unwrap_or("/");
         let target = span_of(buf.as_ptr(), path.as_bytes());
@@ -231,19 +235,9 @@ impl ResponseHead {
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS_CAP];
         let max_headers = max_headers.min(MAX_HEADERS_CAP);
         let mut resp = httparse::Response::new(&mut storage[..max_headers]);
-        let n = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                if buf.len() > max_head_bytes {
-                    return Err(HttpError::HeadTooLarge { limit: max_head_bytes });
-                }
-                return Ok(None);
-            }
-            Err(e) => return Err(map_parse_error(e, max_headers)),
+        let Some(n) = head_len(resp.parse(buf), buf.len(), max_headers, max_head_bytes)? else {
+            return Ok(None);
         };
-        if n > max_head_bytes {
-            return Err(HttpError::HeadTooLarge { limit: max_head_bytes });
-        }
         let status = resp.code.unwrap_or(0);
         let minor_version = resp.version.unwrap_or(1);
         let spans = collect_spans(buf, resp.headers);
