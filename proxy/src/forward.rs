@@ -403,6 +403,7 @@ impl Proxy {
         if started_stream.is_err() {
             return;
         }
+        conn.stream_reads(crate::http::STREAM_READ_RESERVE);
         let mut scanner = is_sse.then(SseScanner::new);
         let mut first_token: Option<Instant> = None;
         let mut last_token: Option<Instant> = None;

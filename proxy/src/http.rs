@@ -23,7 +23,7 @@ mod tests;
 
 use std::time::Duration;
 
-pub use body::BodyReader;
+pub use body::{BodyReader, STREAM_READ_RESERVE};
 pub use head::{Headers, Method, RequestHead, ResponseHead, MAX_HEADERS_CAP};
 
 /// Largest request or response head accepted by default, in bytes.

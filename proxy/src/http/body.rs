@@ -11,11 +11,22 @@ use super::{BodyFraming, HttpError};
 
 /// Bytes reserved in the read buffer before each read.
 pub(crate) const READ_RESERVE: usize = 8 * 1024;
+/// Bytes reserved per read while relaying a long streamed body (fewer, larger reads).
+pub const STREAM_READ_RESERVE: usize = 32 * 1024;
 
 /// Reads once from `r`, appending to `buf`. Returns the byte count (0 = end of stream).
 pub(crate) async fn fill<R: AsyncReadRent>(r: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_RESERVE {
-        buf.reserve(READ_RESERVE);
+    fill_reserving(r, buf, READ_RESERVE).await
+}
+
+/// [`fill`] with `reserve` bytes of room guaranteed before the read.
+pub(crate) async fn fill_reserving<R: AsyncReadRent>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    reserve: usize,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < reserve {
+        buf.reserve(reserve);
     }
     let owned = std::mem::take(buf);
     let (len, cap) = (owned.len(), owned.capacity());
@@ -30,6 +41,7 @@ pub struct BodyReader {
     kind: Kind,
     limit: usize,
     total: usize,
+    reserve: usize,
 }
 
 #[derive(Debug)]
@@ -52,7 +64,12 @@ impl BodyReader {
             BodyFraming::Chunked => Kind::Chunked(ChunkedDecoder::new()),
             BodyFraming::Close => Kind::Close,
         };
-        Ok(BodyReader { kind, limit, total: 0 })
+        Ok(BodyReader { kind, limit, total: 0, reserve: READ_RESERVE })
+    }
+
+    /// Sets the room reserved before each read (larger for long streams).
+    pub fn set_read_reserve(&mut self, bytes: usize) {
+        self.reserve = bytes.max(1024);
     }
 
     /// Whether the whole body has been read.
@@ -100,7 +117,7 @@ impl BodyReader {
                 }
                 return Ok(Some(data));
             }
-            if fill(r, buf).await? == 0 {
+            if fill_reserving(r, buf, self.reserve).await? == 0 {
                 if matches!(self.kind, Kind::Close) {
                     self.kind = Kind::Done;
                     return Ok(None);

@@ -155,6 +155,13 @@ impl ClientConn {
         }
     }
 
+    /// Reads the rest of this response's body in larger pieces (for long streams).
+    pub fn stream_reads(&mut self, reserve: usize) {
+        if let Some(b) = self.body.as_mut() {
+            b.set_read_reserve(reserve);
+        }
+    }
+
     /// The next piece of the response body as it arrives, or `None` at its end.
     pub async fn read_chunk(&mut self) -> Result<Option<Bytes>, HttpError> {
         let Some(body) = self.body.as_mut() else {
