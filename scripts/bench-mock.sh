@@ -23,6 +23,9 @@
 # private config, pid file, logs and temp paths under a temp dir; the system nginx config
 # and service are never touched. Every process it starts is stopped by PID on exit.
 set -euo pipefail
+prog=bench-mock
+# shellcheck source=scripts/bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench/common.sh"
 
 duration=10
 connections=32
@@ -31,9 +34,6 @@ build=1
 warmup=2
 
 driver=legacy
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "bench-mock: error: $*" >&2; exit 1; }
-log() { echo "bench-mock: $*" >&2; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -66,19 +66,6 @@ out="$(cd "$out" && pwd)"
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/bench-mock.XXXXXX")"
 mock_pid=""
 nginx_pid=""
-stop_pid() {
-    local pid="$1"
-    [[ -n "$pid" ]] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 nginx_master_pid() {
     # The master's PID as nginx recorded it, falling back to the PID we started.
     local p=""
@@ -103,29 +90,7 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------
 # Tools.
-as_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
-find_nginx() { command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true; }
-missing=()
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-[[ -n "$(find_nginx)" ]] || missing+=(nginx-light)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
-if [[ ${#missing[@]} -gt 0 ]]; then
-    log "installing ${missing[*]} with apt-get"
-    # Keep the package's postinst from starting the system nginx service: policy-rc.d
-    # exit 101 = "action forbidden" (only if the machine has no policy of its own).
-    made_policy=""
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
-        made_policy=1
-    fi
-    install_rc=0
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
-        && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
-        || install_rc=$?
-    [[ -n "$made_policy" ]] && as_root rm -f /usr/sbin/policy-rc.d
-    [[ "$install_rc" -eq 0 ]] || die "apt-get install ${missing[*]} failed"
-fi
+install_tools
 nginx_bin="$(find_nginx)"
 [[ -n "$nginx_bin" ]] || die "nginx not found after install"
 
@@ -139,30 +104,7 @@ gantry="${CARGO_TARGET_DIR:-$root/target}/release/gantry"
 [[ -x "$gantry" ]] || die "$gantry not found (cargo build --release -p gantry)"
 
 # ---------------------------------------------------------------------------------------
-# Helpers.
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() {
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
-        if ! port_in_use "$p" && ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then
-            echo "$p"; return 0
-        fi
-    done
-    die "no free port found"
-}
-# wait_until DEADLINE_SECS PID DESCRIPTION CMD...: polls CMD until it succeeds.
-wait_until() {
-    local secs="$1" pid="$2" what="$3"; shift 3
-    local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        kill -0 "$pid" 2>/dev/null || die "$what exited before becoming ready"
-        ((SECONDS < deadline)) || die "$what not ready after ${secs}s"
-        sleep 0.05
-    done
-}
-http_ok() { [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1")" == 200 ]]; }
-
+# Helpers (the shared ones are in scripts/bench/common.sh).
 request_body='{"model":"mock-model","messages":[{"role":"user","content":"Hello!"}],"max_tokens":16}'
 # POST the benchmark request; body to $2, headers to $3; prints the status code.
 post_once() {
@@ -170,7 +112,6 @@ post_once() {
         --data-binary "$request_body" -o "$2" -D "$3" -w '%{http_code}' "$1"
 }
 
-lua_quote() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\"/\\\"}"; printf '"%s"' "$s"; }
 cat > "$tmp/post.lua" <<EOF
 wrk.method = "POST"
 wrk.body = $(lua_quote "$request_body")
@@ -178,15 +119,6 @@ wrk.headers["Content-Type"] = "application/json"
 EOF
 
 # to_us VALUE: wrk latency ("812.00us", "1.23ms", "2.01s", "1.50m") -> microseconds.
-to_us() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") f = 1; else if (u == "ms") f = 1e3; else if (u == "s") f = 1e6;
-        else if (u == "m") f = 6e7; else if (u == "h") f = 3.6e9; else { print "NaN"; exit 1 }
-        printf "%.1f", n * f
-    }'
-}
-fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2f ms", u / 1000; else printf "%.0f us", u }'; }
 
 # run_wrk NAME URL CONNS SECS: runs wrk pinned to CPU 0; raw output to $out/wrk-NAME.txt.
 # Sets W_RPS, W_P50_US, W_REQS, W_SOCKERR.
@@ -234,7 +166,7 @@ bench_target() {
 
 # ---------------------------------------------------------------------------------------
 # 1. The mock, on CPU 1.
-mock_port="$(free_port)"
+free_port mock_port
 mock_cmd=("$gantry" mock --port "$mock_port" --engines 1 --workers 1 --speedup 0 --driver "$driver")
 mock_cmd_str="taskset -c 1 $(printf '%q ' "${mock_cmd[@]}")"
 mock_cmd_str="${mock_cmd_str% }"
@@ -253,7 +185,7 @@ log "mock response: $mock_body_bytes body bytes"
 
 # ---------------------------------------------------------------------------------------
 # 2. nginx returning the captured body, on CPU 1, private config and paths.
-nginx_port="$(free_port)"
+free_port nginx_port
 mkdir -p "$tmp/nginx/logs" "$tmp/nginx/temp"
 # nginx single-quoted string: escape \ and '; `$` would start a variable, so it goes
 # through $dollar (geo below). JSON from the mock normally contains none of these.
@@ -364,7 +296,6 @@ table="$(
     echo "- response body: mock $mock_body_bytes B, nginx $nginx_body_bytes B (identical); headers: mock $mock_header_bytes B, nginx $nginx_header_bytes B"
 } > "$out/results.md"
 
-json_str() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\"/\\\"}"; printf '"%s"' "$s"; }
 target_json() {
     local t="$1" rps="R_${1}_rps" p50="R_${1}_p50_us" p1="R_${1}_p50_c1_us" rps1="R_${1}_rps_c1" se="R_${1}_sockerr" se1="R_${1}_sockerr_c1"
     printf '{"req_per_sec": %s, "p50_us": %s, "req_per_sec_1conn": %s, "p50_us_1conn": %s, "socket_errors": %s, "socket_errors_1conn": %s}' \

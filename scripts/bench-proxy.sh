@@ -34,6 +34,9 @@
 # system nginx config and service are never touched. Every process it starts is stopped by
 # PID on exit.
 set -euo pipefail
+prog=bench-proxy
+# shellcheck source=scripts/bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench/common.sh"
 
 duration=10
 out=""
@@ -44,9 +47,6 @@ driver=""
 warmup=2
 sse_events=256
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
-die() { echo "bench-proxy: error: $*" >&2; exit 1; }
-log() { echo "bench-proxy: $*" >&2; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -85,19 +85,6 @@ nproxy_pid=""
 gantry_pid=""
 gantry_sse_pid=""
 idle_pid=""
-stop_pid() {
-    local pid="$1"
-    [[ -n "$pid" ]] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 # nginx_master_pid DIR STARTED_PID: the master's PID as nginx recorded it, else the one we started.
 nginx_master_pid() {
     local p=""
@@ -128,30 +115,7 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------
 # Tools.
-as_root() { if [[ "$(id -u)" -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
-find_nginx() { command -v nginx 2>/dev/null || { [[ -x /usr/sbin/nginx ]] && echo /usr/sbin/nginx; } || true; }
-missing=()
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-[[ -n "$(find_nginx)" ]] || missing+=(nginx-light)
-command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
-command -v python3 >/dev/null 2>&1 || missing+=(python3)
-if [[ ${#missing[@]} -gt 0 ]]; then
-    log "installing ${missing[*]} with apt-get"
-    # Keep the package's postinst from starting the system nginx service: policy-rc.d
-    # exit 101 = "action forbidden" (only if the machine has no policy of its own).
-    made_policy=""
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
-        made_policy=1
-    fi
-    install_rc=0
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
-        && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
-        || install_rc=$?
-    [[ -n "$made_policy" ]] && as_root rm -f /usr/sbin/policy-rc.d
-    [[ "$install_rc" -eq 0 ]] || die "apt-get install ${missing[*]} failed"
-fi
+install_tools python3
 nginx_bin="$(find_nginx)"
 [[ -n "$nginx_bin" ]] || die "nginx not found after install"
 
@@ -185,37 +149,7 @@ fi
 
 # ---------------------------------------------------------------------------------------
 # Helpers.
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# Server ports come from below the kernel's ephemeral range, so that no outgoing connection
-# (wrk's, the proxies' upstream ones, the 10k idle clients) can take one between our check
-# and nginx's bind.
-read -r eph_lo _ < /proc/sys/net/ipv4/ip_local_port_range || eph_lo=32768
 ((eph_lo > 11024)) || die "the ephemeral port range starts at $eph_lo; need free ports below it"
-taken_ports=" "
-# free_port VAR: sets VAR to a free loopback port not handed out before.
-free_port() {
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((10000 + (RANDOM * 32768 + RANDOM) % (eph_lo - 10000)))
-        [[ "$taken_ports" == *" $p "* ]] && continue
-        if ! port_in_use "$p" && ! ss -Htan "sport = :$p" 2>/dev/null | grep -q .; then
-            taken_ports+="$p "
-            printf -v "$1" '%s' "$p"; return 0
-        fi
-    done
-    die "no free port found"
-}
-# wait_until DEADLINE_SECS PID DESCRIPTION CMD...: polls CMD until it succeeds.
-wait_until() {
-    local secs="$1" pid="$2" what="$3"; shift 3
-    local deadline=$((SECONDS + secs))
-    until "$@" >/dev/null 2>&1; do
-        kill -0 "$pid" 2>/dev/null || die "$what exited before becoming ready"
-        ((SECONDS < deadline)) || die "$what not ready after ${secs}s"
-        sleep 0.05
-    done
-}
-http_ok() { [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$1")" == 200 ]]; }
 
 # Every process under test must still be alive after each pass.
 check_alive() {
@@ -234,7 +168,6 @@ post_once() {
         --data-binary "$2" -o "$3" -D "$4" -w '%{http_code}' "$1"
 }
 
-lua_quote() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\"/\\\"}"; printf '"%s"' "$s"; }
 for kind in json sse; do
     if [[ "$kind" == json ]]; then b="$request_body"; else b="$stream_body"; fi
     cat > "$tmp/$kind.lua" <<EOF
@@ -245,15 +178,6 @@ EOF
 done
 
 # to_us VALUE: wrk latency ("812.00us", "1.23ms", "2.01s", "1.50m") -> microseconds.
-to_us() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") f = 1; else if (u == "ms") f = 1e3; else if (u == "s") f = 1e6;
-        else if (u == "m") f = 6e7; else if (u == "h") f = 3.6e9; else { print "NaN"; exit 1 }
-        printf "%.1f", n * f
-    }'
-}
-fmt_us() { awk -v u="$1" 'BEGIN { if (u >= 1000) printf "%.2f ms", u / 1000; else printf "%.0f us", u }'; }
 
 # check_wrk NAME FILE: fails on non-2xx/3xx responses and on socket errors > 0.1% of requests.
 # Sets W_REQS, W_SOCKERR.
@@ -702,7 +626,6 @@ label() { case "$1" in direct) echo "direct (backend nginx)" ;; nginx) echo "ngi
     echo "- added p50 = p50 through the proxy at 1 connection - p50 direct at 1 connection; events/s = req/s x $sse_events"
 } > "$out/results.md"
 
-json_str() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\"/\\\"}"; printf '"%s"' "$s"; }
 run_json() {
     local k="$1" c="$2" r p50 p99 n s
     r="R_${k}_c${c}_rps"; p50="R_${k}_c${c}_p50"; p99="R_${k}_c${c}_p99"; n="R_${k}_c${c}_reqs"; s="R_${k}_c${c}_sockerr"

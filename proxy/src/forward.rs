@@ -299,15 +299,22 @@ impl Proxy {
                 Ok((mut conn, head)) => {
                     if head.status == 503 && attempt + 1 < attempts {
                         // Admission control: try another engine; the client has seen nothing.
-                        let _ = monoio::time::timeout(Duration::from_secs(5), conn.read_body()).await;
+                        // Read the (small) error body so the connection can be reused; a large
+                        // or slow one just makes the connection unusable.
+                        if head
+                            .headers()
+                            .get_str("content-length")
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .is_some_and(|n| n <= MAX_DISCARD_BYTES)
+                        {
+                            let _ = monoio::time::timeout(Duration::from_secs(5), conn.read_body()).await;
+                        }
                         self.passive_failure(engine);
                         engine.counters.retries.fetch_add(1, Ordering::Relaxed);
                         engine.counters.request(503);
                         last_error = format!("{} answered 503", engine.url);
                         last_timeout = false;
-                        if conn.reusable() && MAX_DISCARD_BYTES > 0 {
-                            self.put_idle(engine.addr, conn);
-                        }
+                        self.put_idle(engine.addr, conn);
                         continue;
                     }
                     if head.status >= 500 {
