@@ -175,81 +175,85 @@ fn proxies_whole_and_streamed_responses_with_keep_alive() {
 
 #[test]
 fn upstream_connections_are_reused() {
-    // An upstream that counts its connections.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let acc = accepted.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            acc.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                let mut pending = Vec::new();
-                loop {
-                    let n = match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    pending.extend_from_slice(&buf[..n]);
-                    // Each request here has a JSON body ending in '}' after the blank line.
-                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length: "))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        if pending.len() < end + 4 + len {
-                            break;
+    for driver in drivers() {
+        // An upstream that counts its connections.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let acc = accepted.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { break };
+                acc.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    let mut pending = Vec::new();
+                    loop {
+                        let n = match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        // Each request here has a JSON body ending in '}' after the blank line.
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if pending.len() < end + 4 + len {
+                                break;
+                            }
+                            pending.drain(..end + 4 + len);
+                            let body = r#"{"ok":true}"#;
+                            let _ = write!(
+                                s,
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
                         }
-                        pending.drain(..end + 4 + len);
-                        let body = r#"{"ok":true}"#;
-                        let _ = write!(
-                            s,
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
                     }
-                }
-            });
+                });
+            }
+        });
+        let p = proxy(&[format!("http://{addr}")], driver, |c| c.server.workers = 1);
+        for _ in 0..20 {
+            assert_eq!(post(p.addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "x"})).status, 200);
         }
-    });
-    let p = proxy(&[format!("http://{addr}")], "legacy", |c| c.server.workers = 1);
-    for _ in 0..20 {
-        assert_eq!(post(p.addr, "/v1/completions", &json!({"model": "mock-model", "prompt": "x"})).status, 200);
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "{driver}: 20 requests over one pooled upstream connection"
+        );
     }
-    assert_eq!(
-        accepted.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "20 requests over one pooled upstream connection"
-    );
 }
 
 #[test]
 fn retries_before_the_first_byte() {
-    let good = mock(&[]);
-    let busy = mock(&["--fail-rate", "1", "--fail-status", "503"]);
-    // A port nobody listens on: connections are refused.
-    let refused = format!("http://{}", TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
-    let urls = vec![refused, busy.engines[0].url(), good.engines[0].url()];
-    let p = proxy(&urls, "legacy", |c| {
-        c.retry.attempts = 3;
-        c.health.passive_failures = 1000;
-    });
-    for _ in 0..9 {
-        let r = post(p.addr, "/v1/chat/completions", &chat(2));
-        assert_eq!(r.status, 200);
-        assert_eq!(r.header("x-gantry-engine"), Some(good.engines[0].url().as_str()));
+    for driver in drivers() {
+        let good = mock(&[]);
+        let busy = mock(&["--fail-rate", "1", "--fail-status", "503"]);
+        // A port nobody listens on: connections are refused.
+        let refused = format!("http://{}", TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap());
+        let urls = vec![refused, busy.engines[0].url(), good.engines[0].url()];
+        let p = proxy(&urls, driver, |c| {
+            c.retry.attempts = 3;
+            c.health.passive_failures = 1000;
+        });
+        for _ in 0..9 {
+            let r = post(p.addr, "/v1/chat/completions", &chat(2));
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("x-gantry-engine"), Some(good.engines[0].url().as_str()));
+        }
+        let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
+        assert!(metric(&text, "gantry_retries_total") >= 6.0, "{text}");
+        // With one attempt the refused engine's error reaches the client as a 502.
+        let p1 = proxy(&urls[..1], driver, |c| c.retry.attempts = 1);
+        let r = post(p1.addr, "/v1/chat/completions", &chat(2));
+        assert_eq!(r.status, 502);
+        assert_eq!(r.json()["error"]["code"], 502);
     }
-    let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
-    assert!(metric(&text, "gantry_retries_total") >= 6.0, "{text}");
-    // With one attempt the refused engine's error reaches the client as a 502.
-    let p1 = proxy(&urls[..1], "legacy", |c| c.retry.attempts = 1);
-    let r = post(p1.addr, "/v1/chat/completions", &chat(2));
-    assert_eq!(r.status, 502);
-    assert_eq!(r.json()["error"]["code"], 502);
 }
 
 #[test]
@@ -282,15 +286,18 @@ fn passive_ejection_moves_traffic_off_a_failing_engine() {
 
 #[test]
 fn other_endpoints_pass_through_to_an_engine_of_the_model() {
-    let m = mock(&[]);
-    let p = proxy(&[m.engines[0].url()], "legacy", |_| {});
-    let direct = post(m.engines[0].http, "/tokenize", &json!({"model": "mock-model", "prompt": "bado kema"})).json();
-    let r = post(p.addr, "/tokenize", &json!({"model": "mock-model", "prompt": "bado kema"}));
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["tokens"], direct["tokens"]);
-    assert_eq!(r.header("x-gantry-engine"), Some(m.engines[0].url().as_str()));
-    let r = post(p.addr, "/detokenize", &json!({"tokens": direct["tokens"]}));
-    assert_eq!(r.json()["prompt"], "bado kema", "no model in the body: the first configured model's engines");
+    for driver in drivers() {
+        let m = mock(&[]);
+        let p = proxy(&[m.engines[0].url()], driver, |_| {});
+        let direct =
+            post(m.engines[0].http, "/tokenize", &json!({"model": "mock-model", "prompt": "bado kema"})).json();
+        let r = post(p.addr, "/tokenize", &json!({"model": "mock-model", "prompt": "bado kema"}));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["tokens"], direct["tokens"]);
+        assert_eq!(r.header("x-gantry-engine"), Some(m.engines[0].url().as_str()));
+        let r = post(p.addr, "/detokenize", &json!({"tokens": direct["tokens"]}));
+        assert_eq!(r.json()["prompt"], "bado kema", "no model in the body: the first configured model's engines");
+    }
 }
 
 #[test]
@@ -338,68 +345,72 @@ fn client_disconnect_aborts_upstream_and_releases_the_charge() {
 
 #[test]
 fn health_probes_eject_and_restore_engines() {
-    let a = mock(&[]);
-    let b = mock(&[]);
-    let urls = vec![a.engines[0].url(), b.engines[0].url()];
-    let p = proxy(&urls, "legacy", |c| {
-        c.health.interval_ms = 50;
-        c.health.timeout_ms = 500;
-    });
-    assert_eq!(get(p.addr, "/health").status, 200);
-    post(a.engines[0].http, "/mock/faults", &json!({"dead": true}));
-    wait_until("engine a to be ejected", Duration::from_secs(10), || {
-        p.fleet.load().pools[0].engines[0].probe_down.load(std::sync::atomic::Ordering::Relaxed)
-    });
-    for _ in 0..6 {
-        let r = post(p.addr, "/v1/chat/completions", &chat(1));
-        assert_eq!(r.header("x-gantry-engine"), Some(urls[1].as_str()), "traffic avoids the ejected engine");
-    }
-    post(b.engines[0].http, "/mock/faults", &json!({"dead": true}));
-    wait_until("the proxy to report no healthy engine", Duration::from_secs(10), || {
-        get(p.addr, "/health").status == 503
-    });
-    post(a.engines[0].http, "/mock/faults", &json!({"dead": false}));
-    post(b.engines[0].http, "/mock/faults", &json!({"dead": false}));
-    wait_until("both engines to recover", Duration::from_secs(10), || {
-        get(p.addr, "/health").status == 200 && {
-            let f = p.fleet.load();
-            f.pools[0].engines.iter().all(|e| !e.probe_down.load(std::sync::atomic::Ordering::Relaxed))
+    for driver in drivers() {
+        let a = mock(&[]);
+        let b = mock(&[]);
+        let urls = vec![a.engines[0].url(), b.engines[0].url()];
+        let p = proxy(&urls, driver, |c| {
+            c.health.interval_ms = 50;
+            c.health.timeout_ms = 500;
+        });
+        assert_eq!(get(p.addr, "/health").status, 200);
+        post(a.engines[0].http, "/mock/faults", &json!({"dead": true}));
+        wait_until("engine a to be ejected", Duration::from_secs(10), || {
+            p.fleet.load().pools[0].engines[0].probe_down.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        for _ in 0..6 {
+            let r = post(p.addr, "/v1/chat/completions", &chat(1));
+            assert_eq!(r.header("x-gantry-engine"), Some(urls[1].as_str()), "traffic avoids the ejected engine");
         }
-    });
+        post(b.engines[0].http, "/mock/faults", &json!({"dead": true}));
+        wait_until("the proxy to report no healthy engine", Duration::from_secs(10), || {
+            get(p.addr, "/health").status == 503
+        });
+        post(a.engines[0].http, "/mock/faults", &json!({"dead": false}));
+        post(b.engines[0].http, "/mock/faults", &json!({"dead": false}));
+        wait_until("both engines to recover", Duration::from_secs(10), || {
+            get(p.addr, "/health").status == 200 && {
+                let f = p.fleet.load();
+                f.pools[0].engines.iter().all(|e| !e.probe_down.load(std::sync::atomic::Ordering::Relaxed))
+            }
+        });
+    }
 }
 
 #[test]
 fn reload_swaps_engines_without_dropping_connections() {
-    let a = mock(&[]);
-    let b = mock(&[]);
-    let dir = std::env::temp_dir().join(format!("gantry-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("gantry.toml");
-    let write = |url: &str| {
-        std::fs::write(
-            &path,
-            format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[health]\ninterval_ms = 0\n[[model]]\nname = \"mock-model\"\n[[pool]]\nname = \"agg-0\"\n[[pool.engine]]\nurl = \"{url}\"\nmodel = \"mock-model\"\n"),
-        )
-        .unwrap()
-    };
-    write(&a.engines[0].url());
-    let mut p = serve::spawn(Config::load(&path).unwrap(), Some(path.clone())).unwrap();
-    let addr = p.addr;
-    rt::block_on(Driver::Legacy, async {
-        let mut c = ClientConn::connect(addr, Duration::from_secs(5)).await.unwrap();
-        let r = post_on(&mut c, "/v1/chat/completions", &chat(1)).await;
-        assert_eq!(r.header("x-gantry-engine"), Some(a.engines[0].url().as_str()));
-        write(&b.engines[0].url());
-        p.reload().unwrap();
-        let r = post_on(&mut c, "/v1/chat/completions", &chat(1)).await;
-        assert_eq!(r.status, 200, "the same client connection keeps working");
-        assert_eq!(r.header("x-gantry-engine"), Some(b.engines[0].url().as_str()));
-        std::fs::write(&path, "[[pool]]\nname = 3\n").unwrap();
-        assert!(p.reload().is_err(), "a broken file is rejected");
-        assert_eq!(post_on(&mut c, "/v1/chat/completions", &chat(1)).await.status, 200, "and the old fleet stays");
-    })
-    .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    for driver in drivers() {
+        let a = mock(&[]);
+        let b = mock(&[]);
+        let dir = std::env::temp_dir().join(format!("gantry-reload-{driver}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gantry.toml");
+        let write = |url: &str| {
+            std::fs::write(
+                &path,
+                format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\ndriver = \"{driver}\"\n[health]\ninterval_ms = 0\n[[model]]\nname = \"mock-model\"\n[[pool]]\nname = \"agg-0\"\n[[pool.engine]]\nurl = \"{url}\"\nmodel = \"mock-model\"\n"),
+            )
+            .unwrap()
+        };
+        write(&a.engines[0].url());
+        let mut p = serve::spawn(Config::load(&path).unwrap(), Some(path.clone())).unwrap();
+        let addr = p.addr;
+        rt::block_on(Driver::Legacy, async {
+            let mut c = ClientConn::connect(addr, Duration::from_secs(5)).await.unwrap();
+            let r = post_on(&mut c, "/v1/chat/completions", &chat(1)).await;
+            assert_eq!(r.header("x-gantry-engine"), Some(a.engines[0].url().as_str()));
+            write(&b.engines[0].url());
+            p.reload().unwrap();
+            let r = post_on(&mut c, "/v1/chat/completions", &chat(1)).await;
+            assert_eq!(r.status, 200, "the same client connection keeps working");
+            assert_eq!(r.header("x-gantry-engine"), Some(b.engines[0].url().as_str()));
+            std::fs::write(&path, "[[pool]]\nname = 3\n").unwrap();
+            assert!(p.reload().is_err(), "a broken file is rejected");
+            assert_eq!(post_on(&mut c, "/v1/chat/completions", &chat(1)).await.status, 200, "and the old fleet stays");
+        })
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]
@@ -460,43 +471,52 @@ fn bad_requests_on(driver: &str) {
 
 #[test]
 fn models_health_and_admin_api() {
-    let m = mock(&["--engines", "2"]);
-    let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
-    let p = proxy(&urls[..1], "legacy", |c| {
-        c.admin = Some(gantry_proxy::config::AdminConf { listen: "127.0.0.1:0".into(), token: "admin-secret".into() });
-    });
-    let models: Value = serde_json::from_slice(&get(p.addr, "/v1/models").body).unwrap();
-    assert_eq!(models["data"][0]["id"], "mock-model");
-    let admin = p.admin.unwrap();
-    let call = |method: &str, path: &str, token: &str, body: Value| {
-        rt::block_on(Driver::Legacy, async {
-            let mut c = ClientConn::connect(admin, Duration::from_secs(5)).await.unwrap();
-            let auth = format!("Bearer {token}");
-            let (h, b) = c
-                .request(method, path, &[("authorization", auth.as_bytes())], body.to_string().as_bytes())
-                .await
-                .unwrap();
-            (h.status, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
-        })
-        .unwrap()
-    };
-    assert_eq!(call("GET", "/admin/engines", "wrong-token", json!({})).0, 401);
-    let (s, list) = call("GET", "/admin/engines", "admin-secret", Value::Null);
-    assert_eq!(s, 200);
-    assert_eq!(list["engines"].as_array().unwrap().len(), 1);
-    let (s, _) = call("POST", "/admin/engines", "admin-secret", json!({"url": urls[1], "model": "mock-model"}));
-    assert_eq!(s, 201);
-    assert_eq!(call("POST", "/admin/engines", "admin-secret", json!({"url": urls[1], "model": "mock-model"})).0, 409);
-    let engines: std::collections::HashSet<String> = (0..6)
-        .map(|_| post(p.addr, "/v1/chat/completions", &chat(1)).header("x-gantry-engine").unwrap().to_owned())
-        .collect();
-    assert_eq!(engines.len(), 2, "the added engine takes traffic");
-    assert_eq!(call("POST", "/admin/engines/drain", "admin-secret", json!({"url": urls[0]})).0, 200);
-    for _ in 0..4 {
-        assert_eq!(post(p.addr, "/v1/chat/completions", &chat(1)).header("x-gantry-engine"), Some(urls[1].as_str()));
+    for driver in drivers() {
+        let m = mock(&["--engines", "2"]);
+        let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
+        let p = proxy(&urls[..1], driver, |c| {
+            c.admin =
+                Some(gantry_proxy::config::AdminConf { listen: "127.0.0.1:0".into(), token: "admin-secret".into() });
+        });
+        let models: Value = serde_json::from_slice(&get(p.addr, "/v1/models").body).unwrap();
+        assert_eq!(models["data"][0]["id"], "mock-model");
+        let admin = p.admin.unwrap();
+        let call = |method: &str, path: &str, token: &str, body: Value| {
+            rt::block_on(Driver::Legacy, async {
+                let mut c = ClientConn::connect(admin, Duration::from_secs(5)).await.unwrap();
+                let auth = format!("Bearer {token}");
+                let (h, b) = c
+                    .request(method, path, &[("authorization", auth.as_bytes())], body.to_string().as_bytes())
+                    .await
+                    .unwrap();
+                (h.status, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
+            })
+            .unwrap()
+        };
+        assert_eq!(call("GET", "/admin/engines", "wrong-token", json!({})).0, 401);
+        let (s, list) = call("GET", "/admin/engines", "admin-secret", Value::Null);
+        assert_eq!(s, 200);
+        assert_eq!(list["engines"].as_array().unwrap().len(), 1);
+        let (s, _) = call("POST", "/admin/engines", "admin-secret", json!({"url": urls[1], "model": "mock-model"}));
+        assert_eq!(s, 201);
+        assert_eq!(
+            call("POST", "/admin/engines", "admin-secret", json!({"url": urls[1], "model": "mock-model"})).0,
+            409
+        );
+        let engines: std::collections::HashSet<String> = (0..6)
+            .map(|_| post(p.addr, "/v1/chat/completions", &chat(1)).header("x-gantry-engine").unwrap().to_owned())
+            .collect();
+        assert_eq!(engines.len(), 2, "the added engine takes traffic");
+        assert_eq!(call("POST", "/admin/engines/drain", "admin-secret", json!({"url": urls[0]})).0, 200);
+        for _ in 0..4 {
+            assert_eq!(
+                post(p.addr, "/v1/chat/completions", &chat(1)).header("x-gantry-engine"),
+                Some(urls[1].as_str())
+            );
+        }
+        assert_eq!(call("DELETE", "/admin/engines", "admin-secret", json!({"url": urls[0]})).0, 200);
+        assert_eq!(call("DELETE", "/admin/engines", "admin-secret", json!({"url": urls[0]})).0, 404);
+        let (_, list) = call("GET", "/admin/engines", "admin-secret", Value::Null);
+        assert_eq!(list["engines"].as_array().unwrap().len(), 1);
     }
-    assert_eq!(call("DELETE", "/admin/engines", "admin-secret", json!({"url": urls[0]})).0, 200);
-    assert_eq!(call("DELETE", "/admin/engines", "admin-secret", json!({"url": urls[0]})).0, 404);
-    let (_, list) = call("GET", "/admin/engines", "admin-secret", Value::Null);
-    assert_eq!(list["engines"].as_array().unwrap().len(), 1);
 }
