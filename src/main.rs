@@ -32,6 +32,30 @@ enum Command {
     Serve(ServeArgs),
     /// Run vLLM-faithful mock engines (HTTP, metrics, KV events, P/D) for tests and benchmarks.
     Mock(Box<MockArgs>),
+    /// Operate on the shared-memory KV prefix index.
+    #[command(subcommand)]
+    Index(IndexCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum IndexCommand {
+    /// Print a live segment's header, sizes, counters and engines (read-only; any process).
+    Inspect {
+        /// Segment file.
+        #[arg(default_value = gantry_kvindex::index::DEFAULT_PATH)]
+        path: PathBuf,
+    },
+}
+
+fn index_cmd(c: IndexCommand) -> anyhow::Result<()> {
+    match c {
+        IndexCommand::Inspect { path } => {
+            let reader = gantry_kvindex::index::IndexReader::open(&path)?;
+            println!("segment          {}", path.display());
+            print!("{}", reader.stats());
+            Ok(())
+        }
+    }
 }
 
 /// `gantry serve` flags; they override the config file's values.
@@ -112,6 +136,7 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run(&args).map_err(Into::into),
         Command::Serve(args) => serve_cmd(args),
         Command::Mock(args) => mock::run(&args).map_err(Into::into),
+        Command::Index(c) => index_cmd(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

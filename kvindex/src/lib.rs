@@ -19,12 +19,20 @@
 //! Read first: `worked_example_map_form` in `src/events/tests.rs` (the spec §1.9 bytes), then
 //! `tests/publisher.rs` (live stream and replay over real libzmq sockets).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed in `index::segment` (the mapping) and `index::table` (prefetch)
 
+pub mod decode;
 pub mod events;
+pub mod hash;
+pub mod index;
 pub mod publisher;
+pub mod sink;
+pub mod subscriber;
+mod sync;
 pub mod vllm_hash;
 
+pub use decode::{decode_batch, DecodeError, DecodedBatch, DecodedEvent};
 pub use events::{encode_batch, BlockRemoved, BlockStored, ExtraKey, KvEvent, KvEventBatch, WireFormat};
 pub use publisher::{Publisher, PublisherConfig, PublisherError, PublisherStats, ReplayFraming};
+pub use subscriber::{EngineSource, Subscriber, SubscriberError, SubscriberOptions, SubscriberStats};
 pub use vllm_hash::{digest_to_u64, hash_block, hash_blocks, none_hash, VllmHashAlgo};

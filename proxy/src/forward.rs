@@ -12,17 +12,17 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::config::{HealthConf, RetryConf, UpstreamConf};
 use crate::fleet::{now_ms, EngineState, Fleet, Pool, SharedFleet};
 use crate::http::client::ClientConn;
-use crate::http::server::{Handler, Request, Responder, Response};
+use crate::http::server::{content_length_line, Handler, Request, Responder, Response};
 use crate::http::sse::SseScanner;
 use crate::http::{HttpError, Method, ResponseHead};
 use crate::metrics::Metrics;
@@ -32,6 +32,8 @@ use crate::policy::{pick, PickInput};
 const MAX_EJECT_MS: u64 = 60_000;
 /// Largest error body read from an engine before retrying elsewhere.
 const MAX_DISCARD_BYTES: usize = 64 * 1024;
+/// Most engines one request is tried on.
+const MAX_ATTEMPTS: usize = 16;
 
 /// vLLM's error `type` for a status (its error JSON is the OpenAI shape clients expect).
 pub fn error_type(status: u16) -> &'static str {
@@ -78,16 +80,16 @@ pub struct PathConf {
 }
 
 /// Keeps an engine's in-flight count raised while alive.
-struct Charge(Arc<EngineState>);
+struct Charge<'a>(&'a EngineState);
 
-impl Charge {
-    fn new(e: &Arc<EngineState>) -> Charge {
+impl<'a> Charge<'a> {
+    fn new(e: &'a EngineState) -> Charge<'a> {
         e.in_flight.fetch_add(1, Ordering::Relaxed);
-        Charge(Arc::clone(e))
+        Charge(e)
     }
 }
 
-impl Drop for Charge {
+impl Drop for Charge<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -117,6 +119,10 @@ struct Peek<'a> {
 /// One worker's proxy handler. Its upstream connection pool is per worker (no sharing).
 pub struct Proxy {
     fleet: SharedFleet,
+    /// This worker's handle on the current fleet: requests clone the `Rc` (no atomic on a line
+    /// other cores write); it is replaced when a reload swaps the shared fleet.
+    #[allow(clippy::redundant_allocation)] // the Rc is the point: a per-worker count
+    local_fleet: RefCell<Rc<Arc<Fleet>>>,
     metrics: Arc<Metrics>,
     conf: Arc<PathConf>,
     idle: RefCell<HashMap<SocketAddr, Vec<ClientConn>>>,
@@ -157,7 +163,26 @@ enum AttemptError {
 impl Proxy {
     /// A handler for one worker.
     pub fn new(fleet: SharedFleet, metrics: Arc<Metrics>, conf: Arc<PathConf>, seed: u64) -> Proxy {
-        Proxy { fleet, metrics, conf, idle: RefCell::default(), rng: RefCell::new(fastrand::Rng::with_seed(seed)) }
+        let local_fleet = RefCell::new(Rc::new(fleet.load_full()));
+        Proxy {
+            fleet,
+            local_fleet,
+            metrics,
+            conf,
+            idle: RefCell::default(),
+            rng: RefCell::new(fastrand::Rng::with_seed(seed)),
+        }
+    }
+
+    /// The current fleet, through this worker's cache.
+    #[allow(clippy::redundant_allocation)] // see `local_fleet`
+    fn current_fleet(&self) -> Rc<Arc<Fleet>> {
+        let shared = self.fleet.load();
+        let mut local = self.local_fleet.borrow_mut();
+        if !Arc::ptr_eq(&shared, &local) {
+            *local = Rc::new(arc_swap::Guard::into_inner(shared));
+        }
+        Rc::clone(&local)
     }
 
     fn passive_failure(&self, e: &EngineState) {
@@ -214,9 +239,8 @@ impl Proxy {
             }
         }
         if !req.body.is_empty() || req.head.method == Method::Post {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(req.body.len().to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
+            let mut cl = [0u8; 40];
+            out.extend_from_slice(content_length_line(&mut cl, req.body.len()));
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&req.body);
@@ -263,38 +287,38 @@ impl Proxy {
         }
     }
 
-    async fn route(&self, req: Request, resp: &mut Responder, model: Option<String>) {
+    async fn route(&self, req: &Request, resp: &mut Responder, model: Option<&str>) {
         let started = Instant::now();
-        let fleet = self.fleet.load_full();
+        let fleet = self.current_fleet();
         let model = match model {
             Some(m) => m,
-            None => fleet.models.first().cloned().unwrap_or_default(),
+            None => fleet.models.first().map_or("", String::as_str),
         };
-        if !fleet.has_model(&model) {
+        if !fleet.has_model(model) {
             self.metrics.rejected(404);
             let _ =
                 resp.send(error_response(404, &format!("The model `{model}` does not exist."), Some("model"))).await;
             return;
         }
-        let Some(pool) = fleet.pool_for(&model) else {
+        let Some(pool) = fleet.pool_for(model) else {
             self.metrics.rejected(503);
             let _ = resp.send(error_response(503, &format!("no engine serves model `{model}`"), None)).await;
             return;
         };
-        let session = req.head.headers().get(&pool.session_header).map(<[u8]>::to_vec);
+        let session = req.head.headers().get(&pool.session_header);
         let mut watch = AbortWatch { metrics: &self.metrics, done: false };
-        let mut tried: Vec<usize> = Vec::new();
+        let mut tried = [0usize; MAX_ATTEMPTS];
         let mut last_error = String::from("no engine available");
         let mut last_timeout = false;
-        let attempts = self.conf.retry.attempts.min(pool.engines.len().max(1));
+        let attempts = self.conf.retry.attempts.min(pool.engines.len().max(1)).min(MAX_ATTEMPTS);
         for attempt in 0..attempts {
-            let pick_in = PickInput { tried: &tried, session: session.as_deref(), now: now_ms() };
+            let pick_in = PickInput { tried: &tried[..attempt], session, now: now_ms() };
             let idx = { pick(pool, &pick_in, &mut self.rng.borrow_mut()) };
             let Some(idx) = idx else { break };
-            tried.push(idx);
+            tried[attempt] = idx;
             let engine = &pool.engines[idx];
             let charge = Charge::new(engine);
-            let wire = Self::upstream_head(&req, engine);
+            let wire = Self::upstream_head(req, engine);
             match self.attempt(engine, &wire).await {
                 Ok((mut conn, head)) => {
                     if head.status == 503 && attempt + 1 < attempts {
@@ -346,15 +370,23 @@ impl Proxy {
         watch.done = true;
     }
 
-    fn response_headers(head: &ResponseHead, pool: &Pool, engine: &EngineState) -> Vec<(Cow<'static, str>, Bytes)> {
-        let mut out: Vec<(Cow<'static, str>, Bytes)> = head
-            .headers()
-            .iter()
-            .filter(|(n, _)| !is_hop(n))
-            .map(|(n, v)| (Cow::Owned(n.to_owned()), Bytes::copy_from_slice(v)))
-            .collect();
-        out.push(("x-gantry-pool".into(), Bytes::from(pool.name.clone())));
-        out.push(("x-gantry-engine".into(), Bytes::from(engine.url.clone())));
+    /// The client's response header lines, in wire form: the engine's end-to-end headers as
+    /// they came, then where the request went. One allocation.
+    fn response_lines(head: &ResponseHead, pool: &Pool, engine: &EngineState) -> Vec<u8> {
+        let mut out = Vec::with_capacity(head.raw().len() + pool.name.len() + engine.url.len() + 40);
+        for (name, value) in head.headers().iter() {
+            if !is_hop(name) {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(b"x-gantry-pool: ");
+        out.extend_from_slice(pool.name.as_bytes());
+        out.extend_from_slice(b"\r\nx-gantry-engine: ");
+        out.extend_from_slice(engine.url.as_bytes());
+        out.extend_from_slice(b"\r\n");
         out
     }
 
@@ -367,7 +399,7 @@ impl Proxy {
         engine: &EngineState,
         started: Instant,
     ) {
-        let headers = Self::response_headers(&head, pool, engine);
+        let lines = Self::response_lines(&head, pool, engine);
         let chunked_or_close = head.headers().get("content-length").is_none();
         let is_sse = head.headers().get_str("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
         let idle = Duration::from_millis(self.conf.upstream.idle_timeout_ms);
@@ -380,8 +412,7 @@ impl Proxy {
                     if head.status == 200 {
                         self.observe_usage(&body);
                     }
-                    let r = Response { status: head.status, headers, body };
-                    if resp.send(r).await.is_ok() {
+                    if resp.send_raw(head.status, &lines, &body).await.is_ok() {
                         self.put_idle(engine.addr, conn);
                     }
                 }
@@ -403,11 +434,7 @@ impl Proxy {
         } else {
             head.headers().get_str("content-length").and_then(|v| v.parse::<u64>().ok())
         };
-        let started_stream = match sized {
-            Some(len) => resp.start_sized_stream(head.status, &headers, len).await,
-            None => resp.start_stream(head.status, &headers).await,
-        };
-        if started_stream.is_err() {
+        if resp.start_stream_raw(head.status, &lines, sized).await.is_err() {
             return;
         }
         conn.stream_reads(crate::http::STREAM_READ_RESERVE);
@@ -567,7 +594,7 @@ impl Handler for Proxy {
             p if post && (ROUTED.contains(&p) || p.starts_with("/v1/") || p == "/tokenize" || p == "/detokenize") => {
                 let peek: Result<Peek<'_>, _> = serde_json::from_slice(&req.body);
                 let model = match peek {
-                    Ok(Peek { model: Some(m), .. }) => Some(m.into_owned()),
+                    Ok(Peek { model: Some(m), .. }) => Some(m),
                     Ok(Peek { model: None, .. }) if ROUTED.contains(&p) => {
                         self.metrics.rejected(400);
                         let _ = resp.send(error_response(400, "Field required: `model`", Some("model"))).await;
@@ -581,7 +608,7 @@ impl Handler for Proxy {
                     }
                     Err(_) => None,
                 };
-                self.route(req, resp, model).await;
+                self.route(&req, resp, model.as_deref()).await;
             }
             "/v1/models"
             | "/health"

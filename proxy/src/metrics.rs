@@ -1,6 +1,11 @@
 //! The proxy's Prometheus metrics (`gantry_*`): atomics written by every worker, rendered on
 //! scrape. No lock is taken on the request path.
+//!
+//! The counters every request touches (histograms, per-engine request counts) are sharded by
+//! worker: each worker thread adds to its own cache-line-aligned shard ([`set_worker`]), so cores
+//! never contend for a counter line; a scrape sums the shards.
 
+use std::cell::Cell;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -14,6 +19,28 @@ fn slot(status: u16) -> usize {
     STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len())
 }
 
+/// Counter shards; worker `i` writes shard `i % SHARDS`.
+pub const SHARDS: usize = 8;
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the calling thread (worker `i`) write its own metric shard.
+pub fn set_worker(i: usize) {
+    SHARD.with(|s| s.set(i % SHARDS));
+}
+
+#[inline]
+fn shard() -> usize {
+    SHARD.with(Cell::get)
+}
+
+/// One shard on its own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
 fn slot_label(i: usize) -> String {
     STATUSES.get(i).map_or_else(|| "other".to_owned(), u16::to_string)
 }
@@ -21,7 +48,7 @@ fn slot_label(i: usize) -> String {
 /// Counters of one engine.
 #[derive(Debug, Default)]
 pub struct EngineCounters {
-    requests: [AtomicU64; SLOTS],
+    requests: [Padded<[AtomicU64; SLOTS]>; SHARDS],
     /// Upstream failures (connect, reset, malformed or truncated responses, timeouts).
     pub upstream_errors: AtomicU64,
     /// Attempts moved from this engine to another.
@@ -33,59 +60,69 @@ pub struct EngineCounters {
 impl EngineCounters {
     /// Counts a request answered with `status`.
     pub fn request(&self, status: u16) {
-        self.requests[slot(status)].fetch_add(1, Ordering::Relaxed);
+        self.requests[shard()].0[slot(status)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests answered with `status` so far.
     pub fn requests(&self, status: u16) -> u64 {
-        self.requests[slot(status)].load(Ordering::Relaxed)
+        self.slot_total(slot(status))
+    }
+
+    fn slot_total(&self, slot: usize) -> u64 {
+        self.requests.iter().map(|s| s.0[slot].load(Ordering::Relaxed)).sum()
     }
 }
 
-/// A histogram over fixed bounds, in atomics.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
+/// Most bounds a histogram has.
+const MAX_BOUNDS: usize = 20;
+
+#[derive(Debug, Default)]
+struct HistShard {
+    counts: [AtomicU64; MAX_BOUNDS],
     sum_micro: AtomicU64,
     count: AtomicU64,
 }
 
+/// A histogram over fixed bounds, in per-worker shards of atomics.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    shards: Box<[Padded<HistShard>]>,
+}
+
 impl Histogram {
-    /// An empty histogram.
+    /// An empty histogram (at most 20 bounds).
     pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micro: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
+        assert!(bounds.len() <= MAX_BOUNDS, "a histogram has at most {MAX_BOUNDS} bounds");
+        Histogram { bounds, shards: (0..SHARDS).map(|_| Padded::default()).collect() }
     }
 
     /// Records `v` (non-negative).
     pub fn observe(&self, v: f64) {
+        let s = &self.shards[shard()].0;
         if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
+            s.counts[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.sum_micro.fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        s.sum_micro.fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        s.count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.shards.iter().map(|s| s.0.count.load(Ordering::Relaxed)).sum()
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cum = 0;
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            cum += c.load(Ordering::Relaxed);
+        for (i, b) in self.bounds.iter().enumerate() {
+            cum += self.shards.iter().map(|s| s.0.counts[i].load(Ordering::Relaxed)).sum::<u64>();
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
         }
         let count = self.count();
+        let sum: u64 = self.shards.iter().map(|s| s.0.sum_micro.load(Ordering::Relaxed)).sum();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -155,7 +192,7 @@ impl Metrics {
         let _ = writeln!(out, "# HELP gantry_requests_total Requests by model, pool, engine and status.\n# TYPE gantry_requests_total counter");
         for (pool, e) in fleet.engines() {
             for i in 0..SLOTS {
-                let n = e.counters.requests[i].load(Ordering::Relaxed);
+                let n = e.counters.slot_total(i);
                 if n > 0 {
                     let _ = writeln!(
                         out,

@@ -132,6 +132,7 @@ pub fn spawn(cfg: Config, config_path: Option<PathBuf>) -> Result<ProxyServer, S
         let t = std::thread::Builder::new()
             .name(format!("gantry-worker-{i}"))
             .spawn(move || {
+                crate::metrics::set_worker(i);
                 let res = rt::block_on(driver, async move {
                     let listener = match monoio::net::TcpListener::from_std(l) {
                         Ok(l) => l,

@@ -169,7 +169,7 @@ impl Responder {
         self.state = RespState::Broken;
     }
 
-    fn write_head(&mut self, status: u16, headers: &[(Cow<'static, str>, Bytes)], framing: &[u8]) {
+    fn write_head(&mut self, status: u16, headers: HeadLines<'_>, framing: &[u8]) {
         let out = &mut self.out;
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -178,11 +178,16 @@ impl Responder {
         out.push(b' ');
         out.extend_from_slice(reason(status).as_bytes());
         out.extend_from_slice(b"\r\n");
-        for (name, value) in headers {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+        match headers {
+            HeadLines::Pairs(pairs) => {
+                for (name, value) in pairs {
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+            HeadLines::Raw(lines) => out.extend_from_slice(lines),
         }
         out.extend_from_slice(framing);
         if !self.keep_alive {
@@ -203,14 +208,24 @@ impl Responder {
 
     /// Sends a whole response (Content-Length framing).
     pub async fn send(&mut self, resp: Response) -> io::Result<()> {
+        self.send_whole(resp.status, HeadLines::Pairs(&resp.headers), &resp.body).await
+    }
+
+    /// Sends a whole response whose header lines are already rendered (`name: value\r\n` each,
+    /// without framing headers): the proxy's path, which copies an engine's head through.
+    pub async fn send_raw(&mut self, status: u16, header_lines: &[u8], body: &[u8]) -> io::Result<()> {
+        self.send_whole(status, HeadLines::Raw(header_lines), body).await
+    }
+
+    async fn send_whole(&mut self, status: u16, headers: HeadLines<'_>, body: &[u8]) -> io::Result<()> {
         if self.state != RespState::Idle {
             return Err(io::Error::other("response already started"));
         }
         let mut cl = [0u8; 40];
-        let framing = content_length_line(&mut cl, resp.body.len());
-        self.write_head(resp.status, &resp.headers, framing);
+        let framing = content_length_line(&mut cl, body.len());
+        self.write_head(status, headers, framing);
         if !self.head_only {
-            self.out.extend_from_slice(&resp.body);
+            self.out.extend_from_slice(body);
         }
         self.state = RespState::Done;
         self.flush().await
@@ -218,12 +233,7 @@ impl Responder {
 
     /// Sends the head of a chunked response; the body follows with [`Responder::send_chunk`].
     pub async fn start_stream(&mut self, status: u16, headers: &[(Cow<'static, str>, Bytes)]) -> io::Result<()> {
-        if self.state != RespState::Idle {
-            return Err(io::Error::other("response already started"));
-        }
-        self.write_head(status, headers, b"transfer-encoding: chunked\r\n");
-        self.state = RespState::Streaming;
-        self.flush().await
+        self.start(status, HeadLines::Pairs(headers), None).await
     }
 
     /// Sends the head of a response whose body of `len` bytes follows in pieces with
@@ -234,14 +244,27 @@ impl Responder {
         headers: &[(Cow<'static, str>, Bytes)],
         len: u64,
     ) -> io::Result<()> {
+        self.start(status, HeadLines::Pairs(headers), Some(len)).await
+    }
+
+    /// [`Responder::start_stream`] (`len` None) or [`Responder::start_sized_stream`] with
+    /// pre-rendered header lines (see [`Responder::send_raw`]).
+    pub async fn start_stream_raw(&mut self, status: u16, header_lines: &[u8], len: Option<u64>) -> io::Result<()> {
+        self.start(status, HeadLines::Raw(header_lines), len).await
+    }
+
+    async fn start(&mut self, status: u16, headers: HeadLines<'_>, len: Option<u64>) -> io::Result<()> {
         if self.state != RespState::Idle {
             return Err(io::Error::other("response already started"));
         }
         let mut cl = [0u8; 40];
-        let framing = content_length_line(&mut cl, len as usize).to_vec();
-        self.write_head(status, headers, &framing);
+        let framing = match len {
+            Some(len) => content_length_line(&mut cl, len as usize),
+            None => b"transfer-encoding: chunked\r\n",
+        };
+        self.write_head(status, headers, framing);
         self.state = RespState::Streaming;
-        self.length_framed = true;
+        self.length_framed = len.is_some();
         self.flush().await
     }
 
@@ -277,6 +300,13 @@ impl Responder {
     }
 }
 
+/// Header lines of a response head: pairs, or bytes already in wire form.
+#[derive(Clone, Copy)]
+enum HeadLines<'a> {
+    Pairs(&'a [(Cow<'static, str>, Bytes)]),
+    Raw(&'a [u8]),
+}
+
 struct SmallNum {
     buf: [u8; 8],
     start: usize,
@@ -303,7 +333,8 @@ fn itoa_u16(n: u16) -> SmallNum {
     SmallNum { buf, start: i }
 }
 
-fn content_length_line(storage: &mut [u8; 40], len: usize) -> &[u8] {
+/// `content-length: N\r\n`, rendered into `storage` without allocating.
+pub(crate) fn content_length_line(storage: &mut [u8; 40], len: usize) -> &[u8] {
     const PREFIX: &[u8] = b"content-length: ";
     storage[..PREFIX.len()].copy_from_slice(PREFIX);
     let mut digits = [0u8; 20];

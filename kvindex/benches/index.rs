@@ -1,0 +1,315 @@
+//! criterion benches of the prefix index against its baselines, in the same run:
+//!
+//! * `lookup/*`: overlap lookups of 32-, 128- and 1,024-block prompts (all hits, each prompt held
+//!   by 2 of the engines) in an index of 1 M blocks with 64, 256 and 1,024 engine slots;
+//!   throughput in looked-up blocks;
+//! * `apply/*`: the writer storing then removing 64-block chains in a full 1 M-block index;
+//!   throughput in applied block operations;
+//! * `concurrent/*`: 128-block lookups while another thread applies events at full speed.
+//!
+//! Baselines (see `baselines/mod.rs`): `RwLock<HashMap<block, engine set>>` and a radix tree of the
+//! reference router's shape. Run: `cargo bench -p gantry-kvindex --bench index` (about 6
+//! minutes); `-- lookup` etc. to pick a group. The segment lives in /dev/shm.
+
+mod baselines;
+
+use baselines::{LockedMap, RadixTree};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gantry_kvindex::index::{IndexOptions, IndexWriter};
+use gantry_kvindex::sink::BlockSink;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+const BLOCKS: usize = 1 << 20;
+
+fn segment_path(name: &str) -> PathBuf {
+    let dir = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    dir.join(format!("gantry-kvindex-bench-{name}-{}", std::process::id()))
+}
+
+fn remove_segment(path: &PathBuf) {
+    let _ = std::fs::remove_file(path);
+    let mut lock = path.clone().into_os_string();
+    lock.push(".lock");
+    let _ = std::fs::remove_file(lock);
+}
+
+/// `BLOCKS` blocks as chains of `len` random hashes, each chain held by two engines.
+struct Data {
+    chains: Vec<Vec<u64>>,
+    holders: Vec<[u16; 2]>,
+    order: Vec<usize>,
+}
+
+impl Data {
+    fn new(len: usize, engines: usize, seed: u64) -> Data {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let n = BLOCKS / len;
+        let chains = (0..n).map(|_| (0..len).map(|_| rng.u64(..)).collect()).collect();
+        let holders = (0..n)
+            .map(|_| {
+                let a = rng.u16(..engines as u16);
+                let b = (a + 1 + rng.u16(..engines as u16 - 1)) % engines as u16;
+                [a, b]
+            })
+            .collect();
+        let order = (0..8192).map(|_| rng.usize(..n)).collect();
+        Data { chains, holders, order }
+    }
+}
+
+fn writer(path: &PathBuf, engines: usize, data: &Data) -> IndexWriter {
+    let opts = IndexOptions { engine_slots: engines, capacity: BLOCKS, ..IndexOptions::default() };
+    let mut w = IndexWriter::create(path, &opts).expect("create segment");
+    for (chain, holders) in data.chains.iter().zip(&data.holders) {
+        for &e in holders {
+            w.store_blocks(e, chain);
+        }
+    }
+    w
+}
+
+fn lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("lookup");
+    g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
+    for engines in [64usize, 256, 1024] {
+        for len in [32usize, 128, 1024] {
+            let data = Data::new(len, engines, (engines * len) as u64);
+            g.throughput(Throughput::Elements(len as u64));
+            let path = segment_path("lookup");
+            {
+                let w = writer(&path, engines, &data);
+                let r = w.reader();
+                let stats = r.stats();
+                eprintln!(
+                    "lookup: {engines} engines: segment {} MiB, {:.1} bytes per block",
+                    stats.total_bytes >> 20,
+                    stats.total_bytes as f64 / stats.capacity as f64
+                );
+                let mut out = r.new_overlaps();
+                let mut i = 0;
+                g.bench_function(BenchmarkId::new(format!("gantry/{engines}e"), len), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % data.order.len();
+                        let d = r.overlaps(&data.chains[data.order[i]], &mut out);
+                        debug_assert_eq!(d as usize, len);
+                        black_box(d)
+                    })
+                });
+            }
+            remove_segment(&path);
+            {
+                let mut m = LockedMap::new(engines);
+                for (chain, holders) in data.chains.iter().zip(&data.holders) {
+                    for &e in holders {
+                        chain.iter().for_each(|&h| m.store(e, h));
+                    }
+                }
+                let m = RwLock::new(m);
+                let mut out = Vec::with_capacity(engines);
+                let mut i = 0;
+                g.bench_function(BenchmarkId::new(format!("rwlock_hashmap/{engines}e"), len), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % data.order.len();
+                        black_box(m.read().unwrap().overlaps(&data.chains[data.order[i]], &mut out))
+                    })
+                });
+            }
+            {
+                let mut t = RadixTree::new();
+                for (chain, holders) in data.chains.iter().zip(&data.holders) {
+                    for &e in holders {
+                        t.store_chain(e, None, chain);
+                    }
+                }
+                let t = RwLock::new(t);
+                let mut i = 0;
+                g.bench_function(BenchmarkId::new(format!("radix_tree/{engines}e"), len), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % data.order.len();
+                        black_box(t.read().unwrap().overlaps(&data.chains[data.order[i]]).len())
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+/// Fresh 64-block chains to store then remove, so the index stays full and steady.
+fn churn_chains(n: usize, seed: u64) -> Vec<Vec<u64>> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| (0..64).map(|_| rng.u64(..)).collect()).collect()
+}
+
+fn apply(c: &mut Criterion) {
+    let mut g = c.benchmark_group("apply");
+    g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3)).sample_size(30);
+    let engines = 256;
+    let data = Data::new(128, engines, 7);
+    let churn = churn_chains(4096, 8);
+    g.throughput(Throughput::Elements(128)); // 64 stores + 64 removals per iteration
+    let path = segment_path("apply");
+    {
+        let mut w = writer(&path, engines, &data);
+        let mut i = 0;
+        g.bench_function("gantry/256e", |b| {
+            b.iter(|| {
+                i = (i + 1) % churn.len();
+                let e = (i % engines) as u16;
+                w.store_blocks(e, &churn[i]);
+                for &h in &churn[i] {
+                    w.remove(e, h);
+                }
+            })
+        });
+    }
+    remove_segment(&path);
+    {
+        let mut m = LockedMap::new(engines);
+        for (chain, holders) in data.chains.iter().zip(&data.holders) {
+            for &e in holders {
+                chain.iter().for_each(|&h| m.store(e, h));
+            }
+        }
+        let m = RwLock::new(m);
+        let mut i = 0;
+        g.bench_function("rwlock_hashmap/256e", |b| {
+            b.iter(|| {
+                i = (i + 1) % churn.len();
+                let e = (i % engines) as u16;
+                // One write lock per event batch of 16 blocks, as a subscriber would take it.
+                for part in churn[i].chunks(16) {
+                    let mut m = m.write().unwrap();
+                    part.iter().for_each(|&h| m.store(e, h));
+                }
+                for part in churn[i].chunks(16) {
+                    let mut m = m.write().unwrap();
+                    part.iter().for_each(|&h| m.remove(e, h));
+                }
+            })
+        });
+    }
+    {
+        let mut t = RadixTree::new();
+        for (chain, holders) in data.chains.iter().zip(&data.holders) {
+            for &e in holders {
+                t.store_chain(e, None, chain);
+            }
+        }
+        let mut i = 0;
+        g.bench_function("radix_tree/256e", |b| {
+            b.iter(|| {
+                i = (i + 1) % churn.len();
+                let e = (i % engines) as u16;
+                t.store_chain(e, None, &churn[i]);
+                for &h in churn[i].iter().rev() {
+                    t.remove(e, h);
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Reader throughput while a writer thread stores and removes churn chains as fast as it can.
+fn concurrent(c: &mut Criterion) {
+    let mut g = c.benchmark_group("concurrent");
+    g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3)).sample_size(30);
+    let engines = 256;
+    let len = 128;
+    let data = Data::new(len, engines, 11);
+    let churn = churn_chains(4096, 12);
+    g.throughput(Throughput::Elements(len as u64));
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = segment_path("concurrent");
+    {
+        let w = writer(&path, engines, &data);
+        let r = w.reader();
+        let (stop2, churn2) = (stop.clone(), churn.clone());
+        let bg = std::thread::spawn(move || {
+            let mut w = w;
+            let mut ops = 0u64;
+            let mut i = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                i = (i + 1) % churn2.len();
+                let e = (i % engines) as u16;
+                for part in churn2[i].chunks(16) {
+                    w.store_blocks(e, part);
+                }
+                for &h in &churn2[i] {
+                    w.remove(e, h);
+                }
+                ops += 128;
+            }
+            ops
+        });
+        let mut out = r.new_overlaps();
+        let mut i = 0;
+        let t0 = std::time::Instant::now();
+        g.bench_function("gantry/256e", |b| {
+            b.iter(|| {
+                i = (i + 1) % data.order.len();
+                black_box(r.overlaps(&data.chains[data.order[i]], &mut out))
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+        let ops = bg.join().unwrap();
+        eprintln!(
+            "concurrent: gantry writer applied {:.1} M block ops/s meanwhile",
+            ops as f64 / t0.elapsed().as_secs_f64() / 1e6
+        );
+    }
+    remove_segment(&path);
+    stop.store(false, Ordering::Relaxed);
+    {
+        let mut m = LockedMap::new(engines);
+        for (chain, holders) in data.chains.iter().zip(&data.holders) {
+            for &e in holders {
+                chain.iter().for_each(|&h| m.store(e, h));
+            }
+        }
+        let m = Arc::new(RwLock::new(m));
+        let (stop2, churn2, m2) = (stop.clone(), churn.clone(), m.clone());
+        let bg = std::thread::spawn(move || {
+            let mut ops = 0u64;
+            let mut i = 0;
+            while !stop2.load(Ordering::Relaxed) {
+                i = (i + 1) % churn2.len();
+                let e = (i % engines) as u16;
+                for part in churn2[i].chunks(16) {
+                    let mut m = m2.write().unwrap();
+                    part.iter().for_each(|&h| m.store(e, h));
+                }
+                for part in churn2[i].chunks(16) {
+                    let mut m = m2.write().unwrap();
+                    part.iter().for_each(|&h| m.remove(e, h));
+                }
+                ops += 128;
+            }
+            ops
+        });
+        let mut out = Vec::with_capacity(engines);
+        let mut i = 0;
+        let t0 = std::time::Instant::now();
+        g.bench_function("rwlock_hashmap/256e", |b| {
+            b.iter(|| {
+                i = (i + 1) % data.order.len();
+                black_box(m.read().unwrap().overlaps(&data.chains[data.order[i]], &mut out))
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+        let ops = bg.join().unwrap();
+        eprintln!(
+            "concurrent: rwlock writer applied {:.1} M block ops/s meanwhile",
+            ops as f64 / t0.elapsed().as_secs_f64() / 1e6
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, lookup, apply, concurrent);
+criterion_main!(benches);

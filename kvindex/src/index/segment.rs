@@ -1,0 +1,173 @@
+//! The memory-mapped segment file: creating, validating and mapping it.
+#![allow(unsafe_code)] // the mapping becomes a slice of atomics here, and only here
+//!
+//! This is the only module of the index with `unsafe`: it turns the mapping into a slice of
+//! `AtomicU64`. Everything else works on that slice.
+
+use super::layout::*;
+use super::table::Table;
+use super::IndexError;
+use crate::sync::AtomicU64;
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+/// A mapped segment. Shared (`Arc`) by the writer and the readers of one process.
+pub(crate) struct Segment {
+    map: MmapRaw,
+    shape: Shape,
+    path: PathBuf,
+    writable: bool,
+}
+
+impl Segment {
+    /// Maps an existing segment file read-only (a reader) or read-write (a writer taking it
+    /// over), and validates its header.
+    pub(crate) fn open(path: &Path, writable: bool) -> Result<Segment, IndexError> {
+        let file =
+            OpenOptions::new().read(true).write(writable).open(path).map_err(|e| IndexError::io(path, "open", e))?;
+        let len = file.metadata().map_err(|e| IndexError::io(path, "stat", e))?.len();
+        if len < (HEADER_WORDS * 8) as u64 {
+            return Err(IndexError::Invalid { path: path.into(), why: format!("{len} bytes, too short for a header") });
+        }
+        let map = map(&file, len as usize, writable, path)?;
+        let seg = Segment { map, shape: Shape::new(0, 0, 0), path: path.into(), writable };
+        let shape = seg.validate(len)?;
+        Ok(Segment { shape, ..seg })
+    }
+
+    /// Creates a fresh segment of `shape` at a temporary path next to `path`, initialises its
+    /// header and renames it over `path`, so readers never map a half-made segment. The file has
+    /// mode 0600.
+    pub(crate) fn create(path: &Path, shape: Shape) -> Result<Segment, IndexError> {
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| IndexError::io(&tmp, "create", e))?;
+        let bytes = shape.total_bytes();
+        file.set_len(bytes as u64).map_err(|e| IndexError::io(&tmp, "size", e))?;
+        let map = map(&file, bytes, true, &tmp)?;
+        let seg = Segment { map, shape, path: path.into(), writable: true };
+        let h = |w: usize| seg.word(w);
+        h(H_VERSION).store(LAYOUT_VERSION, Relaxed);
+        h(H_ENGINE_SLOTS).store(shape.engine_slots as u64, Relaxed);
+        h(H_BIT_WORDS).store(shape.bit_words as u64, Relaxed);
+        h(H_CAPACITY).store(shape.capacity as u64, Relaxed);
+        h(H_TABLE_SLOTS).store(shape.table_slots as u64, Relaxed);
+        h(H_APPROX_CAPACITY).store(shape.approx_capacity as u64, Relaxed);
+        h(H_APPROX_SLOTS).store(shape.approx_slots as u64, Relaxed);
+        h(H_TOTAL_BYTES).store(bytes as u64, Relaxed);
+        h(H_CREATED_UNIX_MS).store(unix_ms(), Relaxed);
+        h(H_STATE).store(STATE_LIVE, Relaxed);
+        h(H_MAGIC).store(MAGIC, Release);
+        std::fs::rename(&tmp, path).map_err(|e| IndexError::io(path, "rename a new segment to", e))?;
+        Ok(seg)
+    }
+
+    fn validate(&self, file_len: u64) -> Result<Shape, IndexError> {
+        let bad = |why: String| Err(IndexError::Invalid { path: self.path.clone(), why });
+        let magic = self.word(H_MAGIC).load(Acquire);
+        if magic != MAGIC {
+            return bad(format!("bad magic {magic:#018x}: not a gantry kvindex segment"));
+        }
+        let version = self.word(H_VERSION).load(Relaxed);
+        if version != LAYOUT_VERSION {
+            return bad(format!("layout version {version}, this build reads version {LAYOUT_VERSION}"));
+        }
+        let get = |w: usize| self.word(w).load(Relaxed) as usize;
+        let engine_slots = get(H_ENGINE_SLOTS);
+        if engine_slots == 0 || engine_slots > MAX_ENGINE_SLOTS {
+            return bad(format!("engine_slots {engine_slots} outside 1..={MAX_ENGINE_SLOTS}"));
+        }
+        let capacity = get(H_CAPACITY);
+        let approx_capacity = get(H_APPROX_CAPACITY);
+        if capacity == 0 || capacity > 1 << 40 || approx_capacity > 1 << 40 {
+            return bad(format!("capacity {capacity} / approx capacity {approx_capacity} out of range"));
+        }
+        let shape = Shape::new(engine_slots, capacity, approx_capacity);
+        let stored = (get(H_BIT_WORDS), get(H_TABLE_SLOTS), get(H_APPROX_SLOTS), get(H_TOTAL_BYTES));
+        let expected = (shape.bit_words, shape.table_slots, shape.approx_slots, shape.total_bytes());
+        if stored != expected {
+            return bad(format!("shape words {stored:?} disagree with {expected:?} derived from the header"));
+        }
+        if file_len < shape.total_bytes() as u64 || self.map.len() < shape.total_bytes() {
+            return bad(format!("truncated: {file_len} bytes on disk, the header says {}", shape.total_bytes()));
+        }
+        Ok(shape)
+    }
+
+    pub(crate) fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// Whether this process may store into the mapping (readers flush counters only then).
+    pub(crate) fn writable(&self) -> bool {
+        self.writable
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All words of the mapping.
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is page-aligned (so 8-byte aligned), at least `len` bytes long and
+        // lives as long as `self`. `AtomicU64` has the size and alignment of `u64`, and every
+        // access to these bytes, by this process or any other, is atomic, so shared access from
+        // many threads and processes is not a data race. A read-only mapping is only ever
+        // loaded from (`Segment::open` with `writable = false` is for readers, which never
+        // store; see `writable`), and atomic loads of 64 bits from read-only memory are allowed.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr() as *const AtomicU64, self.map.len() / 8) }
+    }
+
+    /// Header word `w`.
+    #[inline]
+    pub(crate) fn word(&self, w: usize) -> &AtomicU64 {
+        &self.words()[w]
+    }
+
+    /// Engine-table words of `slot`.
+    pub(crate) fn engine(&self, slot: usize) -> &[AtomicU64] {
+        let start = self.shape.engines_word() + slot * ENGINE_WORDS;
+        &self.words()[start..start + ENGINE_WORDS]
+    }
+
+    /// The exact table.
+    #[inline]
+    pub(crate) fn exact(&self) -> Table<'_> {
+        let s = &self.shape;
+        let start = s.table_word();
+        let words = &self.words()[start..start + Table::words_for(s.table_slots, s.bit_words)];
+        Table::new(words, self.word(H_MOVES), s.table_slots, s.bit_words)
+    }
+
+    /// The approximate table, when the segment has one.
+    #[inline]
+    pub(crate) fn approx(&self) -> Option<Table<'_>> {
+        let s = &self.shape;
+        if s.approx_slots == 0 {
+            return None;
+        }
+        let start = s.approx_word();
+        let words = &self.words()[start..start + Table::words_for(s.approx_slots, s.bit_words)];
+        Some(Table::new(words, self.word(H_APPROX_MOVES), s.approx_slots, s.bit_words))
+    }
+}
+
+fn map(file: &File, len: usize, writable: bool, path: &Path) -> Result<MmapRaw, IndexError> {
+    let mut opts = MmapOptions::new();
+    opts.len(len);
+    let map = if writable { opts.map_raw(file) } else { opts.map_raw_read_only(file) };
+    map.map_err(|e| IndexError::io(path, "mmap", e))
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,484 @@
+//! Applies decoded events to a [`BlockSink`]: Gantry hashes, per-engine private maps, DP-rank refcounts, caps.
+//!
+//! [`EventApplier`] is plain data (no sockets, no threads): the subscriber thread owns one and
+//! feeds it the payloads its sequence tracking accepted; unit tests drive it directly with a map
+//! sink (`subscriber/tests.rs`).
+//!
+//! # State per engine
+//!
+//! * The **private map** `(dp_rank, vLLM hash) -> (Gantry hash, tiers, stamp)`. `BlockRemoved`
+//!   carries only vLLM hashes, so this is how removals find the Gantry hash; `parent_block_hash`
+//!   is resolved through it too. `tiers` is a bit set of the media (`"GPU"`, `"CPU"`, ...) that
+//!   hold the block: bit 0 is the GPU (medium absent or `"GPU"`), bits 1..=14 are other media
+//!   names in the order they are first seen (shared by all engines), bit 15 every further name.
+//! * **GPU refcounts** `Gantry hash -> number of private-map entries with the GPU bit` (across
+//!   all DP ranks of the engine). [`BlockSink::store`] is called when a count goes 0 -> 1 and
+//!   [`BlockSink::remove`] when it goes 1 -> 0, so a block held by two ranks stays in the index
+//!   until both evicted it. Only the GPU tier reaches the sink.
+//! * A FIFO of `(key, stamp)` in insertion order with lazy deletion (an entry is live when its
+//!   stamp matches the map's), compacted when dead entries outnumber live ones.
+//!
+//! # The bound
+//!
+//! An engine holds at most `max_blocks` private-map entries (all ranks and tiers together,
+//! [`super::DEFAULT_MAX_BLOCKS`] by default). After each event that leaves more, the oldest
+//! entries (by last store) are dropped, removed from the sink when no other entry holds their
+//! Gantry hash, and counted in [`Counter::OverCapacity`]. One engine's flood therefore costs only
+//! its own oldest entries. Memory is about 100 bytes per entry (map, FIFO, refcount), so the
+//! default cap bounds an engine at roughly 100 MiB; a healthy engine stays far below it because
+//! vLLM reports every eviction.
+
+use hashbrown::hash_map::Entry as MapEntry;
+use hashbrown::HashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::trace;
+
+use super::{EngineSource, SubscriberError};
+use crate::decode::{decode_batch, DecodeError, DecodedBatch, DecodedEvent, RemovedEvent, StoredEvent};
+use crate::hash::{block_hash, extra_hash};
+use crate::sink::{BlockSink, Counter, EngineSlot};
+
+/// A snapshot of counter values, indexable by [`Counter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CounterValues([u64; Counter::ALL.len()]);
+
+impl CounterValues {
+    /// The value of one counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter.index()]
+    }
+}
+
+impl std::ops::Index<Counter> for CounterValues {
+    type Output = u64;
+    fn index(&self, counter: Counter) -> &u64 {
+        &self.0[counter.index()]
+    }
+}
+
+/// Counters shared between the thread that applies events and handles that read statistics.
+/// Plain statistics: `Relaxed` everywhere, nothing else is published through them.
+#[derive(Default)]
+pub(crate) struct SharedCounters {
+    counters: [AtomicU64; Counter::ALL.len()],
+    blocks: AtomicU64,
+}
+
+impl SharedCounters {
+    pub(crate) fn add(&self, counter: Counter, n: u64) {
+        self.counters[counter.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn values(&self) -> CounterValues {
+        CounterValues(std::array::from_fn(|i| self.counters[i].load(Ordering::Relaxed)))
+    }
+
+    pub(crate) fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Relaxed)
+    }
+}
+
+/// Turns decoded KV events of many engines into [`BlockSink`] calls (see the module doc).
+pub struct EventApplier<S> {
+    sink: S,
+    engines: HashMap<EngineSlot, EngineState>,
+    tiers: Tiers,
+    totals: Arc<SharedCounters>,
+}
+
+impl<S: BlockSink> EventApplier<S> {
+    /// An applier with no engines, feeding `sink`.
+    pub fn new(sink: S) -> Self {
+        EventApplier { sink, engines: HashMap::new(), tiers: Tiers::default(), totals: Arc::default() }
+    }
+
+    /// Starts tracking an engine (its block size, seed, DP ranks and cap; the endpoints are not
+    /// used here). Fails when the source is invalid or the slot is taken.
+    pub fn add_engine(&mut self, source: &EngineSource) -> Result<(), SubscriberError> {
+        source.validate()?;
+        match self.engines.entry(source.slot) {
+            MapEntry::Occupied(_) => Err(SubscriberError::SlotInUse { slot: source.slot }),
+            MapEntry::Vacant(v) => {
+                v.insert(EngineState::new(source));
+                Ok(())
+            }
+        }
+    }
+
+    /// Stops tracking an engine and removes every block it had in the sink (counted as a
+    /// resync). Returns `false` when the slot was not tracked.
+    pub fn remove_engine(&mut self, slot: EngineSlot) -> bool {
+        let Some(engine) = self.engines.remove(&slot) else { return false };
+        for &hash in engine.gpu_refs.keys() {
+            self.sink.remove(slot, hash);
+        }
+        engine.counters.blocks.store(0, Ordering::Relaxed);
+        self.count_for(&engine.counters, Counter::Resyncs, 1);
+        true
+    }
+
+    /// Decodes one payload and applies it as DP rank `rank` of engine `slot`. A payload that does
+    /// not decode is counted in [`Counter::DecodeErrors`] and returned; nothing of it is applied.
+    /// Unknown slots and ranks are ignored.
+    pub fn apply_payload(&mut self, slot: EngineSlot, rank: u32, payload: &[u8]) -> Result<(), DecodeError> {
+        match decode_batch(payload) {
+            Ok(batch) => {
+                self.apply_batch(slot, rank, &batch);
+                Ok(())
+            }
+            Err(e) => {
+                self.count(slot, Counter::DecodeErrors, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies a decoded batch as DP rank `rank` of engine `slot` (ignored when unknown).
+    pub fn apply_batch(&mut self, slot: EngineSlot, rank: u32, batch: &DecodedBatch<'_>) {
+        let EventApplier { sink, engines, tiers, totals } = self;
+        let Some(engine) = engines.get_mut(&slot) else { return };
+        if rank >= engine.dp_ranks {
+            return;
+        }
+        let counters = Arc::clone(&engine.counters);
+        let mut out = Out { sink, totals, counters: &counters, slot };
+        let unknown = u64::from(batch.unknown_events) + u64::from(batch.unknown_fields);
+        if unknown > 0 {
+            out.count(Counter::UnknownFields, unknown);
+        }
+        for event in &batch.events {
+            match event {
+                DecodedEvent::BlockStored(e) => engine.stored(&mut out, tiers, rank, e),
+                DecodedEvent::BlockRemoved(e) => engine.removed(&mut out, tiers, rank, e),
+                DecodedEvent::AllBlocksCleared => {
+                    engine.clear_rank(&mut out, rank);
+                    out.count(Counter::Resyncs, 1);
+                    out.count(Counter::EventsApplied, 1);
+                }
+            }
+        }
+        engine.publish_len();
+    }
+
+    /// Forgets everything DP rank `rank` of engine `slot` reported (a restart, a gap that could
+    /// not be replayed), removing from the sink what no other rank holds; counted as a resync.
+    pub fn clear_rank(&mut self, slot: EngineSlot, rank: u32) {
+        let EventApplier { sink, engines, totals, .. } = self;
+        let Some(engine) = engines.get_mut(&slot) else { return };
+        let counters = Arc::clone(&engine.counters);
+        let mut out = Out { sink, totals, counters: &counters, slot };
+        engine.clear_rank(&mut out, rank);
+        out.count(Counter::Resyncs, 1);
+        engine.publish_len();
+    }
+
+    /// Adds `n` to `counter` for engine `slot` (and the totals and the sink); ignored when the
+    /// slot is unknown.
+    pub fn count(&mut self, slot: EngineSlot, counter: Counter, n: u64) {
+        if let Some(engine) = self.engines.get(&slot) {
+            let counters = Arc::clone(&engine.counters);
+            self.count_for(&counters, counter, n);
+        }
+    }
+
+    fn count_for(&mut self, counters: &SharedCounters, counter: Counter, n: u64) {
+        counters.add(counter, n);
+        self.totals.add(counter, n);
+        self.sink.count(counter, n);
+    }
+
+    /// Counter values of engine `slot` and its private-map size, or `None` when not tracked.
+    pub fn engine_stats(&self, slot: EngineSlot) -> Option<(CounterValues, u64)> {
+        self.engines.get(&slot).map(|e| (e.counters.values(), e.counters.blocks()))
+    }
+
+    /// Counter totals over every engine this applier has tracked.
+    pub fn totals(&self) -> CounterValues {
+        self.totals.values()
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    /// The sink, mutably (for [`BlockSink::maintain`]).
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// The counters behind [`EventApplier::engine_stats`], for handles on other threads.
+    pub(crate) fn shared_counters(&self, slot: EngineSlot) -> Option<Arc<SharedCounters>> {
+        self.engines.get(&slot).map(|e| Arc::clone(&e.counters))
+    }
+
+    /// `(FIFO length, private-map length)` of an engine, to check the FIFO stays compact.
+    #[cfg(test)]
+    pub(crate) fn fifo_len(&self, slot: EngineSlot) -> Option<(usize, usize)> {
+        self.engines.get(&slot).map(|e| (e.order.len(), e.map.len()))
+    }
+
+    /// The counters behind [`EventApplier::totals`].
+    pub(crate) fn shared_totals(&self) -> Arc<SharedCounters> {
+        Arc::clone(&self.totals)
+    }
+}
+
+/// Where one engine's operations go: the sink plus the engine's and the global counters.
+struct Out<'a, S> {
+    sink: &'a mut S,
+    totals: &'a SharedCounters,
+    counters: &'a SharedCounters,
+    slot: EngineSlot,
+}
+
+impl<S: BlockSink> Out<'_, S> {
+    fn count(&mut self, counter: Counter, n: u64) {
+        self.counters.add(counter, n);
+        self.totals.add(counter, n);
+        self.sink.count(counter, n);
+    }
+}
+
+/// Bit 0 of [`Entry::tiers`]: the engine's device memory, the only tier the sink sees.
+const GPU: u16 = 1;
+/// Bit for every medium beyond the first [`NAMED_TIERS`] non-GPU names.
+const OTHER: u16 = 1 << 15;
+/// Non-GPU media names that get their own bit (bits 1..=14).
+const NAMED_TIERS: usize = 14;
+
+/// Non-GPU media names seen so far, in order (`names[i]` is bit `i + 1`).
+#[derive(Default)]
+struct Tiers {
+    names: Vec<Box<str>>,
+}
+
+impl Tiers {
+    /// The bit for a store's medium, naming a new medium if there is room.
+    fn bit_for_store(&mut self, medium: Option<&str>) -> u16 {
+        match medium {
+            None | Some("GPU") => GPU,
+            Some(m) => match self.names.iter().position(|n| &**n == m) {
+                Some(i) => 2 << i,
+                None if self.names.len() < NAMED_TIERS => {
+                    self.names.push(m.into());
+                    2 << (self.names.len() - 1)
+                }
+                None => OTHER,
+            },
+        }
+    }
+
+    /// The bit for a removal's medium; `None` when no store ever used it (nothing to remove).
+    fn bit_for_remove(&self, medium: Option<&str>) -> Option<u16> {
+        match medium {
+            None | Some("GPU") => Some(GPU),
+            Some(m) => match self.names.iter().position(|n| &**n == m) {
+                Some(i) => Some(2 << i),
+                None if self.names.len() == NAMED_TIERS => Some(OTHER),
+                None => None,
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    vllm: u64,
+    rank: u32,
+}
+
+struct Entry {
+    gantry: u64,
+    tiers: u16,
+    /// Position in insertion order; matches the FIFO entry that is this entry's live one.
+    stamp: u64,
+}
+
+struct EngineState {
+    dp_ranks: u32,
+    block_size: u32,
+    seed: u64,
+    max_blocks: usize,
+    map: HashMap<Key, Entry>,
+    order: VecDeque<(Key, u64)>,
+    next_stamp: u64,
+    gpu_refs: HashMap<u64, u32>,
+    counters: Arc<SharedCounters>,
+}
+
+impl EngineState {
+    fn new(source: &EngineSource) -> Self {
+        EngineState {
+            dp_ranks: source.dp_ranks,
+            block_size: source.block_size,
+            seed: source.seed,
+            max_blocks: source.max_blocks,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            next_stamp: 0,
+            gpu_refs: HashMap::new(),
+            counters: Arc::default(),
+        }
+    }
+
+    fn publish_len(&self) {
+        self.counters.blocks.store(self.map.len() as u64, Ordering::Relaxed);
+    }
+
+    fn stored<S: BlockSink>(&mut self, out: &mut Out<'_, S>, tiers: &mut Tiers, rank: u32, e: &StoredEvent<'_>) {
+        let skip = |out: &mut Out<'_, S>, why: &'static str| {
+            trace!(engine = out.slot, rank, why, "BlockStored skipped");
+            out.count(Counter::EventsSkipped, 1);
+        };
+        if !matches!(e.kv_cache_spec_kind, None | Some("full_attention") | Some("mla_attention")) {
+            return skip(out, "kv_cache_spec_kind not indexed");
+        }
+        if e.block_size != Some(self.block_size) {
+            return skip(out, "block_size differs from the engine's");
+        }
+        let bs = self.block_size as usize;
+        if e.block_hashes.len().checked_mul(bs) != Some(e.token_ids.len()) {
+            return skip(out, "token count is not block_hashes * block_size");
+        }
+        if e.extra_keys.as_ref().is_some_and(|k| k.len() != e.block_hashes.len()) {
+            return skip(out, "extra_keys length differs from block_hashes");
+        }
+        let mut parent = match e.parent_block_hash {
+            None => self.seed,
+            Some(p) => match self.map.get(&Key { vllm: p, rank }) {
+                Some(entry) => entry.gantry,
+                None => return skip(out, "unknown parent_block_hash"),
+            },
+        };
+        let bit = tiers.bit_for_store(e.medium);
+        for (i, (&vllm, tokens)) in e.block_hashes.iter().zip(e.token_ids.chunks_exact(bs)).enumerate() {
+            let extra = e.extra_keys.as_ref().and_then(|k| k[i]).map_or(0, extra_hash);
+            let gantry = block_hash(parent, tokens, extra);
+            self.insert(out, Key { vllm, rank }, gantry, bit);
+            parent = gantry;
+        }
+        self.enforce_cap(out);
+        out.count(Counter::EventsApplied, 1);
+    }
+
+    fn insert<S: BlockSink>(&mut self, out: &mut Out<'_, S>, key: Key, gantry: u64, bit: u16) {
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        let EngineState { map, order, gpu_refs, .. } = self;
+        match map.entry(key) {
+            MapEntry::Occupied(mut o) => {
+                let entry = o.get_mut();
+                if entry.gantry != gantry && entry.tiers & GPU != 0 {
+                    // Same vLLM hash, other content (a collision or a reused hash): re-point it.
+                    unref(gpu_refs, out, entry.gantry);
+                    add_ref(gpu_refs, out, gantry);
+                }
+                entry.gantry = gantry;
+                if entry.tiers & bit == 0 {
+                    entry.tiers |= bit;
+                    if bit == GPU {
+                        add_ref(gpu_refs, out, gantry);
+                    }
+                }
+                entry.stamp = stamp;
+            }
+            MapEntry::Vacant(v) => {
+                v.insert(Entry { gantry, tiers: bit, stamp });
+                if bit == GPU {
+                    add_ref(gpu_refs, out, gantry);
+                }
+            }
+        }
+        order.push_back((key, stamp));
+    }
+
+    fn removed<S: BlockSink>(&mut self, out: &mut Out<'_, S>, tiers: &Tiers, rank: u32, e: &RemovedEvent<'_>) {
+        out.count(Counter::EventsApplied, 1);
+        // Removals of hashes (or media) never stored are expected after a late join: ignored.
+        let Some(bit) = tiers.bit_for_remove(e.medium) else { return };
+        let EngineState { map, gpu_refs, .. } = self;
+        for &vllm in &e.block_hashes {
+            let MapEntry::Occupied(mut o) = map.entry(Key { vllm, rank }) else { continue };
+            let entry = o.get_mut();
+            if entry.tiers & bit == 0 {
+                continue;
+            }
+            entry.tiers &= !bit;
+            if bit == GPU {
+                unref(gpu_refs, out, entry.gantry);
+            }
+            if entry.tiers == 0 {
+                o.remove();
+            }
+        }
+        self.compact();
+    }
+
+    fn clear_rank<S: BlockSink>(&mut self, out: &mut Out<'_, S>, rank: u32) {
+        let EngineState { map, gpu_refs, .. } = self;
+        map.retain(|key, entry| {
+            if key.rank != rank {
+                return true;
+            }
+            if entry.tiers & GPU != 0 {
+                unref(gpu_refs, out, entry.gantry);
+            }
+            false
+        });
+        self.compact();
+    }
+
+    /// Drops the oldest entries beyond `max_blocks` (see the module doc).
+    fn enforce_cap<S: BlockSink>(&mut self, out: &mut Out<'_, S>) {
+        let mut dropped = 0;
+        while self.map.len() > self.max_blocks {
+            let Some((key, stamp)) = self.order.pop_front() else { break };
+            if let MapEntry::Occupied(o) = self.map.entry(key) {
+                if o.get().stamp == stamp {
+                    let entry = o.remove();
+                    if entry.tiers & GPU != 0 {
+                        unref(&mut self.gpu_refs, out, entry.gantry);
+                    }
+                    dropped += 1;
+                }
+            }
+        }
+        if dropped > 0 {
+            out.count(Counter::OverCapacity, dropped);
+        }
+        self.compact();
+    }
+
+    /// Rebuilds the FIFO without dead entries once they outnumber the live ones (amortised O(1)
+    /// per operation).
+    fn compact(&mut self) {
+        if self.map.is_empty() {
+            self.order.clear();
+        } else if self.order.len() > 2 * self.map.len() + 64 {
+            let map = &self.map;
+            self.order.retain(|(key, stamp)| map.get(key).is_some_and(|e| e.stamp == *stamp));
+        }
+    }
+}
+
+fn add_ref<S: BlockSink>(refs: &mut HashMap<u64, u32>, out: &mut Out<'_, S>, gantry: u64) {
+    let n = refs.entry(gantry).or_insert(0);
+    *n += 1;
+    if *n == 1 {
+        out.sink.store(out.slot, gantry);
+    }
+}
+
+fn unref<S: BlockSink>(refs: &mut HashMap<u64, u32>, out: &mut Out<'_, S>, gantry: u64) {
+    if let MapEntry::Occupied(mut o) = refs.entry(gantry) {
+        *o.get_mut() -= 1;
+        if *o.get() == 0 {
+            o.remove();
+            out.sink.remove(out.slot, gantry);
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The shared-memory index against a plain `HashMap` model, plus segment handling: reopening,
+//! refusing foreign or truncated files, the writer lock, and a writer in another process.
+
+use gantry_kvindex::index::{IndexError, IndexOptions, IndexReader, IndexWriter, Overlaps};
+use gantry_kvindex::sink::{BlockSink, EngineSlot};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A fresh directory for one test's segment files (removed on drop).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("gantry-kvindex-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn path(&self) -> PathBuf {
+        self.0.join("segment")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn opts(engine_slots: usize, capacity: usize) -> IndexOptions {
+    IndexOptions { engine_slots, capacity, ..IndexOptions::default() }
+}
+
+/// The model: block → engines holding it.
+#[derive(Default)]
+struct Model(HashMap<u64, HashSet<EngineSlot>>);
+
+impl Model {
+    /// Per engine, the number of leading `hashes` it holds (the definition, block by block).
+    fn overlaps(&self, hashes: &[u64], engines: usize) -> Vec<u32> {
+        let mut depth = vec![0u32; engines];
+        for (i, h) in hashes.iter().enumerate() {
+            let Some(holders) = self.0.get(h) else { break };
+            for &e in holders {
+                if depth[e as usize] == i as u32 {
+                    depth[e as usize] += 1;
+                }
+            }
+        }
+        depth
+    }
+    fn blocks(&self, e: EngineSlot) -> u64 {
+        self.0.values().filter(|s| s.contains(&e)).count() as u64
+    }
+}
+
+fn assert_overlaps(reader: &IndexReader, model: &Model, hashes: &[u64], out: &mut Overlaps, engines: usize) {
+    let deepest = reader.overlaps(hashes, out);
+    let want = model.overlaps(hashes, engines);
+    for (e, &w) in want.iter().enumerate() {
+        assert_eq!(out.get(e as EngineSlot), w, "engine {e}, prompt {hashes:x?}");
+    }
+    assert_eq!(deepest, want.iter().copied().max().unwrap_or(0));
+    assert!(out.as_slice().iter().all(|o| o.blocks > 0));
+}
+
+/// Random stores, removals and engine clears on a few chains that share prefixes; after every
+/// step the index answers every prompt exactly as the model does. Engine slots span several bit
+/// words, and the table is small so probe chains collide and wrap around.
+#[test]
+fn random_operations_match_a_hashmap_model() {
+    for (seed, engines) in [(1u64, 3usize), (2, 70), (3, 130)] {
+        let dir = TempDir::new(&format!("model-{seed}"));
+        let mut w = IndexWriter::create(dir.path(), &opts(engines, 512)).unwrap();
+        let reader = w.reader();
+        let mut out = reader.new_overlaps();
+        let mut model = Model::default();
+        let mut rng = fastrand::Rng::with_seed(seed);
+        // 12 chains of 24 blocks; chains 2k and 2k+1 share their first 8 blocks.
+        let chains: Vec<Vec<u64>> = (0..12)
+            .map(|c| (0..24).map(|b| if b < 8 { (c / 2) * 1000 + b } else { c * 1000 + b + 100 }).collect())
+            .collect();
+        let engine = |rng: &mut fastrand::Rng| rng.usize(..engines) as EngineSlot;
+        for step in 0..3000 {
+            match rng.u8(..100) {
+                0..=54 => {
+                    let (e, c) = (engine(&mut rng), rng.usize(..chains.len()));
+                    let n = rng.usize(1..=24);
+                    w.store_blocks(e, &chains[c][..n]);
+                    for &h in &chains[c][..n] {
+                        model.0.entry(h).or_default().insert(e);
+                    }
+                }
+                55..=94 => {
+                    let (e, c) = (engine(&mut rng), rng.usize(..chains.len()));
+                    let h = chains[c][rng.usize(..24)];
+                    w.remove(e, h);
+                    if let Some(s) = model.0.get_mut(&h) {
+                        s.remove(&e);
+                        if s.is_empty() {
+                            model.0.remove(&h);
+                        }
+                    }
+                }
+                _ => {
+                    let e = engine(&mut rng);
+                    w.clear_engine(e);
+                    model.0.values_mut().for_each(|s| {
+                        s.remove(&e);
+                    });
+                    model.0.retain(|_, s| !s.is_empty());
+                }
+            }
+            if step % 7 == 0 {
+                for c in &chains {
+                    assert_overlaps(&reader, &model, c, &mut out, engines);
+                    if step % 91 == 0 {
+                        for h in c {
+                            assert_overlaps(&reader, &model, std::slice::from_ref(h), &mut out, engines);
+                        }
+                    }
+                }
+            }
+        }
+        for e in 0..engines as EngineSlot {
+            assert_eq!(reader.engine_blocks(e), model.blocks(e), "engine {e} block count");
+        }
+        let stats = reader.stats();
+        let entries = stats.writer.iter().find(|(n, _)| *n == "entries").unwrap().1;
+        assert_eq!(entries, model.0.len() as u64);
+    }
+}
+
+/// A full table evicts instead of failing, never holds more than its capacity, and never claims a
+/// block an engine does not hold (eviction only forgets).
+#[test]
+fn full_table_evicts_and_never_invents_blocks() {
+    let dir = TempDir::new("evict");
+    let mut w = IndexWriter::create(dir.path(), &opts(8, 100)).unwrap();
+    let reader = w.reader();
+    let mut model = Model::default();
+    let mut rng = fastrand::Rng::with_seed(9);
+    for i in 0..2000u64 {
+        let e = rng.u16(..8);
+        let h = rng.u64(..400);
+        w.store(e, h);
+        model.0.entry(h).or_default().insert(e);
+        if i % 3 == 0 {
+            let (e, h) = (rng.u16(..8), rng.u64(..400));
+            w.remove(e, h);
+            if let Some(s) = model.0.get_mut(&h) {
+                s.remove(&e);
+            }
+        }
+    }
+    let stats = reader.stats();
+    let get = |name: &str| stats.writer.iter().find(|(n, _)| *n == name).unwrap().1;
+    assert!(get("entries") <= 100, "{} entries in a table of capacity 100", get("entries"));
+    assert!(get("evictions") > 0);
+    let mut out = reader.new_overlaps();
+    let mut held = 0;
+    for h in 0..400u64 {
+        reader.overlaps(&[h], &mut out);
+        for o in out.as_slice() {
+            held += 1;
+            assert!(model.0[&h].contains(&o.engine), "index claims engine {} holds {h}", o.engine);
+        }
+    }
+    assert!(held > 0);
+    let per_engine: u64 = (0..8).map(|e| reader.engine_blocks(e)).sum();
+    assert_eq!(per_engine, held, "per-engine counts follow evictions");
+}
+
+#[test]
+fn engines_get_stable_slots_and_names() {
+    let dir = TempDir::new("engines");
+    let mut w = IndexWriter::create(dir.path(), &opts(2, 16)).unwrap();
+    let a = w.register_engine("http://127.0.0.1:8101").unwrap();
+    let b = w.register_engine("http://127.0.0.1:8102").unwrap();
+    assert_ne!(a, b);
+    assert_eq!(w.register_engine("http://127.0.0.1:8101").unwrap(), a);
+    let err = w.register_engine("http://127.0.0.1:8103").unwrap_err();
+    assert!(matches!(err, IndexError::NoEngineSlot { slots: 2, .. }), "{err}");
+    let long = format!("http://{}", "x".repeat(200));
+    assert!(w.register_engine(&long).unwrap_err().to_string().contains("longer than"));
+
+    w.store(b, 7);
+    let reader = IndexReader::open(dir.path()).unwrap();
+    assert_eq!(reader.engine_slot("http://127.0.0.1:8102"), Some(b));
+    assert_eq!(reader.engine_name(a).as_deref(), Some("http://127.0.0.1:8101"));
+    assert_eq!(reader.engine_blocks(b), 1);
+    assert_eq!(w.release_engine(b), 1);
+    assert_eq!(reader.engine_slot("http://127.0.0.1:8102"), None);
+    assert_eq!(reader.engine_blocks(b), 0);
+    let mut out = reader.new_overlaps();
+    assert_eq!(reader.overlaps(&[7], &mut out), 0, "a released engine's blocks are gone");
+    assert_eq!(w.register_engine("http://127.0.0.1:8103").unwrap(), b, "the freed slot is reused");
+}
+
+#[test]
+fn one_writer_at_a_time_and_a_new_writer_resets_the_segment() {
+    let dir = TempDir::new("lock");
+    let mut w = IndexWriter::create(dir.path(), &opts(4, 64)).unwrap();
+    w.store(1, 42);
+    let err = IndexWriter::create(dir.path(), &opts(4, 64)).err().expect("second writer must be refused");
+    assert!(matches!(err, IndexError::Locked { pid, .. } if pid == u64::from(std::process::id())), "{err}");
+    let reader = IndexReader::open(dir.path()).unwrap();
+    let gen = reader.generation();
+    drop(w);
+    // Same shape: reused in place, cleared, generation bumped; the old reader sees it.
+    let _w2 = IndexWriter::create(dir.path(), &opts(4, 64)).unwrap();
+    assert_eq!(reader.generation(), gen + 1);
+    let mut out = reader.new_overlaps();
+    assert_eq!(reader.overlaps(&[42], &mut out), 0);
+    assert!(!reader.is_retired());
+    drop(_w2);
+    // Another shape: a new file replaces it and the old one is marked retired.
+    let w3 = IndexWriter::create(dir.path(), &opts(8, 64)).unwrap();
+    assert!(reader.is_retired());
+    assert_eq!(IndexReader::open(dir.path()).unwrap().engine_slots(), 8);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path()).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    drop(w3);
+}
+
+#[test]
+fn foreign_truncated_and_other_version_files_are_refused() {
+    let dir = TempDir::new("refuse");
+    let path = dir.path();
+    std::fs::write(&path, b"hello").unwrap();
+    let err = IndexReader::open(&path).err().unwrap().to_string();
+    assert!(err.contains("too short"), "{err}");
+    std::fs::write(&path, vec![7u8; 8192]).unwrap();
+    let err = IndexReader::open(&path).err().unwrap().to_string();
+    assert!(err.contains("not a gantry kvindex segment"), "{err}");
+
+    drop(IndexWriter::create(&path, &opts(4, 64)).unwrap());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let full = bytes.len();
+    std::fs::write(&path, &bytes[..full - 8]).unwrap();
+    let err = IndexReader::open(&path).err().unwrap().to_string();
+    assert!(err.contains("truncated"), "{err}");
+    bytes[8..16].copy_from_slice(&99u64.to_le_bytes()); // layout version word
+    std::fs::write(&path, &bytes).unwrap();
+    let err = IndexReader::open(&path).err().unwrap().to_string();
+    assert!(err.contains("layout version 99"), "{err}");
+    // A writer replaces what it cannot use.
+    let w = IndexWriter::create(&path, &opts(4, 64)).unwrap();
+    assert!(IndexReader::open(&path).is_ok());
+    drop(w);
+    let missing = dir.0.join("nope");
+    assert!(IndexReader::open(&missing).err().unwrap().to_string().contains("nope"));
+}
+
+#[test]
+fn predictions_show_up_expire_and_yield_to_real_events() {
+    let dir = TempDir::new("approx");
+    let o = IndexOptions { approx_capacity: 64, approx_ttl: Duration::from_secs(1), ..opts(4, 64) };
+    let mut w = IndexWriter::create(dir.path(), &o).unwrap();
+    let reader = w.reader();
+    let predictor = w.predictor();
+    let mut out = reader.new_overlaps();
+    assert_eq!(predictor.predict(2, &[10, 11, 12]), 3);
+    assert_eq!(reader.overlaps(&[10, 11, 12], &mut out), 0, "not applied before maintain");
+    w.maintain();
+    assert_eq!(reader.overlaps(&[10, 11, 12], &mut out), 3);
+    assert_eq!(out.get(2), 3);
+    // Exact entries of another engine and predictions combine per engine.
+    w.store(1, 10);
+    reader.overlaps(&[10, 11, 12], &mut out);
+    assert_eq!((out.get(1), out.get(2)), (1, 3));
+    // A real removal overrides the prediction.
+    w.remove(2, 11);
+    reader.overlaps(&[10, 11, 12], &mut out);
+    assert_eq!(out.get(2), 1);
+    // The rest expires.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reader.overlaps(&[10], &mut out) > 0 && out.get(2) > 0 {
+        assert!(Instant::now() < deadline, "prediction did not expire");
+        std::thread::yield_now();
+        w.maintain();
+    }
+    assert_eq!(out.get(1), 1, "the exact entry stays");
+}
+
+#[test]
+fn predictions_are_dropped_when_approximate_mode_is_off() {
+    let dir = TempDir::new("noapprox");
+    let w = IndexWriter::create(dir.path(), &opts(4, 64)).unwrap();
+    assert_eq!(w.predictor().predict(0, &[1, 2]), 0);
+}
+
+#[test]
+fn bytes_per_block_fit_the_budget() {
+    let dir = TempDir::new("size");
+    for (slots, max) in [(64usize, 64usize), (256, 64), (1024, 200)] {
+        let w = IndexWriter::create(dir.path(), &opts(slots, 1 << 16)).unwrap();
+        let stats = w.reader().stats();
+        let per_block = stats.total_bytes as f64 / stats.capacity as f64;
+        assert!(per_block <= max as f64, "{slots} slots: {per_block:.1} bytes per block");
+        drop(w);
+    }
+}
+
+/// A writer in another process (this test binary re-run as a child) fills the segment; this
+/// process reads it while the writer lives and after it is killed (SIGKILL: no cleanup at all).
+#[test]
+fn a_reader_process_sees_a_writer_process_and_survives_its_death() {
+    if std::env::var_os("GANTRY_KVINDEX_CHILD_WRITER").is_some() {
+        return; // the child runs `child_writer` only
+    }
+    let dir = TempDir::new("xproc");
+    let path = dir.path();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
+        .env("GANTRY_KVINDEX_CHILD_WRITER", &path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reader = loop {
+        if let Ok(r) = IndexReader::open(&path) {
+            if r.engine_blocks(3) == 100 {
+                break r;
+            }
+        }
+        assert!(Instant::now() < deadline, "child writer never filled the segment");
+        std::thread::yield_now();
+    };
+    let chain: Vec<u64> = (0..100).collect();
+    let mut out = reader.new_overlaps();
+    assert_eq!(reader.overlaps(&chain, &mut out), 100);
+    assert_eq!(reader.engine_name(3).as_deref(), Some("http://child:1"));
+    let pid = reader.stats().writer_pid;
+    assert_eq!(pid, u64::from(child.id()));
+    // SIGKILL (by PID, our own child) leaves the writer no chance to clean up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(reader.overlaps(&chain, &mut out), 100, "a dead writer leaves a readable segment");
+    assert_eq!(IndexReader::open(&path).unwrap().overlaps(&chain, &mut out), 100);
+    // Its lock died with it: a new writer takes over and resets.
+    let _w = IndexWriter::create(&path, &opts(8, 1024)).unwrap();
+    assert_eq!(reader.overlaps(&chain, &mut out), 0);
+}
+
+/// The child half of the test above (does nothing unless run as that child).
+#[test]
+fn child_writer() {
+    let Some(path) = std::env::var_os("GANTRY_KVINDEX_CHILD_WRITER") else { return };
+    let mut w = IndexWriter::create(PathBuf::from(path), &opts(8, 1024)).unwrap();
+    for name in ["x", "y", "z"] {
+        w.register_engine(name).unwrap();
+    }
+    let slot = w.register_engine("http://child:1").unwrap();
+    assert_eq!(slot, 3);
+    let chain: Vec<u64> = (0..100).collect();
+    w.store_blocks(slot, &chain);
+    // Wait for the parent to kill us (stdin stays open until then).
+    let mut buf = String::new();
+    let _ = std::io::stdin().read_line(&mut buf);
+}
