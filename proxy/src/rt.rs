@@ -51,8 +51,22 @@ pub fn block_on<F: Future>(driver: Driver, fut: F) -> std::io::Result<F::Output>
         Driver::Auto => uring_available(),
     };
     if use_uring {
-        let mut rt =
-            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(1024).build()?;
+        // COOP_TASKRUN: completions are handled at this thread's next kernel entry instead of
+        // interrupting it with an IPI; SINGLE_ISSUER: only this thread submits (thread per core).
+        // Kernels older than 6.0 refuse the flags: build a plain ring then.
+        let mut tuned = io_uring::IoUring::builder();
+        tuned.setup_coop_taskrun().setup_single_issuer();
+        let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .with_entries(1024)
+            .uring_builder(tuned)
+            .build();
+        let mut rt = match built {
+            Ok(rt) => rt,
+            Err(_) => {
+                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(1024).build()?
+            }
+        };
         Ok(rt.block_on(fut))
     } else {
         let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build()?;
