@@ -5,6 +5,7 @@ mod mock {
     mod api;
     mod cache;
     mod faults;
+    mod index;
     mod pd;
 }
 
