@@ -18,10 +18,10 @@ struct Model {
 }
 
 impl BlockSink for Model {
-    fn store(&mut self, engine: EngineSlot, hash: u64) {
+    fn store(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         assert!(self.blocks[usize::from(engine)].insert(hash), "double store");
     }
-    fn remove(&mut self, engine: EngineSlot, hash: u64) {
+    fn remove(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         assert!(self.blocks[usize::from(engine)].remove(&hash), "remove of an absent block");
     }
     fn count(&mut self, _: Counter, _: u64) {}

@@ -3,9 +3,11 @@
 //! * `lookup/*`: overlap lookups of 32-, 128- and 1,024-block prompts (all hits, each prompt held
 //!   by 2 of the engines) in an index of 1 M blocks with 64, 256 and 1,024 engine slots;
 //!   throughput in looked-up blocks;
-//! * `apply/*`: the writer storing then removing 64-block chains in a full 1 M-block index;
+//! * `apply/*`: the writer storing then removing 64-block chains in an index holding 1 M blocks
+//!   (capacity 2 M: sized above the fleet's blocks, as the docs advise, so no evictions);
 //!   throughput in applied block operations;
-//! * `concurrent/*`: 128-block lookups while another thread applies events at full speed.
+//! * `concurrent/*`: 128-block lookups in that index while another thread applies events at full
+//!   speed.
 //!
 //! Baselines (see `baselines/mod.rs`): `RwLock<HashMap<block, engine set>>` and a radix tree of the
 //! reference router's shape. Run: `cargo bench -p gantry-kvindex --bench index` (about 6
@@ -15,6 +17,7 @@ mod baselines;
 
 use baselines::{LockedMap, RadixTree};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gantry_kvindex::hash::chain_pos;
 use gantry_kvindex::index::{IndexOptions, IndexWriter};
 use gantry_kvindex::sink::BlockSink;
 use std::hint::black_box;
@@ -61,12 +64,13 @@ impl Data {
     }
 }
 
-fn writer(path: &PathBuf, engines: usize, data: &Data) -> IndexWriter {
-    let opts = IndexOptions { engine_slots: engines, capacity: BLOCKS, ..IndexOptions::default() };
+/// A writer holding `data` (1 M blocks) in a segment of capacity `capacity`.
+fn writer(path: &PathBuf, engines: usize, data: &Data, capacity: usize) -> IndexWriter {
+    let opts = IndexOptions { engine_slots: engines, capacity, ..IndexOptions::default() };
     let mut w = IndexWriter::create(path, &opts).expect("create segment");
     for (chain, holders) in data.chains.iter().zip(&data.holders) {
         for &e in holders {
-            w.store_blocks(e, chain);
+            w.store_chain(e, None, chain);
         }
     }
     w
@@ -81,7 +85,7 @@ fn lookup(c: &mut Criterion) {
             g.throughput(Throughput::Elements(len as u64));
             let path = segment_path("lookup");
             {
-                let w = writer(&path, engines, &data);
+                let w = writer(&path, engines, &data, BLOCKS);
                 let r = w.reader();
                 let stats = r.stats();
                 eprintln!(
@@ -145,24 +149,42 @@ fn churn_chains(n: usize, seed: u64) -> Vec<Vec<u64>> {
     (0..n).map(|_| (0..64).map(|_| rng.u64(..)).collect()).collect()
 }
 
+/// Chain positions of each chain's blocks.
+fn chain_positions(chains: &[Vec<u64>]) -> Vec<Vec<u64>> {
+    chains
+        .iter()
+        .map(|c| {
+            let mut pos = None;
+            c.iter()
+                .map(|&h| {
+                    let p = chain_pos(pos, h);
+                    pos = Some(p);
+                    p
+                })
+                .collect()
+        })
+        .collect()
+}
+
 fn apply(c: &mut Criterion) {
     let mut g = c.benchmark_group("apply");
     g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3)).sample_size(30);
     let engines = 256;
     let data = Data::new(128, engines, 7);
     let churn = churn_chains(4096, 8);
+    let churn_pos = chain_positions(&churn);
     g.throughput(Throughput::Elements(128)); // 64 stores + 64 removals per iteration
     let path = segment_path("apply");
     {
-        let mut w = writer(&path, engines, &data);
+        let mut w = writer(&path, engines, &data, 2 * BLOCKS);
         let mut i = 0;
         g.bench_function("gantry/256e", |b| {
             b.iter(|| {
                 i = (i + 1) % churn.len();
                 let e = (i % engines) as u16;
-                w.store_blocks(e, &churn[i]);
-                for &h in &churn[i] {
-                    w.remove(e, h);
+                w.store_chain(e, None, &churn[i]);
+                for (&h, &p) in churn[i].iter().zip(&churn_pos[i]) {
+                    w.remove(e, h, p);
                 }
             })
         });
@@ -223,13 +245,14 @@ fn concurrent(c: &mut Criterion) {
     let len = 128;
     let data = Data::new(len, engines, 11);
     let churn = churn_chains(4096, 12);
+    let churn_pos = chain_positions(&churn);
     g.throughput(Throughput::Elements(len as u64));
     let stop = Arc::new(AtomicBool::new(false));
     let path = segment_path("concurrent");
     {
-        let w = writer(&path, engines, &data);
+        let w = writer(&path, engines, &data, 2 * BLOCKS);
         let r = w.reader();
-        let (stop2, churn2) = (stop.clone(), churn.clone());
+        let (stop2, churn2, pos2) = (stop.clone(), churn.clone(), churn_pos.clone());
         let bg = std::thread::spawn(move || {
             let mut w = w;
             let mut ops = 0u64;
@@ -237,11 +260,12 @@ fn concurrent(c: &mut Criterion) {
             while !stop2.load(Ordering::Relaxed) {
                 i = (i + 1) % churn2.len();
                 let e = (i % engines) as u16;
-                for part in churn2[i].chunks(16) {
-                    w.store_blocks(e, part);
+                // As events arrive: 16-block batches, each continuing the chain.
+                for (k, part) in churn2[i].chunks(16).enumerate() {
+                    w.store_chain(e, (k > 0).then(|| pos2[i][k * 16 - 1]), part);
                 }
-                for &h in &churn2[i] {
-                    w.remove(e, h);
+                for (&h, &p) in churn2[i].iter().zip(&pos2[i]) {
+                    w.remove(e, h, p);
                 }
                 ops += 128;
             }

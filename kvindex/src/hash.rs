@@ -54,6 +54,21 @@ pub fn extra_hash(msgpack: &[u8]) -> u64 {
     xxh3_64_with_seed(msgpack, 0x6761_6e74_7279).max(1)
 }
 
+/// A block's *chain position*: where the index places it (near its parent, see
+/// `index::table`, whose buckets span 4 positions). The first block of a prompt is at
+/// `hash >> 8`; each next block 4–7 positions further, by its own hash:
+/// `parent_pos + 4 + (hash & 3)`, so a prompt moves about one bucket per block and siblings
+/// spread over neighbouring buckets. Like the hash, it depends only on the prefix, so the index
+/// writer (from events) and a reader (walking a prompt) agree. Positions start below 2^56 and
+/// grow by at most 7 per block, so they never wrap.
+#[inline]
+pub fn chain_pos(parent_pos: Option<u64>, hash: u64) -> u64 {
+    match parent_pos {
+        None => hash >> 8,
+        Some(p) => p + 4 + (hash & 3),
+    }
+}
+
 /// Appends the chain hashes of every full block of `tokens` to `out`, starting from `parent`
 /// (`seed` for a prompt). `first_extra` is mixed into the first block only (a request's cache
 /// salt or LoRA identity, see [`extra_hash`]); pass 0 for none. Returns the last hash (or
@@ -129,6 +144,17 @@ mod tests {
         assert_ne!(plain[0], salted[0]);
         assert_ne!(plain[1], salted[1]);
         assert_ne!(extra_hash(b""), 0);
+    }
+
+    #[test]
+    fn chain_positions_are_close_and_never_wrap() {
+        let mut pos = chain_pos(None, u64::MAX);
+        assert_eq!(pos, u64::MAX >> 8);
+        for h in [0u64, 1, 2, 3, u64::MAX] {
+            let next = chain_pos(Some(pos), h);
+            assert!((4..=7).contains(&(next - pos)));
+            pos = next;
+        }
     }
 
     #[test]

@@ -66,10 +66,11 @@ impl Counter {
 
 /// Receives block operations. Calls for one engine arrive in the engine's event order.
 pub trait BlockSink {
-    /// `engine` now holds the block `hash` in device memory (idempotent).
-    fn store(&mut self, engine: EngineSlot, hash: u64);
-    /// `engine` no longer holds `hash` (a no-op when it did not).
-    fn remove(&mut self, engine: EngineSlot, hash: u64);
+    /// `engine` now holds the block `hash` in device memory (idempotent). `pos` is the block's
+    /// chain position ([`crate::hash::chain_pos`]), which the index places it by.
+    fn store(&mut self, engine: EngineSlot, hash: u64, pos: u64);
+    /// `engine` no longer holds `hash` at chain position `pos` (a no-op when it did not).
+    fn remove(&mut self, engine: EngineSlot, hash: u64, pos: u64);
     /// Adds `n` to a counter.
     fn count(&mut self, counter: Counter, n: u64);
     /// Called by the subscriber's thread at least every few milliseconds while it runs, for

@@ -1,6 +1,7 @@
 //! The shared-memory index against a plain `HashMap` model, plus segment handling: reopening,
 //! refusing foreign or truncated files, the writer lock, and a writer in another process.
 
+use gantry_kvindex::hash::chain_pos;
 use gantry_kvindex::index::{IndexError, IndexOptions, IndexReader, IndexWriter, Overlaps};
 use gantry_kvindex::sink::{BlockSink, EngineSlot};
 use std::collections::{HashMap, HashSet};
@@ -26,6 +27,24 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Chain positions of a prompt's blocks.
+fn positions(chain: &[u64]) -> Vec<u64> {
+    let mut pos = None;
+    chain
+        .iter()
+        .map(|&h| {
+            let p = chain_pos(pos, h);
+            pos = Some(p);
+            p
+        })
+        .collect()
+}
+
+/// The chain position of a block that starts a prompt.
+fn root(h: u64) -> u64 {
+    chain_pos(None, h)
 }
 
 fn opts(engine_slots: usize, capacity: usize) -> IndexOptions {
@@ -67,35 +86,38 @@ fn assert_overlaps(reader: &IndexReader, model: &Model, hashes: &[u64], out: &mu
 
 /// Random stores, removals and engine clears on a few chains that share prefixes; after every
 /// step the index answers every prompt exactly as the model does. Engine slots span several bit
-/// words, and the table is small so probe chains collide and wrap around.
+/// words; prompts share prefixes and diverge.
 #[test]
 fn random_operations_match_a_hashmap_model() {
     for (seed, engines) in [(1u64, 3usize), (2, 70), (3, 130)] {
         let dir = TempDir::new(&format!("model-{seed}"));
-        let mut w = IndexWriter::create(dir.path(), &opts(engines, 512)).unwrap();
+        let mut w = IndexWriter::create(dir.path(), &opts(engines, 2048)).unwrap();
         let reader = w.reader();
         let mut out = reader.new_overlaps();
         let mut model = Model::default();
         let mut rng = fastrand::Rng::with_seed(seed);
         // 12 chains of 24 blocks; chains 2k and 2k+1 share their first 8 blocks.
+        let ids: Vec<u64> = (0..12 * 24).map(|_| rng.u64(..)).collect();
         let chains: Vec<Vec<u64>> = (0..12)
-            .map(|c| (0..24).map(|b| if b < 8 { (c / 2) * 1000 + b } else { c * 1000 + b + 100 }).collect())
+            .map(|c| (0..24).map(|b| if b < 8 { ids[(c / 2) * 24 + b] } else { ids[c * 24 + b] }).collect())
             .collect();
+        let pos: Vec<Vec<u64>> = chains.iter().map(|c| positions(c)).collect();
         let engine = |rng: &mut fastrand::Rng| rng.usize(..engines) as EngineSlot;
         for step in 0..3000 {
             match rng.u8(..100) {
                 0..=54 => {
                     let (e, c) = (engine(&mut rng), rng.usize(..chains.len()));
                     let n = rng.usize(1..=24);
-                    w.store_blocks(e, &chains[c][..n]);
+                    w.store_chain(e, None, &chains[c][..n]);
                     for &h in &chains[c][..n] {
                         model.0.entry(h).or_default().insert(e);
                     }
                 }
                 55..=94 => {
                     let (e, c) = (engine(&mut rng), rng.usize(..chains.len()));
-                    let h = chains[c][rng.usize(..24)];
-                    w.remove(e, h);
+                    let b = rng.usize(..24);
+                    let h = chains[c][b];
+                    w.remove(e, h, pos[c][b]);
                     if let Some(s) = model.0.get_mut(&h) {
                         s.remove(&e);
                         if s.is_empty() {
@@ -116,8 +138,8 @@ fn random_operations_match_a_hashmap_model() {
                 for c in &chains {
                     assert_overlaps(&reader, &model, c, &mut out, engines);
                     if step % 91 == 0 {
-                        for h in c {
-                            assert_overlaps(&reader, &model, std::slice::from_ref(h), &mut out, engines);
+                        for k in 1..c.len() {
+                            assert_overlaps(&reader, &model, &c[..k], &mut out, engines);
                         }
                     }
                 }
@@ -127,8 +149,9 @@ fn random_operations_match_a_hashmap_model() {
             assert_eq!(reader.engine_blocks(e), model.blocks(e), "engine {e} block count");
         }
         let stats = reader.stats();
-        let entries = stats.writer.iter().find(|(n, _)| *n == "entries").unwrap().1;
-        assert_eq!(entries, model.0.len() as u64);
+        let get = |name: &str| stats.writer.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!(get("entries"), model.0.len() as u64);
+        assert_eq!(get("evictions"), 0, "the table has room: the model does not evict");
     }
 }
 
@@ -144,11 +167,11 @@ fn full_table_evicts_and_never_invents_blocks() {
     for i in 0..2000u64 {
         let e = rng.u16(..8);
         let h = rng.u64(..400);
-        w.store(e, h);
+        w.store(e, h, root(h));
         model.0.entry(h).or_default().insert(e);
         if i % 3 == 0 {
             let (e, h) = (rng.u16(..8), rng.u64(..400));
-            w.remove(e, h);
+            w.remove(e, h, root(h));
             if let Some(s) = model.0.get_mut(&h) {
                 s.remove(&e);
             }
@@ -185,7 +208,7 @@ fn engines_get_stable_slots_and_names() {
     let long = format!("http://{}", "x".repeat(200));
     assert!(w.register_engine(&long).unwrap_err().to_string().contains("longer than"));
 
-    w.store(b, 7);
+    w.store(b, 7, root(7));
     let reader = IndexReader::open(dir.path()).unwrap();
     assert_eq!(reader.engine_slot("http://127.0.0.1:8102"), Some(b));
     assert_eq!(reader.engine_name(a).as_deref(), Some("http://127.0.0.1:8101"));
@@ -202,7 +225,7 @@ fn engines_get_stable_slots_and_names() {
 fn one_writer_at_a_time_and_a_new_writer_resets_the_segment() {
     let dir = TempDir::new("lock");
     let mut w = IndexWriter::create(dir.path(), &opts(4, 64)).unwrap();
-    w.store(1, 42);
+    w.store(1, 42, root(42));
     let err = IndexWriter::create(dir.path(), &opts(4, 64)).err().expect("second writer must be refused");
     assert!(matches!(err, IndexError::Locked { pid, .. } if pid == u64::from(std::process::id())), "{err}");
     let reader = IndexReader::open(dir.path()).unwrap();
@@ -267,11 +290,11 @@ fn predictions_show_up_expire_and_yield_to_real_events() {
     assert_eq!(reader.overlaps(&[10, 11, 12], &mut out), 3);
     assert_eq!(out.get(2), 3);
     // Exact entries of another engine and predictions combine per engine.
-    w.store(1, 10);
+    w.store(1, 10, root(10));
     reader.overlaps(&[10, 11, 12], &mut out);
     assert_eq!((out.get(1), out.get(2)), (1, 3));
     // A real removal overrides the prediction.
-    w.remove(2, 11);
+    w.remove(2, 11, positions(&[10, 11])[1]);
     reader.overlaps(&[10, 11, 12], &mut out);
     assert_eq!(out.get(2), 1);
     // The rest expires.
@@ -356,7 +379,7 @@ fn child_writer() {
     let slot = w.register_engine("http://child:1").unwrap();
     assert_eq!(slot, 3);
     let chain: Vec<u64> = (0..100).collect();
-    w.store_blocks(slot, &chain);
+    w.store_chain(slot, None, &chain);
     // Wait for the parent to kill us (stdin stays open until then).
     let mut buf = String::new();
     let _ = std::io::stdin().read_line(&mut buf);

@@ -37,11 +37,11 @@ struct Model {
 struct Shared(Arc<Mutex<Model>>);
 
 impl BlockSink for Shared {
-    fn store(&mut self, engine: EngineSlot, hash: u64) {
+    fn store(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         let inserted = self.0.lock().unwrap().blocks.entry(engine).or_default().insert(hash);
         assert!(inserted, "double store");
     }
-    fn remove(&mut self, engine: EngineSlot, hash: u64) {
+    fn remove(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         let removed = self.0.lock().unwrap().blocks.entry(engine).or_default().remove(&hash);
         assert!(removed, "remove of an absent block");
     }

@@ -13,12 +13,12 @@
 //! A reader refuses a segment whose magic, layout version or shape words disagree with this
 //! build, or whose file is shorter than the header says.
 
-use super::table::{Table, MAX_BIT_WORDS};
+use super::table::{Table, BUCKET, MAX_BIT_WORDS};
 
 /// `"GANTRYKV"`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GANTRYKV");
 /// Bumped on any incompatible change of this layout.
-pub const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 2;
 /// Most engine slots per index.
 pub const MAX_ENGINE_SLOTS: usize = MAX_BIT_WORDS * 64;
 /// Longest engine name (an engine's URL) the engine table holds.
@@ -45,9 +45,6 @@ pub(crate) const H_NOW_SECS: usize = 18;
 pub(crate) const H_HEARTBEAT_UNIX_MS: usize = 19;
 pub(crate) const H_APPROX_TTL_SECS: usize = 20;
 pub(crate) const H_STATE: usize = 21;
-// Move epochs, one cache line each (readers load them on every probe).
-pub(crate) const H_MOVES: usize = 24;
-pub(crate) const H_APPROX_MOVES: usize = 32;
 // Writer counters.
 pub(crate) const H_WRITER_COUNTERS: usize = 40;
 // Reader counters (flushed in batches by each reader), own cache lines.
@@ -189,12 +186,12 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    /// Table slots for `capacity` entries: at most 80% full, and always one free slot.
+    /// Table slots for `capacity` entries: at most 80% full, whole buckets, at least two.
     fn slots_for(capacity: usize) -> usize {
         if capacity == 0 {
             0
         } else {
-            capacity + capacity.div_ceil(4) + 1
+            (capacity + capacity.div_ceil(4)).div_ceil(BUCKET).max(2) * BUCKET
         }
     }
 

@@ -19,12 +19,14 @@
 //! the prediction. Lookups see the union.
 //!
 //! # Capacity and eviction
-//! The exact table holds at most `capacity` blocks (the table has 25% spare slots). When a new
-//! block arrives at a full table, the writer evicts one entry, chosen as the least recently
-//! stored among the next 8 occupied entries after a rotating hand (sampled LRU, as Redis does),
-//! and counts an eviction. Engines report their own evictions, so the table fills only when
-//! `capacity` is below the fleet's total prefix-cache blocks; size it above that. The
-//! approximate table evicts the same way, by earliest expiry.
+//! The exact table holds at most `capacity` blocks in `capacity · 1.25` entries. A block may sit
+//! in 24 candidate entries (four buckets near its parent, two chosen by its hash; see `table.rs`).
+//! When they are all taken, or the table already holds `capacity` blocks, the new block evicts
+//! the least recently stored of its candidates (if all its candidates are free at capacity: the
+//! least recently stored of 8 entries sampled after a rotating hand), and an eviction is
+//! counted. Engines report their own evictions, so the table fills only when `capacity` is
+//! below the fleet's total prefix-cache blocks; size it above that. The approximate table evicts
+//! the same way, soonest expiry first.
 //!
 //! # A writer that dies
 //! Readers keep reading the last state (a stale index costs cache hits, never wrong answers). An

@@ -2,7 +2,7 @@
 
 use super::layout::*;
 use super::segment::Segment;
-use super::table::{Probe, MAX_BIT_WORDS};
+use super::table::{LocalCursor, Probe, Table, MAX_BIT_WORDS};
 use super::writer::{alive, USED};
 use super::IndexError;
 use crate::sink::EngineSlot;
@@ -182,7 +182,8 @@ impl IndexReader {
     }
 
     /// For each engine, how many consecutive blocks of `hashes` (a prompt's chained block
-    /// hashes, first block first) it holds, written into `out`; engines holding not even the
+    /// hashes from its first block: a block is found through its chain position, which this
+    /// derives from the blocks before it) it holds, written into `out`; engines holding not even the
     /// first block are left out. Returns the deepest overlap. Stops at the first block no engine
     /// holds, or as soon as no engine holds every block so far. Never allocates or blocks.
     pub fn overlaps(&self, hashes: &[u64], out: &mut Overlaps) -> u32 {
@@ -195,18 +196,23 @@ impl IndexReader {
         let mut bits = [0u64; MAX_BIT_WORDS];
         let mut predicted = [0u64; MAX_BIT_WORDS];
         let mut unstable = 0;
-        for &h in hashes.iter().take(PREFETCH_AHEAD) {
-            exact.prefetch(h);
+        // A prompt's blocks sit in nearby local buckets (see `table.rs`): prefetch a few ahead.
+        let mut ahead = hashes.iter();
+        let mut ahead_cursor = None;
+        for &h in ahead.by_ref().take(PREFETCH_AHEAD) {
+            step(&exact, &mut ahead_cursor, h);
         }
+        let mut cursor = None;
         let mut depth = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
-            if let Some(&next) = hashes.get(i + PREFETCH_AHEAD) {
-                exact.prefetch(next);
+            if let Some(&next) = ahead.next() {
+                step(&exact, &mut ahead_cursor, next);
                 if let Some(a) = &approx {
                     a.prefetch(next);
                 }
             }
-            let mut found = match exact.read(h, &mut bits[..bw]) {
+            let local = Some(Table::bucket_of(cursor.insert_or_advance(&exact, h)));
+            let mut found = match exact.read(h, local, &mut bits[..bw]) {
                 Probe::Hit { .. } => true,
                 Probe::Miss => false,
                 Probe::Unknown => {
@@ -215,7 +221,7 @@ impl IndexReader {
                 }
             };
             if let Some(a) = &approx {
-                match a.read(h, &mut predicted[..bw]) {
+                match a.read(h, None, &mut predicted[..bw]) {
                     Probe::Hit { tick } if alive(tick, now) => {
                         for w in 0..bw {
                             bits[w] = if found { bits[w] | predicted[w] } else { predicted[w] };
@@ -371,6 +377,31 @@ impl IndexReader {
             writer: WriterCounter::ALL.iter().map(|c| (c.name(), h(c.word()))).collect(),
             readers: ReaderCounter::ALL.iter().map(|c| (c.name(), h(c.word()))).collect(),
             engines: self.engines(),
+        }
+    }
+}
+
+/// Advances `cursor` to block `h` (starting it at a prompt's first block) and prefetches its
+/// local buckets.
+#[inline]
+fn step(t: &Table<'_>, cursor: &mut Option<LocalCursor>, h: u64) {
+    let c = cursor.insert_or_advance(t, h);
+    t.prefetch_bucket(Table::bucket_of(c));
+}
+
+trait CursorExt {
+    fn insert_or_advance(&mut self, t: &Table<'_>, h: u64) -> &LocalCursor;
+}
+
+impl CursorExt for Option<LocalCursor> {
+    #[inline]
+    fn insert_or_advance(&mut self, t: &Table<'_>, h: u64) -> &LocalCursor {
+        match self {
+            Some(c) => {
+                t.advance(c, h);
+                c
+            }
+            None => self.insert(t.cursor(h)),
         }
     }
 }

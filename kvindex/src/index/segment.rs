@@ -145,7 +145,7 @@ impl Segment {
         let s = &self.shape;
         let start = s.table_word();
         let words = &self.words()[start..start + Table::words_for(s.table_slots, s.bit_words)];
-        Table::new(words, self.word(H_MOVES), s.table_slots, s.bit_words)
+        Table::new(words, s.table_slots, s.bit_words)
     }
 
     /// The approximate table, when the segment has one.
@@ -157,7 +157,7 @@ impl Segment {
         }
         let start = s.approx_word();
         let words = &self.words()[start..start + Table::words_for(s.approx_slots, s.bit_words)];
-        Some(Table::new(words, self.word(H_APPROX_MOVES), s.approx_slots, s.bit_words))
+        Some(Table::new(words, s.approx_slots, s.bit_words))
     }
 }
 

@@ -1,33 +1,41 @@
-//! One open-addressing hash table of `block hash → engine bit set`, laid out in a slice of
-//! `AtomicU64` words that may live in shared memory.
+//! One hash table of `block hash → engine bit set`, laid out in a slice of `AtomicU64` words
+//! that may live in shared memory.
 //!
 //! # Layout
-//! `slots` entries of `stride = 2 + bit_words` words each:
+//! `slots` entries (a multiple of [`BUCKET`]) in buckets of [`BUCKET`] entries. A bucket is
+//! `BUCKET · (2 + bit_words)` words, its keys first (so a lookup scans a bucket's keys in one
+//! cache line), then its entries' versions, then their engine bit sets:
 //!
-//! | word | content |
+//! | words | content, per entry `k` of the bucket |
 //! |---|---|
-//! | 0 | bits 0–31: seqlock version (odd while the writer changes the entry); bits 32–62: the entry's tick (store time for eviction, or expiry second in the approximate tier); bit 63: occupied |
-//! | 1 | key: the block hash (any `u64`) |
-//! | 2.. | engine bit set, bit `e % 64` of word `e / 64` = engine slot `e` holds the block |
+//! | `k` | key: the block hash (any `u64`) |
+//! | `BUCKET + k` | bits 0–31: seqlock version (odd while the writer changes the entry); bits 32–62: the entry's tick (store time for eviction, or expiry second in the approximate tier); bit 63: occupied |
+//! | `2·BUCKET + k·bit_words ..` | engine bit set, bit `e % 64` of word `e / 64` = engine slot `e` holds the block |
 //!
-//! A key's home slot is `(key · slots) >> 64`; collisions probe linearly, wrapping around.
+//! # Placement: near the parent, with bounded alternatives
+//! A block may sit in any entry of six *candidate buckets*: [`LOCAL_BUCKETS`] *local* ones, the
+//! bucket of its chain position ([`crate::hash::chain_pos`]: `(pos / 4) mod buckets`) and the
+//! next three, then two *global* ones chosen by its hash. The writer takes the first free entry
+//! in that order. A prompt's blocks have positions 4–7 apart, so each lands about one bucket
+//! after its parent: a lookup walks memory almost sequentially instead of taking a cache and TLB
+//! miss per block. A popular parent with thousands of children (one system prompt, many
+//! conversations) fills its local buckets and the rest of the children go to their global
+//! buckets, so nothing clusters without bound: a lookup or insert looks at 24 entries at most.
+//! When all of them are taken, the writer evicts one (see `writer.rs`).
 //!
 //! # Concurrency protocol (one writer, any number of readers)
 //! * Every entry is a seqlock: the writer makes the version odd, writes key and bits, then makes
 //!   it even (release). A reader loads the version (acquire), the key and bits, then checks the
 //!   version again after an acquire fence; a changed or odd version means retry. So a reader
 //!   never returns a torn entry.
-//! * Inserts never move entries. Deletes use backward-shift deletion (no tombstones, so probe
-//!   chains never rot): entries after the hole move back one at a time, each copied to its new
-//!   slot before its old slot is overwritten, so an entry is never absent from the table, but a
-//!   reader scanning past its new slot before the copy could still miss it. Such a sequence of
-//!   moves is bracketed by the table's *move epoch* (odd while moving), and a reader accepts a
-//!   miss only if the epoch was even and unchanged across its probe.
+//! * Entries never move: an insert fills a free entry, a delete frees one. A block present for
+//!   the whole of a lookup stays in one entry whose version does not change, so the lookup finds
+//!   it; blocks inserted or deleted during the lookup may or may not be seen.
 //! * Retries are bounded. A reader that cannot get a stable view (a writer that died in the
 //!   middle of a write leaves an odd version forever) reports [`Probe::Unknown`], which lookups
 //!   treat as a miss: the index is a hint, and a miss only costs a cache hit.
 //!
-//! The loom tests in `tests/loom.rs` model-check this protocol.
+//! The loom tests at the end of this file model-check the protocol.
 
 use crate::sync::{fence, spin, AtomicU64};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -38,6 +46,10 @@ const OCCUPIED: u64 = 1 << 63;
 pub(crate) const TICK_MASK: u32 = 0x7fff_ffff;
 /// Most engine-bit words per entry (1,024 engine slots).
 pub(crate) const MAX_BIT_WORDS: usize = 16;
+/// Entries per bucket.
+pub(crate) const BUCKET: usize = 4;
+/// Consecutive local buckets a block may use.
+pub(crate) const LOCAL_BUCKETS: usize = 4;
 /// Attempts a reader makes before giving up on a probe.
 const MAX_ATTEMPTS: usize = 64;
 
@@ -52,11 +64,18 @@ pub(crate) enum Probe {
     Unknown,
 }
 
+/// The local bucket of consecutive blocks of a prompt, advanced block by block without a
+/// division: always `(pos / 4) mod buckets` of the block's chain position.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LocalCursor {
+    bucket: usize,
+    sub: u64,
+}
+
 /// A view of one table. Cheap to copy; all methods take `&self` because the memory is shared.
 #[derive(Clone, Copy)]
 pub(crate) struct Table<'a> {
     words: &'a [AtomicU64],
-    moves: &'a AtomicU64,
     slots: usize,
     bit_words: usize,
 }
@@ -67,10 +86,10 @@ impl<'a> Table<'a> {
         slots * (2 + bit_words)
     }
 
-    pub(crate) fn new(words: &'a [AtomicU64], moves: &'a AtomicU64, slots: usize, bit_words: usize) -> Self {
-        assert!(slots > 0 && (1..=MAX_BIT_WORDS).contains(&bit_words));
+    pub(crate) fn new(words: &'a [AtomicU64], slots: usize, bit_words: usize) -> Self {
+        assert!(slots >= BUCKET && slots.is_multiple_of(BUCKET) && (1..=MAX_BIT_WORDS).contains(&bit_words));
         assert_eq!(words.len(), Self::words_for(slots, bit_words), "table words do not match its shape");
-        Table { words, moves, slots, bit_words }
+        Table { words, slots, bit_words }
     }
 
     pub(crate) fn slots(&self) -> usize {
@@ -82,153 +101,231 @@ impl<'a> Table<'a> {
     }
 
     #[inline]
-    fn stride(&self) -> usize {
+    fn buckets(&self) -> usize {
+        self.slots / BUCKET
+    }
+
+    #[inline]
+    pub(crate) fn stride(&self) -> usize {
         2 + self.bit_words
     }
 
+    /// Words of one bucket.
     #[inline]
-    fn entry(&self, i: usize) -> &'a [AtomicU64] {
-        let s = self.stride();
-        &self.words[i * s..(i + 1) * s]
+    fn bucket(&self, b: usize) -> &'a [AtomicU64] {
+        let n = BUCKET * self.stride();
+        &self.words[b * n..(b + 1) * n]
     }
 
     #[inline]
-    pub(crate) fn home(&self, key: u64) -> usize {
-        ((key as u128 * self.slots as u128) >> 64) as usize
+    fn key_word(&self, i: usize) -> &'a AtomicU64 {
+        &self.bucket(i / BUCKET)[i % BUCKET]
     }
 
     #[inline]
-    fn next(&self, i: usize) -> usize {
-        if i + 1 == self.slots {
-            0
-        } else {
-            i + 1
+    fn version(&self, i: usize) -> &'a AtomicU64 {
+        &self.bucket(i / BUCKET)[BUCKET + i % BUCKET]
+    }
+
+    #[inline]
+    fn bit_set(&self, i: usize) -> &'a [AtomicU64] {
+        let start = 2 * BUCKET + (i % BUCKET) * self.bit_words;
+        &self.bucket(i / BUCKET)[start..start + self.bit_words]
+    }
+
+    /// The local bucket of a block at chain position `pos`.
+    #[inline]
+    pub(crate) fn local_bucket(&self, pos: u64) -> usize {
+        ((pos >> 2) % self.buckets() as u64) as usize
+    }
+
+    /// A cursor at the local bucket of a prompt's first block, `hash`.
+    #[inline]
+    pub(crate) fn cursor(&self, hash: u64) -> LocalCursor {
+        let pos = crate::hash::chain_pos(None, hash);
+        LocalCursor { bucket: self.local_bucket(pos), sub: pos & 3 }
+    }
+
+    /// Moves `c` to the next block of the prompt, `hash` (see [`crate::hash::chain_pos`]).
+    #[inline]
+    pub(crate) fn advance(&self, c: &mut LocalCursor, hash: u64) {
+        let s = c.sub + 4 + (hash & 3);
+        c.sub = s & 3;
+        c.bucket += (s >> 2) as usize;
+        while c.bucket >= self.buckets() {
+            c.bucket -= self.buckets();
         }
     }
 
-    /// Hints the CPU to load `hash`'s home entry; used to overlap the memory latency of the next
-    /// blocks of a prompt with the current one.
+    /// The bucket of a cursor.
+    #[inline]
+    pub(crate) fn bucket_of(c: &LocalCursor) -> usize {
+        c.bucket
+    }
+
+    /// The candidate buckets of `hash`: [`LOCAL_BUCKETS`] consecutive ones from its local bucket
+    /// when that is known, then two chosen by its hash.
+    #[inline]
+    fn candidates(&self, hash: u64, local: Option<usize>) -> ([usize; LOCAL_BUCKETS + 2], usize) {
+        let nb = self.buckets();
+        let g1 = ((hash as u128 * nb as u128) >> 64) as usize;
+        let mixed = hash.rotate_left(29).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let g2 = ((mixed as u128 * nb as u128) >> 64) as usize;
+        let mut out = [g1; LOCAL_BUCKETS + 2];
+        match local {
+            Some(l) => {
+                for (k, b) in out[..LOCAL_BUCKETS].iter_mut().enumerate() {
+                    *b = (l + k) % nb;
+                }
+                out[LOCAL_BUCKETS] = g1;
+                out[LOCAL_BUCKETS + 1] = g2;
+                (out, LOCAL_BUCKETS + 2)
+            }
+            None => {
+                out[1] = g2;
+                (out, 2)
+            }
+        }
+    }
+
+    /// The entries `hash` may occupy, in the order lookups and inserts try them.
+    pub(crate) fn candidate_slots(&self, hash: u64, local: Option<usize>) -> impl Iterator<Item = usize> {
+        let (buckets, n) = self.candidates(hash, local);
+        buckets.into_iter().take(n).flat_map(|b| b * BUCKET..(b + 1) * BUCKET)
+    }
+
+    /// Hints the CPU to load bucket `b` (and the next: blocks of a prompt spill into it); used to
+    /// overlap the memory latency of the next blocks of a prompt with the current one.
+    #[inline]
+    pub(crate) fn prefetch_bucket(&self, b: usize) {
+        let first = b * BUCKET * self.stride();
+        let bytes = 2 * BUCKET * self.stride() * 8;
+        let base = self.words[first..].as_ptr().cast::<i8>();
+        let mut off = 0;
+        while off < bytes && first * 8 + off < self.words.len() * 8 {
+            prefetch_read(base.wrapping_add(off));
+            off += 64;
+        }
+    }
+
+    /// Hints the CPU to load the keys of `hash`'s global buckets.
     #[inline]
     pub(crate) fn prefetch(&self, hash: u64) {
-        let i = self.home(hash);
-        let p = self.words[i * self.stride()..].as_ptr();
-        prefetch_read(p.cast());
+        let (b, _) = self.candidates(hash, None);
+        for g in &b[..2] {
+            prefetch_read(self.bucket(*g).as_ptr().cast());
+        }
     }
 
     // ---- reader side ----
 
-    /// Looks `hash` up, copying its engine bits into `bits[..bit_words]` on a hit.
-    pub(crate) fn read(&self, hash: u64, bits: &mut [u64]) -> Probe {
-        let key = hash;
+    /// Looks `hash` up (its local buckets first when `local` is its local bucket), copying its
+    /// engine bits into `bits[..bit_words]` on a hit.
+    ///
+    /// Keys are compared first, without the seqlock (a mismatch needs no consistent view: an
+    /// entry that holds `hash` throughout the lookup always shows it); only a matching entry is
+    /// read under its seqlock.
+    pub(crate) fn read(&self, hash: u64, local: Option<usize>, bits: &mut [u64]) -> Probe {
+        let (buckets, n) = self.candidates(hash, local);
+        let bw = self.bit_words;
         'attempt: for _ in 0..MAX_ATTEMPTS {
-            let epoch = self.moves.load(Acquire);
-            if epoch & 1 == 1 {
-                spin();
-                continue;
-            }
-            let mut i = self.home(key);
-            for _ in 0..self.slots {
-                let e = self.entry(i);
-                let v1 = e[0].load(Acquire);
-                if v1 & 1 == 1 {
-                    spin();
-                    continue 'attempt;
-                }
-                if v1 & OCCUPIED == 0 {
-                    fence(Acquire);
-                    if self.moves.load(Relaxed) == epoch && e[0].load(Relaxed) == v1 {
-                        return Probe::Miss;
+            for &b in &buckets[..n] {
+                let bucket = self.bucket(b);
+                for k in 0..BUCKET {
+                    if bucket[k].load(Relaxed) != hash {
+                        continue;
                     }
-                    continue 'attempt;
-                }
-                if e[1].load(Relaxed) == key {
-                    for (dst, w) in bits[..self.bit_words].iter_mut().zip(&e[2..]) {
+                    let v1 = bucket[BUCKET + k].load(Acquire);
+                    if v1 & 1 == 1 {
+                        spin();
+                        continue 'attempt;
+                    }
+                    if v1 & OCCUPIED == 0 || bucket[k].load(Relaxed) != hash {
+                        continue;
+                    }
+                    let set = &bucket[2 * BUCKET + k * bw..2 * BUCKET + (k + 1) * bw];
+                    for (dst, w) in bits[..bw].iter_mut().zip(set) {
                         *dst = w.load(Relaxed);
                     }
                     fence(Acquire);
-                    if e[0].load(Relaxed) == v1 {
+                    if bucket[BUCKET + k].load(Relaxed) == v1 {
                         return Probe::Hit { tick: (v1 >> 32) as u32 & TICK_MASK };
                     }
                     continue 'attempt;
                 }
-                i = self.next(i);
             }
-            // A full table without a free slot cannot happen (capacity < slots); be safe anyway.
-            fence(Acquire);
-            if self.moves.load(Relaxed) == epoch {
-                return Probe::Miss;
-            }
+            return Probe::Miss;
         }
         Probe::Unknown
     }
 
     // ---- writer side (one writer at a time; it owns every odd version it creates) ----
 
-    /// Whether slot `i` holds an entry; with `key_at`, `tick_at` and `bits_at`, the writer's view
+    /// Whether slot `i` holds an entry; with `tick_at` and `bits_at`, the writer's view
     /// (it is the only one changing entries).
     #[inline]
     pub(crate) fn occupied(&self, i: usize) -> bool {
-        self.entry(i)[0].load(Relaxed) & OCCUPIED != 0
-    }
-
-    #[inline]
-    pub(crate) fn key_at(&self, i: usize) -> u64 {
-        self.entry(i)[1].load(Relaxed)
+        self.version(i).load(Relaxed) & OCCUPIED != 0
     }
 
     #[inline]
     pub(crate) fn tick_at(&self, i: usize) -> u32 {
-        (self.entry(i)[0].load(Relaxed) >> 32) as u32 & TICK_MASK
+        (self.version(i).load(Relaxed) >> 32) as u32 & TICK_MASK
     }
 
     #[inline]
     pub(crate) fn bits_at(&self, i: usize, w: usize) -> u64 {
-        self.entry(i)[2 + w].load(Relaxed)
+        self.bit_set(i)[w].load(Relaxed)
     }
 
-    /// Finds `hash`: `Ok(slot)` when present, `Err(free slot ending its probe chain)` when not.
-    pub(crate) fn find(&self, hash: u64) -> Result<usize, usize> {
-        let mut i = self.home(hash);
-        loop {
-            if !self.occupied(i) {
-                return Err(i);
+    /// Finds `hash`: `Ok(slot)` when present, else `Err(the first free candidate, if any)`.
+    pub(crate) fn find(&self, hash: u64, local: Option<usize>) -> Result<usize, Option<usize>> {
+        let (buckets, n) = self.candidates(hash, local);
+        let mut free = None;
+        for &b in &buckets[..n] {
+            let bucket = self.bucket(b);
+            for k in 0..BUCKET {
+                let occupied = bucket[BUCKET + k].load(Relaxed) & OCCUPIED != 0;
+                if !occupied {
+                    free = free.or(Some(b * BUCKET + k));
+                } else if bucket[k].load(Relaxed) == hash {
+                    return Ok(b * BUCKET + k);
+                }
             }
-            if self.key_at(i) == hash {
-                return Ok(i);
-            }
-            i = self.next(i);
         }
+        Err(free)
     }
 
     /// Runs `f` on entry `i`'s words inside its seqlock write section; afterwards the entry has
     /// `tick` and is occupied or not.
     #[inline]
-    fn write_with(&self, i: usize, tick: u32, occupied: bool, f: impl FnOnce(&[AtomicU64])) {
-        let e = self.entry(i);
-        let old = e[0].load(Relaxed);
+    fn write_with(&self, i: usize, tick: u32, occupied: bool, f: impl FnOnce(&AtomicU64, &[AtomicU64])) {
+        let version = self.version(i);
+        let old = version.load(Relaxed);
         let v = old as u32;
         debug_assert!(v & 1 == 0, "entry {i} already being written");
-        e[0].store((old & !0xffff_ffff) | u64::from(v.wrapping_add(1)), Relaxed);
+        version.store((old & !0xffff_ffff) | u64::from(v.wrapping_add(1)), Relaxed);
         fence(Release);
-        f(e);
+        f(self.key_word(i), self.bit_set(i));
         let occ = if occupied { OCCUPIED } else { 0 };
-        e[0].store(occ | (u64::from(tick & TICK_MASK) << 32) | u64::from(v.wrapping_add(2)), Release);
+        version.store(occ | (u64::from(tick & TICK_MASK) << 32) | u64::from(v.wrapping_add(2)), Release);
     }
 
-    /// Writes a whole occupied entry (a new key, or a moved one).
+    /// Writes a whole occupied entry.
     fn write_entry(&self, i: usize, key: u64, tick: u32, bits: impl Fn(usize) -> u64) {
-        self.write_with(i, tick, true, |e| {
-            e[1].store(key, Relaxed);
-            for (w, word) in e[2..].iter().enumerate() {
+        self.write_with(i, tick, true, |k, set| {
+            k.store(key, Relaxed);
+            for (w, word) in set.iter().enumerate() {
                 word.store(bits(w), Relaxed);
             }
         });
     }
 
     /// Frees slot `i`.
-    fn clear_entry(&self, i: usize) {
-        self.write_with(i, 0, false, |e| {
-            for word in &e[1..] {
+    pub(crate) fn delete_at(&self, i: usize) {
+        self.write_with(i, 0, false, |k, set| {
+            k.store(0, Relaxed);
+            for word in set {
                 word.store(0, Relaxed);
             }
         });
@@ -250,7 +347,7 @@ impl<'a> Table<'a> {
         if new == old && self.tick_at(i) == tick & TICK_MASK {
             return false;
         }
-        self.write_with(i, tick, true, |e| e[2 + word].store(new, Relaxed));
+        self.write_with(i, tick, true, |_, set| set[word].store(new, Relaxed));
         new != old
     }
 
@@ -259,45 +356,12 @@ impl<'a> Table<'a> {
         (0..self.bit_words).all(|w| self.bits_at(i, w) == 0)
     }
 
-    /// Deletes entry `i` by backward shift (see the module docs).
-    pub(crate) fn delete_at(&self, i: usize) {
-        let mut hole = i;
-        let mut j = i;
-        let mut moved = false;
-        let epoch = self.moves.load(Relaxed);
-        loop {
-            j = self.next(j);
-            if !self.occupied(j) {
-                break;
-            }
-            let k = self.key_at(j);
-            let h = self.home(k);
-            // The entry at j may fill the hole unless its home lies cyclically in (hole, j].
-            let stays = if hole <= j { hole < h && h <= j } else { hole < h || h <= j };
-            if stays {
-                continue;
-            }
-            if !moved {
-                moved = true;
-                self.moves.store(epoch.wrapping_add(1), Relaxed);
-                fence(Release);
-            }
-            let tick = self.tick_at(j);
-            self.write_entry(hole, k, tick, |w| self.bits_at(j, w));
-            hole = j;
-        }
-        self.clear_entry(hole);
-        if moved {
-            self.moves.store(epoch.wrapping_add(2), Release);
-        }
-    }
-
     /// Clears every entry (for a fresh writer). Entries become free one by one; readers see a
     /// mix of old and empty entries meanwhile, never torn ones.
     pub(crate) fn clear_all(&self) {
         for i in 0..self.slots {
             if self.occupied(i) {
-                self.clear_entry(i);
+                self.delete_at(i);
             }
         }
     }
@@ -305,18 +369,15 @@ impl<'a> Table<'a> {
     /// Repairs entries left mid-write by a writer that died (odd version): they become free.
     /// Call before [`Table::clear_all`] when taking over a segment.
     pub(crate) fn repair(&self) {
-        let epoch = self.moves.load(Relaxed);
-        if epoch & 1 == 1 {
-            self.moves.store(epoch.wrapping_add(1), Release);
-        }
         for i in 0..self.slots {
-            let e = self.entry(i);
-            let v = e[0].load(Relaxed);
+            let version = self.version(i);
+            let v = version.load(Relaxed);
             if v & 1 == 1 {
-                for w in &e[1..] {
+                self.key_word(i).store(0, Relaxed);
+                for w in self.bit_set(i) {
                     w.store(0, Relaxed);
                 }
-                e[0].store(v.wrapping_add(1) & 0xffff_ffff, Release);
+                version.store(v.wrapping_add(1) & 0xffff_ffff, Release);
             }
         }
     }
@@ -342,99 +403,119 @@ mod tests {
         (0..n).map(|_| AtomicU64::new(0)).collect()
     }
 
-    /// Keys chosen so they all share home slot 0 of an 8-slot table (high bits zero).
-    fn colliding(n: u64) -> Vec<u64> {
-        (1..=n).collect()
+    #[test]
+    fn insert_find_delete_across_local_and_global_buckets() {
+        let slots = 64;
+        let w = words(Table::words_for(slots, 1));
+        let t = Table::new(&w, slots, 1);
+        let mut bits = [0u64; 1];
+        // 12 keys all with local bucket 3: 8 fit the two local buckets, the rest go global.
+        let keys: Vec<u64> = (1..=12u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let mut local = 0;
+        for (n, &k) in keys.iter().enumerate() {
+            let free = t.find(k, Some(3)).unwrap_err().expect("a free candidate");
+            if (3 * BUCKET..5 * BUCKET).contains(&free) {
+                local += 1;
+            }
+            t.insert_at(free, k, n % 64, 0);
+        }
+        assert!(local >= BUCKET, "{local} keys placed locally");
+        for (n, &k) in keys.iter().enumerate() {
+            assert_eq!(t.read(k, Some(3), &mut bits), Probe::Hit { tick: 0 }, "key {k:#x}");
+            assert_eq!(bits[0], 1 << (n % 64));
+        }
+        for &k in keys.iter().step_by(3) {
+            t.delete_at(t.find(k, Some(3)).unwrap());
+        }
+        for (n, &k) in keys.iter().enumerate() {
+            let r = t.read(k, Some(3), &mut bits);
+            assert_eq!(r == Probe::Miss, n % 3 == 0, "key {k:#x}: {r:?}");
+        }
     }
 
     #[test]
-    fn insert_find_delete_with_collisions_and_wrap() {
-        let slots = 8;
+    fn a_full_candidate_set_has_no_free_entry() {
+        let slots = 8; // 2 buckets: every key's candidates are the whole table
         let w = words(Table::words_for(slots, 1));
-        let moves = AtomicU64::new(0);
-        let t = Table::new(&w, &moves, slots, 1);
-        // Home of a key near u64::MAX is the last slot: its chain wraps to slot 0.
-        let high = [u64::MAX - 1, u64::MAX - 2, u64::MAX - 3];
-        for (n, &k) in high.iter().chain(&colliding(3)).enumerate() {
-            let free = t.find(k).unwrap_err();
-            t.insert_at(free, k, n, 7);
+        let t = Table::new(&w, slots, 1);
+        for k in 0..8u64 {
+            let free = t.find(k, Some(0)).unwrap_err().unwrap();
+            t.insert_at(free, k, 0, 0);
         }
-        let mut bits = [0u64; 1];
-        for (n, &k) in high.iter().chain(&colliding(3)).enumerate() {
-            assert_eq!(t.read(k, &mut bits), Probe::Hit { tick: 7 }, "key {k:#x}");
-            assert_eq!(bits[0], 1 << n);
+        assert_eq!(t.find(99, Some(0)), Err(None));
+        assert!(t.find(5, Some(1)).is_ok());
+    }
+
+    #[test]
+    fn cursors_follow_chain_positions() {
+        let slots = 4 * 37;
+        let w = words(Table::words_for(slots, 1));
+        let t = Table::new(&w, slots, 1);
+        let chain: Vec<u64> = (0..500u64).map(|i| i.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0xdead).collect();
+        let mut pos = None;
+        let mut c = None;
+        for &h in &chain {
+            let p = crate::hash::chain_pos(pos, h);
+            pos = Some(p);
+            match c.as_mut() {
+                None => c = Some(t.cursor(h)),
+                Some(c) => t.advance(c, h),
+            }
+            assert_eq!(Table::bucket_of(c.as_ref().unwrap()), t.local_bucket(p));
         }
-        // Delete the first wrapped key: every other key must stay findable after the shift.
-        let i = t.find(high[0]).unwrap();
-        t.delete_at(i);
-        assert_eq!(t.read(high[0], &mut bits), Probe::Miss);
-        for &k in high[1..].iter().chain(&colliding(3)) {
-            assert!(matches!(t.read(k, &mut bits), Probe::Hit { .. }), "key {k:#x} lost by the shift");
-        }
-        assert_eq!(moves.load(Relaxed) % 2, 0, "move epoch left odd");
-        assert!(moves.load(Relaxed) > 0, "a shift happened, so the epoch moved");
     }
 
     #[test]
     fn odd_version_is_unknown_and_repair_frees_it() {
         let w = words(Table::words_for(4, 1));
-        let moves = AtomicU64::new(0);
-        let t = Table::new(&w, &moves, 4, 1);
-        let free = t.find(42).unwrap_err();
+        let t = Table::new(&w, 4, 1);
+        let free = t.find(42, None).unwrap_err().unwrap();
         t.insert_at(free, 42, 3, 0);
         // Simulate a writer that died inside the write section.
-        let e = &w[free * 3];
+        let e = t.version(free);
         e.store(e.load(Relaxed) + 1, Relaxed);
         let mut bits = [0u64; 1];
-        assert_eq!(t.read(42, &mut bits), Probe::Unknown);
+        assert_eq!(t.read(42, None, &mut bits), Probe::Unknown);
         t.repair();
-        assert_eq!(t.read(42, &mut bits), Probe::Miss);
+        assert_eq!(t.read(42, None, &mut bits), Probe::Miss);
     }
 
     #[test]
     fn every_key_is_distinct_including_zero() {
-        let w = words(Table::words_for(4, 1));
-        let moves = AtomicU64::new(0);
-        let t = Table::new(&w, &moves, 4, 1);
-        let free = t.find(0).unwrap_err();
-        t.insert_at(free, 0, 0, 0);
+        let w = words(Table::words_for(8, 1));
+        let t = Table::new(&w, 8, 1);
         let mut bits = [0u64; 1];
-        assert!(matches!(t.read(0, &mut bits), Probe::Hit { .. }));
-        assert_eq!(t.read(1, &mut bits), Probe::Miss);
-        let free = t.find(1).unwrap_err();
-        t.insert_at(free, 1, 1, 0);
-        assert!(matches!(t.read(1, &mut bits), Probe::Hit { .. }));
+        t.insert_at(t.find(0, None).unwrap_err().unwrap(), 0, 0, 0);
+        assert!(matches!(t.read(0, None, &mut bits), Probe::Hit { .. }));
+        assert_eq!(t.read(1, None, &mut bits), Probe::Miss);
+        t.insert_at(t.find(1, None).unwrap_err().unwrap(), 1, 1, 0);
+        assert!(matches!(t.read(1, None, &mut bits), Probe::Hit { .. }));
         assert_eq!(bits[0], 2);
-        t.delete_at(t.find(0).unwrap());
-        assert_eq!(t.read(0, &mut bits), Probe::Miss);
-        assert!(matches!(t.read(1, &mut bits), Probe::Hit { .. }));
+        t.delete_at(t.find(0, None).unwrap());
+        assert_eq!(t.read(0, None, &mut bits), Probe::Miss);
+        assert!(matches!(t.read(1, None, &mut bits), Probe::Hit { .. }));
     }
 }
 
-/// Model-checked tests of the reader/writer protocol (`RUSTFLAGS="--cfg loom" cargo test -p
-/// gantry-kvindex --lib --release loom`; `.ci/run` runs them as their own step). Each model has
-/// a writer thread change the table while the main thread reads; loom runs every interleaving
-/// (within a preemption bound) and the asserts hold in all of them.
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
     use loom::sync::Arc;
 
-    const SLOTS: usize = 4;
+    const SLOTS: usize = 4; // one bucket
     const BIT_WORDS: usize = 2;
 
     struct Shared {
         words: Vec<AtomicU64>,
-        moves: AtomicU64,
     }
 
     impl Shared {
         fn new() -> Arc<Shared> {
             let words = (0..Table::words_for(SLOTS, BIT_WORDS)).map(|_| AtomicU64::new(0)).collect();
-            Arc::new(Shared { words, moves: AtomicU64::new(0) })
+            Arc::new(Shared { words })
         }
         fn table(&self) -> Table<'_> {
-            Table::new(&self.words, &self.moves, SLOTS, BIT_WORDS)
+            Table::new(&self.words, SLOTS, BIT_WORDS)
         }
     }
 
@@ -442,28 +523,35 @@ mod loom_tests {
         loom::model(f);
     }
 
-    /// Keys 1 and 2 share home slot 0 (their high bits are zero), so 2 sits in slot 1. Deleting 1
-    /// moves 2 back to slot 0 while the reader looks for 2: it must find it, with its bits.
+    /// While the writer deletes one key and inserts another into the freed entry, a reader of a
+    /// third key that stays in place always finds it with its bits.
     #[test]
-    fn a_shifted_entry_is_never_missed() {
+    fn a_key_that_stays_is_never_missed() {
         model(|| {
             let s = Shared::new();
             let t = s.table();
-            t.insert_at(t.find(1).unwrap_err(), 1, 0, 0);
-            t.insert_at(t.find(2).unwrap_err(), 2, 65, 0);
-            assert_eq!(t.find(2), Ok(1));
-            let slot = t.find(1).unwrap();
+            t.insert_at(t.find(1, None).unwrap_err().unwrap(), 1, 0, 0);
+            t.insert_at(t.find(2, None).unwrap_err().unwrap(), 2, 65, 0);
+            let slot = t.find(1, None).unwrap();
             let w = s.clone();
-            let writer = loom::thread::spawn(move || w.table().delete_at(slot));
+            let writer = loom::thread::spawn(move || {
+                let t = w.table();
+                t.delete_at(slot);
+                t.insert_at(slot, 3, 64, 0);
+            });
             let mut bits = [0u64; BIT_WORDS];
-            match t.read(2, &mut bits) {
+            match t.read(2, None, &mut bits) {
                 Probe::Hit { .. } => assert_eq!(bits, [0, 2]),
                 Probe::Unknown => {}
-                Probe::Miss => panic!("key 2 missed while it moved"),
+                Probe::Miss => panic!("key 2 missed while another entry changed"),
+            }
+            match t.read(3, None, &mut bits) {
+                Probe::Hit { .. } => assert_eq!(bits, [0, 1], "key 3 seen with another key's bits"),
+                Probe::Miss | Probe::Unknown => {}
             }
             writer.join().unwrap();
-            assert_eq!(t.read(2, &mut bits), Probe::Hit { tick: 0 });
-            assert_eq!(t.read(1, &mut bits), Probe::Miss);
+            assert!(matches!(t.read(3, None, &mut bits), Probe::Hit { .. }));
+            assert_eq!(t.read(1, None, &mut bits), Probe::Miss);
         });
     }
 
@@ -473,12 +561,12 @@ mod loom_tests {
         model(|| {
             let s = Shared::new();
             let t = s.table();
-            let i = t.find(7).unwrap_err();
+            let i = t.find(7, None).unwrap_err().unwrap();
             t.write_entry(i, 7, 1, |_| 1);
             let w = s.clone();
             let writer = loom::thread::spawn(move || w.table().write_entry(i, 7, 2, |_| 3));
             let mut bits = [0u64; BIT_WORDS];
-            match t.read(7, &mut bits) {
+            match t.read(7, None, &mut bits) {
                 Probe::Hit { tick: 1 } => assert_eq!(bits, [1, 1]),
                 Probe::Hit { tick: 2 } => assert_eq!(bits, [3, 3]),
                 Probe::Unknown => {}

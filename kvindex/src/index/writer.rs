@@ -5,6 +5,7 @@ use super::reader::IndexReader;
 use super::segment::{unix_ms, Segment};
 use super::table::{Table, TICK_MASK};
 use super::IndexError;
+use crate::hash::chain_pos;
 use crate::sink::{BlockSink, Counter, EngineSlot};
 use crossbeam_queue::ArrayQueue;
 use std::fs::{File, OpenOptions};
@@ -53,13 +54,22 @@ const EXPIRY_SCAN_PER_MAINTAIN: usize = 1 << 13;
 pub struct IndexWriter {
     seg: Arc<Segment>,
     _lock: File,
+    core: Core,
+    queue: Arc<ArrayQueue<Prediction>>,
+    started: Instant,
+}
+
+/// A predicted (engine, block at chain position) triple.
+type Prediction = (EngineSlot, u64, u64);
+
+/// The writer's private state; its methods take the segment separately so a table view and this
+/// state can be borrowed together.
+struct Core {
     /// Store clock: increments per stored block; entries keep the tick of their last store.
     tick: u32,
     hand: usize,
     approx_hand: usize,
-    queue: Arc<ArrayQueue<(EngineSlot, u64)>>,
     ttl_secs: u32,
-    started: Instant,
 }
 
 impl IndexWriter {
@@ -107,14 +117,12 @@ impl IndexWriter {
         seg.word(H_WRITER_PID).store(u64::from(std::process::id()), Relaxed);
         let ttl_secs = opts.approx_ttl.as_secs_f64().ceil().clamp(1.0, f64::from(u32::MAX / 2)) as u32;
         seg.word(H_APPROX_TTL_SECS).store(u64::from(ttl_secs), Relaxed);
+        let core = Core { tick: 0, hand: 0, approx_hand: 0, ttl_secs };
         let mut w = IndexWriter {
             seg: Arc::new(seg),
             _lock: lock,
-            tick: 0,
-            hand: 0,
-            approx_hand: 0,
+            core,
             queue: Arc::new(ArrayQueue::new(opts.approx_queue.max(1))),
-            ttl_secs,
             started: Instant::now(),
         };
         w.update_clock();
@@ -167,180 +175,116 @@ impl IndexWriter {
     /// Removes every block `slot` holds, in both tiers (a full scan: for engine restarts and
     /// removals, not for the event path). Returns how many exact entries it held.
     pub fn clear_engine(&mut self, slot: EngineSlot) -> usize {
-        let n = clear_bit(&self.seg.exact(), slot as usize);
-        let live = self.seg.word(WriterCounter::Live.word());
-        live.store(live.load(Relaxed).saturating_sub(n.1 as u64), Relaxed);
-        if let Some(approx) = self.seg.approx() {
-            let a = clear_bit(&approx, slot as usize);
-            let live = self.seg.word(WriterCounter::ApproxLive.word());
-            live.store(live.load(Relaxed).saturating_sub(a.1 as u64), Relaxed);
+        let seg = &*self.seg;
+        let (held, deleted) = clear_bit(&seg.exact(), slot as usize);
+        sub(seg, WriterCounter::Live, deleted as u64);
+        if let Some(approx) = seg.approx() {
+            let (_, deleted) = clear_bit(&approx, slot as usize);
+            sub(seg, WriterCounter::ApproxLive, deleted as u64);
         }
-        self.seg.engine(slot as usize)[1].store(0, Relaxed);
-        n.0
+        seg.engine(slot as usize)[1].store(0, Relaxed);
+        held
     }
 
-    /// Stores many blocks of one engine, prefetching ahead (the event path's bulk form).
-    pub fn store_blocks(&mut self, engine: EngineSlot, hashes: &[u64]) {
+    /// Stores a chain of blocks of one engine (`hashes[0]`'s parent at chain position
+    /// `parent_pos`, None for a prompt's first block), prefetching ahead: the bulk form of
+    /// [`BlockSink::store`].
+    pub fn store_chain(&mut self, engine: EngineSlot, parent_pos: Option<u64>, hashes: &[u64]) {
         const AHEAD: usize = 4;
-        let seg = self.seg.clone();
+        let seg = &*self.seg;
         let exact = seg.exact();
-        for h in hashes.iter().take(AHEAD) {
-            exact.prefetch(*h);
+        let mut ahead_pos = parent_pos;
+        let mut ahead = hashes.iter();
+        // An insert checks every candidate bucket (a block is stored once): prefetch them all.
+        for &h in ahead.by_ref().take(AHEAD) {
+            let p = chain_pos(ahead_pos, h);
+            exact.prefetch_bucket(exact.local_bucket(p));
+            exact.prefetch(h);
+            ahead_pos = Some(p);
         }
-        for (i, &h) in hashes.iter().enumerate() {
-            if let Some(&next) = hashes.get(i + AHEAD) {
-                exact.prefetch(next);
+        let mut pos = parent_pos;
+        for &h in hashes {
+            if let Some(&n) = ahead.next() {
+                let p = chain_pos(ahead_pos, n);
+                exact.prefetch_bucket(exact.local_bucket(p));
+                exact.prefetch(n);
+                ahead_pos = Some(p);
             }
-            self.store(engine, h);
+            let p = chain_pos(pos, h);
+            self.core.store(seg, engine, h, p);
+            pos = Some(p);
         }
     }
 
     /// Applies queued predictions (at most `max`). Returns how many were applied.
     pub fn apply_predictions(&mut self, max: usize) -> usize {
-        let Some(approx) = self.seg.approx() else {
+        let seg = &*self.seg;
+        let Some(approx) = seg.approx() else {
             return 0;
         };
-        let exact = self.seg.exact();
-        let expiry = self.now_secs().wrapping_add(self.ttl_secs) & TICK_MASK;
+        let exact = seg.exact();
+        let core = &mut self.core;
+        let expiry = now_secs(seg).wrapping_add(core.ttl_secs) & TICK_MASK;
         let mut n = 0;
         while n < max {
-            let Some((engine, hash)) = self.queue.pop() else { break };
+            let Some((engine, hash, pos)) = self.queue.pop() else { break };
             n += 1;
             let e = engine as usize;
-            if e >= self.seg.shape().engine_slots {
+            if e >= seg.shape().engine_slots {
                 continue;
             }
             // Already known for real: nothing to predict.
-            if let Ok(i) = exact.find(hash) {
+            let local = Some(exact.local_bucket(pos));
+            if let Ok(i) = exact.find(hash, local) {
                 if exact.bits_at(i, e / 64) & (1 << (e % 64)) != 0 {
                     continue;
                 }
             }
-            match approx.find(hash) {
+            // The approximate tier is small and short-lived: blocks go by hash alone.
+            let local = None;
+            match approx.find(hash, local) {
                 Ok(i) => {
                     approx.set_bit(i, e, true, expiry);
                 }
-                Err(_) => {
-                    let cap = self.seg.shape().approx_capacity as u64;
-                    if self.counter(WriterCounter::ApproxLive) >= cap {
-                        let mut hand = self.approx_hand;
-                        self.evict(&approx, &mut hand, true);
-                        self.approx_hand = hand;
-                    }
-                    let free = approx.find(hash).expect_err("absent key stays absent across an eviction");
-                    approx.insert_at(free, hash, e, expiry);
-                    self.add(WriterCounter::ApproxLive, 1);
+                Err(free) => {
+                    let slot = core.make_room(seg, &approx, hash, local, free, true);
+                    approx.insert_at(slot, hash, e, expiry);
+                    add(seg, WriterCounter::ApproxLive, 1);
                 }
             }
-            self.add(WriterCounter::ApproxInserted, 1);
+            add(seg, WriterCounter::ApproxInserted, 1);
         }
         n
     }
 
     /// Deletes expired predictions among the next `budget` slots of the approximate table.
     pub fn expire_predictions(&mut self, budget: usize) -> usize {
-        let Some(approx) = self.seg.approx() else {
+        let seg = &*self.seg;
+        let Some(approx) = seg.approx() else {
             return 0;
         };
-        let now = self.now_secs();
+        let now = now_secs(seg);
+        let core = &mut self.core;
         let mut expired = 0;
-        let mut i = self.approx_hand % approx.slots();
+        let mut i = core.approx_hand % approx.slots();
         for _ in 0..budget.min(approx.slots()) {
             // A deletion may shift a later entry into slot i: look at i again before moving on.
-            while approx.occupied(i) && !alive(approx.tick_at(i), now) {
+            if approx.occupied(i) && !alive(approx.tick_at(i), now) {
                 approx.delete_at(i);
                 expired += 1;
             }
             i = if i + 1 == approx.slots() { 0 } else { i + 1 };
         }
-        self.approx_hand = i;
-        self.sub(WriterCounter::ApproxLive, expired as u64);
-        self.add(WriterCounter::ApproxExpired, expired as u64);
+        core.approx_hand = i;
+        sub(seg, WriterCounter::ApproxLive, expired as u64);
+        add(seg, WriterCounter::ApproxExpired, expired as u64);
         expired
-    }
-
-    /// Seconds since this writer started, plus one (so 0 is always in the past).
-    fn now_secs(&self) -> u32 {
-        self.seg.word(H_NOW_SECS).load(Relaxed) as u32
     }
 
     fn update_clock(&mut self) {
         let now = self.started.elapsed().as_secs() as u32 + 1;
         self.seg.word(H_NOW_SECS).store(u64::from(now), Relaxed);
         self.seg.word(H_HEARTBEAT_UNIX_MS).store(unix_ms(), Relaxed);
-    }
-
-    fn counter(&self, c: WriterCounter) -> u64 {
-        self.seg.word(c.word()).load(Relaxed)
-    }
-
-    fn add(&self, c: WriterCounter, n: u64) {
-        let w = self.seg.word(c.word());
-        w.store(w.load(Relaxed).wrapping_add(n), Relaxed);
-    }
-
-    fn sub(&self, c: WriterCounter, n: u64) {
-        let w = self.seg.word(c.word());
-        w.store(w.load(Relaxed).saturating_sub(n), Relaxed);
-    }
-
-    fn engine_blocks_add(&self, slot: usize, delta: i64) {
-        let w = &self.seg.engine(slot)[1];
-        w.store(w.load(Relaxed).saturating_add_signed(delta), Relaxed);
-    }
-
-    /// Evicts one entry of `t` (sampled LRU by tick, or earliest expiry for the approximate tier).
-    fn evict(&self, t: &Table<'_>, hand: &mut usize, approx: bool) {
-        let mut pos = *hand % t.slots();
-        let mut best: Option<(usize, u32)> = None;
-        let mut seen = 0;
-        for _ in 0..t.slots() {
-            if t.occupied(pos) {
-                // Exact: the oldest store has the largest age. Approximate: the earliest expiry.
-                let score = if approx {
-                    TICK_MASK - t.tick_at(pos)
-                } else {
-                    self.tick.wrapping_sub(t.tick_at(pos)) & TICK_MASK
-                };
-                if best.is_none_or(|(_, s)| score > s) {
-                    best = Some((pos, score));
-                }
-                seen += 1;
-            }
-            pos = if pos + 1 == t.slots() { 0 } else { pos + 1 };
-            if seen == EVICTION_SAMPLE {
-                break;
-            }
-        }
-        *hand = pos;
-        let Some((victim, _)) = best else { return };
-        if approx {
-            self.sub(WriterCounter::ApproxLive, 1);
-        } else {
-            for w in 0..t.bit_words() {
-                let mut bits = t.bits_at(victim, w);
-                while bits != 0 {
-                    self.engine_blocks_add(w * 64 + bits.trailing_zeros() as usize, -1);
-                    bits &= bits - 1;
-                }
-            }
-            self.sub(WriterCounter::Live, 1);
-            self.add(WriterCounter::Evictions, 1);
-        }
-        t.delete_at(victim);
-    }
-
-    /// Clears `engine`'s bit of `hash` in the approximate tier (a real event overrides it).
-    fn unpredict(&self, engine: usize, hash: u64) {
-        if let Some(approx) = self.seg.approx() {
-            if let Ok(i) = approx.find(hash) {
-                let tick = approx.tick_at(i);
-                if approx.set_bit(i, engine, false, tick) && approx.is_unheld(i) {
-                    approx.delete_at(i);
-                    self.sub(WriterCounter::ApproxLive, 1);
-                }
-            }
-        }
     }
 
     fn write_engine(&mut self, slot: usize, name: Option<&str>) {
@@ -361,6 +305,172 @@ impl IndexWriter {
     }
 }
 
+impl Core {
+    fn store(&mut self, seg: &Segment, engine: EngineSlot, hash: u64, pos: u64) {
+        let e = engine as usize;
+        if e >= seg.shape().engine_slots {
+            return;
+        }
+        self.tick = self.tick.wrapping_add(1) & TICK_MASK;
+        let exact = seg.exact();
+        let local = Some(exact.local_bucket(pos));
+        match exact.find(hash, local) {
+            Ok(i) => {
+                if exact.set_bit(i, e, true, self.tick) {
+                    engine_blocks_add(seg, e, 1);
+                    add(seg, WriterCounter::BlocksStored, 1);
+                }
+            }
+            Err(free) => {
+                let slot = self.make_room(seg, &exact, hash, local, free, false);
+                exact.insert_at(slot, hash, e, self.tick);
+                add(seg, WriterCounter::Live, 1);
+                engine_blocks_add(seg, e, 1);
+                add(seg, WriterCounter::BlocksStored, 1);
+            }
+        }
+        self.unpredict(seg, e, hash);
+    }
+
+    fn remove(&mut self, seg: &Segment, engine: EngineSlot, hash: u64, pos: u64) {
+        let e = engine as usize;
+        if e >= seg.shape().engine_slots {
+            return;
+        }
+        let exact = seg.exact();
+        if let Ok(i) = exact.find(hash, Some(exact.local_bucket(pos))) {
+            if exact.set_bit(i, e, false, exact.tick_at(i)) {
+                engine_blocks_add(seg, e, -1);
+                add(seg, WriterCounter::BlocksRemoved, 1);
+                if exact.is_unheld(i) {
+                    exact.delete_at(i);
+                    sub(seg, WriterCounter::Live, 1);
+                }
+            }
+        }
+        self.unpredict(seg, e, hash);
+    }
+
+    /// Clears `engine`'s bit of `hash` in the approximate tier (a real event overrides it).
+    fn unpredict(&mut self, seg: &Segment, engine: usize, hash: u64) {
+        if let Some(approx) = seg.approx() {
+            if let Ok(i) = approx.find(hash, None) {
+                let tick = approx.tick_at(i);
+                if approx.set_bit(i, engine, false, tick) && approx.is_unheld(i) {
+                    approx.delete_at(i);
+                    sub(seg, WriterCounter::ApproxLive, 1);
+                }
+            }
+        }
+    }
+
+    /// Where a new block goes: a free candidate while the table is below capacity, else the
+    /// slot of the entry evicted for it: the least recently stored (exact) or soonest expiring
+    /// (approximate) of its candidates, or, if all candidates are free but the table is at
+    /// capacity, a sampled entry elsewhere.
+    fn make_room(
+        &mut self,
+        seg: &Segment,
+        t: &Table<'_>,
+        hash: u64,
+        local: Option<usize>,
+        free: Option<usize>,
+        approx: bool,
+    ) -> usize {
+        let (live, cap) = if approx {
+            (counter(seg, WriterCounter::ApproxLive), seg.shape().approx_capacity)
+        } else {
+            (counter(seg, WriterCounter::Live), seg.shape().capacity)
+        };
+        if let Some(f) = free {
+            if live < cap as u64 {
+                return f;
+            }
+        }
+        let score = |t: &Table<'_>, i: usize, tick: u32| {
+            if approx {
+                TICK_MASK - t.tick_at(i)
+            } else {
+                tick.wrapping_sub(t.tick_at(i)) & TICK_MASK
+            }
+        };
+        let victim = t.candidate_slots(hash, local).filter(|&i| t.occupied(i)).max_by_key(|&i| score(t, i, self.tick));
+        match (victim, free) {
+            (Some(v), _) => {
+                self.evict(seg, t, v, approx);
+                v
+            }
+            (None, Some(f)) => {
+                // Over capacity with all candidates free: evict a sampled entry elsewhere.
+                let hand = if approx { &mut self.approx_hand } else { &mut self.hand };
+                let mut i = *hand % t.slots();
+                let mut best: Option<usize> = None;
+                let mut seen = 0;
+                for _ in 0..t.slots() {
+                    if t.occupied(i) {
+                        if best.is_none_or(|b| score(t, i, self.tick) > score(t, b, self.tick)) {
+                            best = Some(i);
+                        }
+                        seen += 1;
+                        if seen == EVICTION_SAMPLE {
+                            break;
+                        }
+                    }
+                    i = if i + 1 == t.slots() { 0 } else { i + 1 };
+                }
+                *hand = i;
+                if let Some(b) = best {
+                    self.evict(seg, t, b, approx);
+                }
+                f
+            }
+            (None, None) => unreachable!("a candidate set with no free entry has occupied ones"),
+        }
+    }
+
+    /// Evicts entry `victim` of `t`, keeping the counters right.
+    fn evict(&mut self, seg: &Segment, t: &Table<'_>, victim: usize, approx: bool) {
+        if approx {
+            sub(seg, WriterCounter::ApproxLive, 1);
+        } else {
+            for w in 0..t.bit_words() {
+                let mut bits = t.bits_at(victim, w);
+                while bits != 0 {
+                    engine_blocks_add(seg, w * 64 + bits.trailing_zeros() as usize, -1);
+                    bits &= bits - 1;
+                }
+            }
+            sub(seg, WriterCounter::Live, 1);
+            add(seg, WriterCounter::Evictions, 1);
+        }
+        t.delete_at(victim);
+    }
+}
+
+/// Seconds since the writer started, plus one (so 0 is always in the past).
+fn now_secs(seg: &Segment) -> u32 {
+    seg.word(H_NOW_SECS).load(Relaxed) as u32
+}
+
+fn counter(seg: &Segment, c: WriterCounter) -> u64 {
+    seg.word(c.word()).load(Relaxed)
+}
+
+fn add(seg: &Segment, c: WriterCounter, n: u64) {
+    let w = seg.word(c.word());
+    w.store(w.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+fn sub(seg: &Segment, c: WriterCounter, n: u64) {
+    let w = seg.word(c.word());
+    w.store(w.load(Relaxed).saturating_sub(n), Relaxed);
+}
+
+fn engine_blocks_add(seg: &Segment, slot: usize, delta: i64) {
+    let w = &seg.engine(slot)[1];
+    w.store(w.load(Relaxed).saturating_add_signed(delta), Relaxed);
+}
+
 /// Engine-table word 0: bit 32 marks a used slot; the low 32 bits are a seqlock version.
 pub(crate) const USED: u64 = 1 << 32;
 
@@ -374,53 +484,12 @@ pub(crate) fn alive(expiry: u32, now: u32) -> bool {
 }
 
 impl BlockSink for IndexWriter {
-    fn store(&mut self, engine: EngineSlot, hash: u64) {
-        let e = engine as usize;
-        if e >= self.seg.shape().engine_slots {
-            return;
-        }
-        self.tick = self.tick.wrapping_add(1) & TICK_MASK;
-        let exact = self.seg.exact();
-        match exact.find(hash) {
-            Ok(i) => {
-                if exact.set_bit(i, e, true, self.tick) {
-                    self.engine_blocks_add(e, 1);
-                    self.add(WriterCounter::BlocksStored, 1);
-                }
-            }
-            Err(_) => {
-                if self.counter(WriterCounter::Live) >= self.seg.shape().capacity as u64 {
-                    let mut hand = self.hand;
-                    self.evict(&exact, &mut hand, false);
-                    self.hand = hand;
-                }
-                let free = exact.find(hash).expect_err("absent key stays absent across an eviction");
-                exact.insert_at(free, hash, e, self.tick);
-                self.add(WriterCounter::Live, 1);
-                self.engine_blocks_add(e, 1);
-                self.add(WriterCounter::BlocksStored, 1);
-            }
-        }
-        self.unpredict(e, hash);
+    fn store(&mut self, engine: EngineSlot, hash: u64, pos: u64) {
+        self.core.store(&self.seg, engine, hash, pos);
     }
 
-    fn remove(&mut self, engine: EngineSlot, hash: u64) {
-        let e = engine as usize;
-        if e >= self.seg.shape().engine_slots {
-            return;
-        }
-        let exact = self.seg.exact();
-        if let Ok(i) = exact.find(hash) {
-            if exact.set_bit(i, e, false, exact.tick_at(i)) {
-                self.engine_blocks_add(e, -1);
-                self.add(WriterCounter::BlocksRemoved, 1);
-                if exact.is_unheld(i) {
-                    exact.delete_at(i);
-                    self.sub(WriterCounter::Live, 1);
-                }
-            }
-        }
-        self.unpredict(e, hash);
+    fn remove(&mut self, engine: EngineSlot, hash: u64, pos: u64) {
+        self.core.remove(&self.seg, engine, hash, pos);
     }
 
     fn count(&mut self, counter: Counter, n: u64) {
@@ -434,7 +503,7 @@ impl BlockSink for IndexWriter {
             Counter::Resyncs => WriterCounter::Resyncs,
             Counter::OverCapacity => WriterCounter::EngineCapDrops,
         };
-        self.add(c, n);
+        add(&self.seg, c, n);
     }
 
     fn maintain(&mut self) {
@@ -454,19 +523,22 @@ impl Drop for IndexWriter {
 /// Cheap to clone; never blocks; drops (and counts) what does not fit the queue.
 #[derive(Clone)]
 pub struct Predictor {
-    queue: Arc<ArrayQueue<(EngineSlot, u64)>>,
+    queue: Arc<ArrayQueue<Prediction>>,
     seg: Arc<Segment>,
 }
 
 impl Predictor {
-    /// Predicts that `engine` will hold `hashes` (a request just routed there). Returns how many
-    /// were queued.
+    /// Predicts that `engine` will hold the prompt whose chained block hashes are `hashes`
+    /// (first block first; a request just routed there). Returns how many were queued.
     pub fn predict(&self, engine: EngineSlot, hashes: &[u64]) -> usize {
         if self.seg.approx().is_none() {
             return 0;
         }
+        let mut pos = None;
         for (n, &h) in hashes.iter().enumerate() {
-            if self.queue.push((engine, h)).is_err() {
+            let p = chain_pos(pos, h);
+            pos = Some(p);
+            if self.queue.push((engine, h, p)).is_err() {
                 let dropped = (hashes.len() - n) as u64;
                 self.seg.word(WriterCounter::ApproxDropped.word()).fetch_add(dropped, Relaxed);
                 return n;
@@ -481,18 +553,15 @@ impl Predictor {
 fn clear_bit(t: &Table<'_>, engine: usize) -> (usize, usize) {
     let (word, bit) = (engine / 64, 1u64 << (engine % 64));
     let (mut held, mut deleted) = (0, 0);
-    let mut i = 0;
-    while i < t.slots() {
+    for i in 0..t.slots() {
         if t.occupied(i) && t.bits_at(i, word) & bit != 0 {
             held += 1;
             t.set_bit(i, engine, false, t.tick_at(i));
             if t.is_unheld(i) {
                 t.delete_at(i);
                 deleted += 1;
-                continue; // a later entry may have shifted into slot i
             }
         }
-        i += 1;
     }
     (held, deleted)
 }

@@ -38,7 +38,7 @@ use tracing::trace;
 
 use super::{EngineSource, SubscriberError};
 use crate::decode::{decode_batch, DecodeError, DecodedBatch, DecodedEvent, RemovedEvent, StoredEvent};
-use crate::hash::{block_hash, extra_hash};
+use crate::hash::{block_hash, chain_pos, extra_hash};
 use crate::sink::{BlockSink, Counter, EngineSlot};
 
 /// A snapshot of counter values, indexable by [`Counter`].
@@ -112,8 +112,8 @@ impl<S: BlockSink> EventApplier<S> {
     /// resync). Returns `false` when the slot was not tracked.
     pub fn remove_engine(&mut self, slot: EngineSlot) -> bool {
         let Some(engine) = self.engines.remove(&slot) else { return false };
-        for &hash in engine.gpu_refs.keys() {
-            self.sink.remove(slot, hash);
+        for b in engine.gpu_refs.keys() {
+            self.sink.remove(slot, b.hash, b.pos);
         }
         engine.counters.blocks.store(0, Ordering::Relaxed);
         self.count_for(&engine.counters, Counter::Resyncs, 1);
@@ -291,8 +291,15 @@ struct Key {
     rank: u32,
 }
 
+/// A block as the index knows it: Gantry's hash and its chain position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Block {
+    hash: u64,
+    pos: u64,
+}
+
 struct Entry {
-    gantry: u64,
+    gantry: Block,
     tiers: u16,
     /// Position in insertion order; matches the FIFO entry that is this entry's live one.
     stamp: u64,
@@ -306,7 +313,7 @@ struct EngineState {
     map: HashMap<Key, Entry>,
     order: VecDeque<(Key, u64)>,
     next_stamp: u64,
-    gpu_refs: HashMap<u64, u32>,
+    gpu_refs: HashMap<Block, u32>,
     counters: Arc<SharedCounters>,
 }
 
@@ -347,25 +354,26 @@ impl EngineState {
         if e.extra_keys.as_ref().is_some_and(|k| k.len() != e.block_hashes.len()) {
             return skip(out, "extra_keys length differs from block_hashes");
         }
-        let mut parent = match e.parent_block_hash {
-            None => self.seed,
+        let (mut parent, mut parent_pos) = match e.parent_block_hash {
+            None => (self.seed, None),
             Some(p) => match self.map.get(&Key { vllm: p, rank }) {
-                Some(entry) => entry.gantry,
+                Some(entry) => (entry.gantry.hash, Some(entry.gantry.pos)),
                 None => return skip(out, "unknown parent_block_hash"),
             },
         };
         let bit = tiers.bit_for_store(e.medium);
         for (i, (&vllm, tokens)) in e.block_hashes.iter().zip(e.token_ids.chunks_exact(bs)).enumerate() {
             let extra = e.extra_keys.as_ref().and_then(|k| k[i]).map_or(0, extra_hash);
-            let gantry = block_hash(parent, tokens, extra);
-            self.insert(out, Key { vllm, rank }, gantry, bit);
-            parent = gantry;
+            let hash = block_hash(parent, tokens, extra);
+            let pos = chain_pos(parent_pos, hash);
+            self.insert(out, Key { vllm, rank }, Block { hash, pos }, bit);
+            (parent, parent_pos) = (hash, Some(pos));
         }
         self.enforce_cap(out);
         out.count(Counter::EventsApplied, 1);
     }
 
-    fn insert<S: BlockSink>(&mut self, out: &mut Out<'_, S>, key: Key, gantry: u64, bit: u16) {
+    fn insert<S: BlockSink>(&mut self, out: &mut Out<'_, S>, key: Key, gantry: Block, bit: u16) {
         let stamp = self.next_stamp;
         self.next_stamp += 1;
         let EngineState { map, order, gpu_refs, .. } = self;
@@ -465,20 +473,20 @@ impl EngineState {
     }
 }
 
-fn add_ref<S: BlockSink>(refs: &mut HashMap<u64, u32>, out: &mut Out<'_, S>, gantry: u64) {
+fn add_ref<S: BlockSink>(refs: &mut HashMap<Block, u32>, out: &mut Out<'_, S>, gantry: Block) {
     let n = refs.entry(gantry).or_insert(0);
     *n += 1;
     if *n == 1 {
-        out.sink.store(out.slot, gantry);
+        out.sink.store(out.slot, gantry.hash, gantry.pos);
     }
 }
 
-fn unref<S: BlockSink>(refs: &mut HashMap<u64, u32>, out: &mut Out<'_, S>, gantry: u64) {
+fn unref<S: BlockSink>(refs: &mut HashMap<Block, u32>, out: &mut Out<'_, S>, gantry: Block) {
     if let MapEntry::Occupied(mut o) = refs.entry(gantry) {
         *o.get_mut() -= 1;
         if *o.get() == 0 {
             o.remove();
-            out.sink.remove(out.slot, gantry);
+            out.sink.remove(out.slot, gantry.hash, gantry.pos);
         }
     }
 }

@@ -23,10 +23,10 @@ struct Model {
 }
 
 impl BlockSink for Model {
-    fn store(&mut self, engine: EngineSlot, hash: u64) {
+    fn store(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         assert!(self.blocks.entry(engine).or_default().insert(hash), "double store of {hash:x}");
     }
-    fn remove(&mut self, engine: EngineSlot, hash: u64) {
+    fn remove(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         assert!(self.blocks.entry(engine).or_default().remove(&hash), "remove of absent {hash:x}");
     }
     fn count(&mut self, counter: Counter, n: u64) {
