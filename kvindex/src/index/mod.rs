@@ -35,7 +35,7 @@
 //! tables (its event state starts empty) and bumps the header's generation.
 //!
 //! Read first: `tests/index.rs` (the index against a `HashMap` model under random operations),
-//! then `tests/loom.rs`.
+//! then the loom tests at the end of `table.rs`.
 
 pub mod layout;
 mod reader;
