@@ -64,6 +64,13 @@ pub(crate) enum Probe {
     Unknown,
 }
 
+/// What a scan of one bucket found.
+enum Scan {
+    Hit(u32),
+    Absent,
+    Retry,
+}
+
 /// The local bucket of consecutive blocks of a prompt, advanced block by block without a
 /// division: always `(pos / 4) mod buckets` of the block's chain position.
 #[derive(Debug, Clone, Copy)]
@@ -226,37 +233,65 @@ impl<'a> Table<'a> {
     /// entry that holds `hash` throughout the lookup always shows it); only a matching entry is
     /// read under its seqlock.
     pub(crate) fn read(&self, hash: u64, local: Option<usize>, bits: &mut [u64]) -> Probe {
-        let (buckets, n) = self.candidates(hash, local);
-        let bw = self.bit_words;
         'attempt: for _ in 0..MAX_ATTEMPTS {
-            for &b in &buckets[..n] {
-                let bucket = self.bucket(b);
-                for k in 0..BUCKET {
-                    if bucket[k].load(Relaxed) != hash {
-                        continue;
+            // Local buckets first; the global ones (computed only when needed) after.
+            if let Some(l) = local {
+                let nb = self.buckets();
+                let mut b = l;
+                for _ in 0..LOCAL_BUCKETS {
+                    match self.scan(b, hash, bits) {
+                        Scan::Hit(tick) => return Probe::Hit { tick },
+                        Scan::Retry => continue 'attempt,
+                        Scan::Absent => {}
                     }
-                    let v1 = bucket[BUCKET + k].load(Acquire);
-                    if v1 & 1 == 1 {
-                        spin();
-                        continue 'attempt;
+                    b += 1;
+                    if b == nb {
+                        b = 0;
                     }
-                    if v1 & OCCUPIED == 0 || bucket[k].load(Relaxed) != hash {
-                        continue;
-                    }
-                    let set = &bucket[2 * BUCKET + k * bw..2 * BUCKET + (k + 1) * bw];
-                    for (dst, w) in bits[..bw].iter_mut().zip(set) {
-                        *dst = w.load(Relaxed);
-                    }
-                    fence(Acquire);
-                    if bucket[BUCKET + k].load(Relaxed) == v1 {
-                        return Probe::Hit { tick: (v1 >> 32) as u32 & TICK_MASK };
-                    }
-                    continue 'attempt;
+                }
+            }
+            let (g, _) = self.candidates(hash, None);
+            for &b in &g[..2] {
+                match self.scan(b, hash, bits) {
+                    Scan::Hit(tick) => return Probe::Hit { tick },
+                    Scan::Retry => continue 'attempt,
+                    Scan::Absent => {}
                 }
             }
             return Probe::Miss;
         }
         Probe::Unknown
+    }
+
+    /// Looks for `hash` in bucket `b`: keys first, then the seqlock of a matching entry.
+    #[inline(always)]
+    fn scan(&self, b: usize, hash: u64, bits: &mut [u64]) -> Scan {
+        let bw = self.bit_words;
+        let bucket = self.bucket(b);
+        let (keys, rest) = bucket.split_at(BUCKET);
+        let (versions, sets) = rest.split_at(BUCKET);
+        for k in 0..BUCKET {
+            if keys[k].load(Relaxed) != hash {
+                continue;
+            }
+            let v1 = versions[k].load(Acquire);
+            if v1 & 1 == 1 {
+                spin();
+                return Scan::Retry;
+            }
+            if v1 & OCCUPIED == 0 || keys[k].load(Relaxed) != hash {
+                continue;
+            }
+            for (dst, w) in bits[..bw].iter_mut().zip(&sets[k * bw..(k + 1) * bw]) {
+                *dst = w.load(Relaxed);
+            }
+            fence(Acquire);
+            if versions[k].load(Relaxed) == v1 {
+                return Scan::Hit((v1 >> 32) as u32 & TICK_MASK);
+            }
+            return Scan::Retry;
+        }
+        Scan::Absent
     }
 
     // ---- writer side (one writer at a time; it owns every odd version it creates) ----
