@@ -106,12 +106,7 @@ fn lookup(c: &mut Criterion) {
             }
             remove_segment(&path);
             {
-                let mut m = LockedMap::new(engines);
-                for (chain, holders) in data.chains.iter().zip(&data.holders) {
-                    for &e in holders {
-                        chain.iter().for_each(|&h| m.store(e, h));
-                    }
-                }
+                let m = locked_map(engines, &data);
                 let m = RwLock::new(m);
                 let mut out = Vec::with_capacity(engines);
                 let mut i = 0;
@@ -141,6 +136,30 @@ fn lookup(c: &mut Criterion) {
         }
     }
     g.finish();
+}
+
+/// The RwLock baseline holding `data`.
+fn locked_map(engines: usize, data: &Data) -> LockedMap {
+    let mut m = LockedMap::new(engines);
+    for (chain, holders) in data.chains.iter().zip(&data.holders) {
+        for &e in holders {
+            chain.iter().for_each(|&h| m.store(e, h));
+        }
+    }
+    m
+}
+
+/// Stores then removes `chain` for engine `e` in the RwLock baseline, one write lock per event
+/// batch of 16 blocks, as a subscriber would take it.
+fn churn_locked(m: &RwLock<LockedMap>, e: u16, chain: &[u64]) {
+    for part in chain.chunks(16) {
+        let mut m = m.write().unwrap();
+        part.iter().for_each(|&h| m.store(e, h));
+    }
+    for part in chain.chunks(16) {
+        let mut m = m.write().unwrap();
+        part.iter().for_each(|&h| m.remove(e, h));
+    }
 }
 
 /// Fresh 64-block chains to store then remove, so the index stays full and steady.
@@ -191,27 +210,14 @@ fn apply(c: &mut Criterion) {
     }
     remove_segment(&path);
     {
-        let mut m = LockedMap::new(engines);
-        for (chain, holders) in data.chains.iter().zip(&data.holders) {
-            for &e in holders {
-                chain.iter().for_each(|&h| m.store(e, h));
-            }
-        }
+        let m = locked_map(engines, &data);
         let m = RwLock::new(m);
         let mut i = 0;
         g.bench_function("rwlock_hashmap/256e", |b| {
             b.iter(|| {
                 i = (i + 1) % churn.len();
                 let e = (i % engines) as u16;
-                // One write lock per event batch of 16 blocks, as a subscriber would take it.
-                for part in churn[i].chunks(16) {
-                    let mut m = m.write().unwrap();
-                    part.iter().for_each(|&h| m.store(e, h));
-                }
-                for part in churn[i].chunks(16) {
-                    let mut m = m.write().unwrap();
-                    part.iter().for_each(|&h| m.remove(e, h));
-                }
+                churn_locked(&m, e, &churn[i]);
             })
         });
     }
@@ -290,12 +296,7 @@ fn concurrent(c: &mut Criterion) {
     remove_segment(&path);
     stop.store(false, Ordering::Relaxed);
     {
-        let mut m = LockedMap::new(engines);
-        for (chain, holders) in data.chains.iter().zip(&data.holders) {
-            for &e in holders {
-                chain.iter().for_each(|&h| m.store(e, h));
-            }
-        }
+        let m = locked_map(engines, &data);
         let m = Arc::new(RwLock::new(m));
         let (stop2, churn2, m2) = (stop.clone(), churn.clone(), m.clone());
         let bg = std::thread::spawn(move || {
@@ -304,14 +305,7 @@ fn concurrent(c: &mut Criterion) {
             while !stop2.load(Ordering::Relaxed) {
                 i = (i + 1) % churn2.len();
                 let e = (i % engines) as u16;
-                for part in churn2[i].chunks(16) {
-                    let mut m = m2.write().unwrap();
-                    part.iter().for_each(|&h| m.store(e, h));
-                }
-                for part in churn2[i].chunks(16) {
-                    let mut m = m2.write().unwrap();
-                    part.iter().for_each(|&h| m.remove(e, h));
-                }
+                churn_locked(&m2, e, &churn2[i]);
                 ops += 128;
             }
             ops

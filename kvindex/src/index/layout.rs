@@ -63,19 +63,19 @@ pub enum WriterCounter {
     Live,
     /// Entries in the approximate table.
     ApproxLive,
-    /// Events applied.
+    /// [`Counter::EventsApplied`](crate::sink::Counter::EventsApplied).
     EventsApplied,
-    /// Events skipped (mismatched block size or token count, untracked KV kind, unknown parent).
+    /// [`Counter::EventsSkipped`](crate::sink::Counter::EventsSkipped).
     EventsSkipped,
-    /// Unknown event tags or keys ignored.
+    /// [`Counter::UnknownFields`](crate::sink::Counter::UnknownFields).
     UnknownFields,
-    /// Undecodable messages.
+    /// [`Counter::DecodeErrors`](crate::sink::Counter::DecodeErrors).
     DecodeErrors,
-    /// Sequence gaps.
+    /// [`Counter::Gaps`](crate::sink::Counter::Gaps).
     Gaps,
-    /// Replay requests.
+    /// [`Counter::Replays`](crate::sink::Counter::Replays).
     Replays,
-    /// Engine state cleared because it could not be trusted.
+    /// [`Counter::Resyncs`](crate::sink::Counter::Resyncs).
     Resyncs,
     /// (engine, block) pairs added.
     BlocksStored,
