@@ -332,3 +332,36 @@ fn sighup_reloads_and_sigterm_drains() {
     assert!(TcpStream::connect(addr).is_err(), "nothing listens after the drain");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `gantry index inspect` prints a live segment written by another process (this one), and
+/// names the file when it cannot read it.
+#[test]
+fn index_inspect_prints_a_live_segment_and_names_bad_files() {
+    use gantry_kvindex::hash::chain_pos;
+    use gantry_kvindex::index::{IndexOptions, IndexWriter};
+    use gantry_kvindex::sink::BlockSink;
+
+    let dir = std::env::temp_dir().join(format!("gantry-cli-index-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("segment");
+    let opts = IndexOptions { engine_slots: 64, capacity: 1024, ..IndexOptions::default() };
+    let mut w = IndexWriter::create(&path, &opts).unwrap();
+    let slot = w.register_engine("http://127.0.0.1:8101").unwrap();
+    w.store(slot, 42, chain_pos(None, 42));
+    let out = gantry().args(["index", "inspect"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in ["engine slots     64", "capacity         1024 blocks", "blocks_stored      1", "http://127.0.0.1:8101"]
+    {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+    drop(w);
+
+    std::fs::write(&path, b"not a segment").unwrap();
+    let out = gantry().args(["index", "inspect"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&*path.to_string_lossy()) && err.contains("too short"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
