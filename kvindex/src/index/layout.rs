@@ -45,8 +45,9 @@ pub(crate) const H_NOW_SECS: usize = 18;
 pub(crate) const H_HEARTBEAT_UNIX_MS: usize = 19;
 pub(crate) const H_APPROX_TTL_SECS: usize = 20;
 pub(crate) const H_STATE: usize = 21;
-// Writer counters.
+// Writer counters: the index's own, then the subscriber's.
 pub(crate) const H_WRITER_COUNTERS: usize = 40;
+pub(crate) const H_SINK_COUNTERS: usize = 56;
 // Reader counters (flushed in batches by each reader), own cache lines.
 pub(crate) const H_READER_COUNTERS: usize = 72;
 
@@ -55,7 +56,8 @@ pub(crate) const STATE_LIVE: u64 = 1;
 /// `H_STATE`: a newer segment replaced this one at the same path; readers should reopen.
 pub(crate) const STATE_RETIRED: u64 = 2;
 
-/// Counters kept by the writer, in header order from `H_WRITER_COUNTERS`.
+/// The index's own counters, in header order from `H_WRITER_COUNTERS`. The subscriber's
+/// ([`crate::sink::Counter`]) follow from `H_SINK_COUNTERS`, in that enum's order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
 pub enum WriterCounter {
@@ -63,20 +65,6 @@ pub enum WriterCounter {
     Live,
     /// Entries in the approximate table.
     ApproxLive,
-    /// [`Counter::EventsApplied`](crate::sink::Counter::EventsApplied).
-    EventsApplied,
-    /// [`Counter::EventsSkipped`](crate::sink::Counter::EventsSkipped).
-    EventsSkipped,
-    /// [`Counter::UnknownFields`](crate::sink::Counter::UnknownFields).
-    UnknownFields,
-    /// [`Counter::DecodeErrors`](crate::sink::Counter::DecodeErrors).
-    DecodeErrors,
-    /// [`Counter::Gaps`](crate::sink::Counter::Gaps).
-    Gaps,
-    /// [`Counter::Replays`](crate::sink::Counter::Replays).
-    Replays,
-    /// [`Counter::Resyncs`](crate::sink::Counter::Resyncs).
-    Resyncs,
     /// (engine, block) pairs added.
     BlocksStored,
     /// (engine, block) pairs removed.
@@ -89,29 +77,19 @@ pub enum WriterCounter {
     ApproxExpired,
     /// Predictions dropped (queue full, or approximate mode off).
     ApproxDropped,
-    /// Blocks the subscriber dropped because an engine went over its private-map cap.
-    EngineCapDrops,
 }
 
 impl WriterCounter {
     /// Every counter, in header order.
-    pub const ALL: [WriterCounter; 16] = [
+    pub const ALL: [WriterCounter; 8] = [
         Self::Live,
         Self::ApproxLive,
-        Self::EventsApplied,
-        Self::EventsSkipped,
-        Self::UnknownFields,
-        Self::DecodeErrors,
-        Self::Gaps,
-        Self::Replays,
-        Self::Resyncs,
         Self::BlocksStored,
         Self::BlocksRemoved,
         Self::Evictions,
         Self::ApproxInserted,
         Self::ApproxExpired,
         Self::ApproxDropped,
-        Self::EngineCapDrops,
     ];
 
     /// snake_case name, as `gantry index inspect` and metrics print it.
@@ -119,26 +97,23 @@ impl WriterCounter {
         match self {
             Self::Live => "entries",
             Self::ApproxLive => "approx_entries",
-            Self::EventsApplied => "events_applied",
-            Self::EventsSkipped => "events_skipped",
-            Self::UnknownFields => "unknown_fields",
-            Self::DecodeErrors => "decode_errors",
-            Self::Gaps => "gaps",
-            Self::Replays => "replays",
-            Self::Resyncs => "resyncs",
             Self::BlocksStored => "blocks_stored",
             Self::BlocksRemoved => "blocks_removed",
             Self::Evictions => "evictions",
             Self::ApproxInserted => "approx_inserted",
             Self::ApproxExpired => "approx_expired",
             Self::ApproxDropped => "approx_dropped",
-            Self::EngineCapDrops => "engine_cap_drops",
         }
     }
 
     pub(crate) fn word(self) -> usize {
         H_WRITER_COUNTERS + self as usize
     }
+}
+
+/// Header word of a subscriber counter.
+pub(crate) fn sink_counter_word(c: crate::sink::Counter) -> usize {
+    H_SINK_COUNTERS + c.index()
 }
 
 /// Counters kept by readers, in header order from `H_READER_COUNTERS`.

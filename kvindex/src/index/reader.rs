@@ -2,10 +2,10 @@
 
 use super::layout::*;
 use super::segment::Segment;
-use super::table::{LocalCursor, Probe, Table, MAX_BIT_WORDS};
+use super::table::{Probe, MAX_BIT_WORDS};
 use super::writer::{alive, USED};
 use super::IndexError;
-use crate::sink::EngineSlot;
+use crate::sink::{Counter, EngineSlot};
 use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
@@ -104,7 +104,7 @@ pub struct IndexStats {
     pub approx_ttl_secs: u64,
     /// Segment size.
     pub total_bytes: usize,
-    /// Writer counters, by name.
+    /// Writer counters (the index's, then the subscriber's), by name.
     pub writer: Vec<(&'static str, u64)>,
     /// Reader counters (all readers, flushed in batches), by name.
     pub readers: Vec<(&'static str, u64)>,
@@ -200,18 +200,18 @@ impl IndexReader {
         let mut ahead = hashes.iter();
         let mut ahead_cursor = None;
         for &h in ahead.by_ref().take(PREFETCH_AHEAD) {
-            step(&exact, &mut ahead_cursor, h);
+            exact.prefetch_bucket(exact.step_local(&mut ahead_cursor, h));
         }
         let mut cursor = None;
         let mut depth = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
             if let Some(&next) = ahead.next() {
-                step(&exact, &mut ahead_cursor, next);
+                exact.prefetch_bucket(exact.step_local(&mut ahead_cursor, next));
                 if let Some(a) = &approx {
                     a.prefetch(next);
                 }
             }
-            let local = Some(Table::bucket_of(cursor.insert_or_advance(&exact, h)));
+            let local = Some(exact.step_local(&mut cursor, h));
             let mut found = match exact.read(h, local, &mut bits[..bw]) {
                 Probe::Hit { .. } => true,
                 Probe::Miss => false,
@@ -374,34 +374,13 @@ impl IndexReader {
             approx_capacity: s.approx_capacity,
             approx_ttl_secs: h(H_APPROX_TTL_SECS),
             total_bytes: s.total_bytes(),
-            writer: WriterCounter::ALL.iter().map(|c| (c.name(), h(c.word()))).collect(),
+            writer: WriterCounter::ALL
+                .iter()
+                .map(|c| (c.name(), h(c.word())))
+                .chain(Counter::ALL.iter().map(|&c| (c.name(), h(sink_counter_word(c)))))
+                .collect(),
             readers: ReaderCounter::ALL.iter().map(|c| (c.name(), h(c.word()))).collect(),
             engines: self.engines(),
-        }
-    }
-}
-
-/// Advances `cursor` to block `h` (starting it at a prompt's first block) and prefetches its
-/// local buckets.
-#[inline]
-fn step(t: &Table<'_>, cursor: &mut Option<LocalCursor>, h: u64) {
-    let c = cursor.insert_or_advance(t, h);
-    t.prefetch_bucket(Table::bucket_of(c));
-}
-
-trait CursorExt {
-    fn insert_or_advance(&mut self, t: &Table<'_>, h: u64) -> &LocalCursor;
-}
-
-impl CursorExt for Option<LocalCursor> {
-    #[inline]
-    fn insert_or_advance(&mut self, t: &Table<'_>, h: u64) -> &LocalCursor {
-        match self {
-            Some(c) => {
-                t.advance(c, h);
-                c
-            }
-            None => self.insert(t.cursor(h)),
         }
     }
 }

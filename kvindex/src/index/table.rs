@@ -146,28 +146,26 @@ impl<'a> Table<'a> {
         ((pos >> 2) % self.buckets() as u64) as usize
     }
 
-    /// A cursor at the local bucket of a prompt's first block, `hash`.
+    /// Moves `c` to the next block of a prompt, `hash` (to its first block when `c` is None),
+    /// and returns that block's local bucket: `local_bucket(chain_pos(..))`, advanced without a
+    /// division.
     #[inline]
-    pub(crate) fn cursor(&self, hash: u64) -> LocalCursor {
-        let pos = crate::hash::chain_pos(None, hash);
-        LocalCursor { bucket: self.local_bucket(pos), sub: pos & 3 }
-    }
-
-    /// Moves `c` to the next block of the prompt, `hash` (see [`crate::hash::chain_pos`]).
-    #[inline]
-    pub(crate) fn advance(&self, c: &mut LocalCursor, hash: u64) {
-        let s = c.sub + 4 + (hash & 3);
-        c.sub = s & 3;
-        c.bucket += (s >> 2) as usize;
-        while c.bucket >= self.buckets() {
-            c.bucket -= self.buckets();
+    pub(crate) fn step_local(&self, c: &mut Option<LocalCursor>, hash: u64) -> usize {
+        match c {
+            None => {
+                let pos = crate::hash::chain_pos(None, hash);
+                c.insert(LocalCursor { bucket: self.local_bucket(pos), sub: pos & 3 }).bucket
+            }
+            Some(c) => {
+                let s = c.sub + 4 + (hash & 3);
+                c.sub = s & 3;
+                c.bucket += (s >> 2) as usize;
+                while c.bucket >= self.buckets() {
+                    c.bucket -= self.buckets();
+                }
+                c.bucket
+            }
         }
-    }
-
-    /// The bucket of a cursor.
-    #[inline]
-    pub(crate) fn bucket_of(c: &LocalCursor) -> usize {
-        c.bucket
     }
 
     /// The candidate buckets of `hash`: [`LOCAL_BUCKETS`] consecutive ones from its local bucket
@@ -492,11 +490,7 @@ mod tests {
         for &h in &chain {
             let p = crate::hash::chain_pos(pos, h);
             pos = Some(p);
-            match c.as_mut() {
-                None => c = Some(t.cursor(h)),
-                Some(c) => t.advance(c, h),
-            }
-            assert_eq!(Table::bucket_of(c.as_ref().unwrap()), t.local_bucket(p));
+            assert_eq!(t.step_local(&mut c, h), t.local_bucket(p));
         }
     }
 

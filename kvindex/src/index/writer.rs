@@ -493,17 +493,8 @@ impl BlockSink for IndexWriter {
     }
 
     fn count(&mut self, counter: Counter, n: u64) {
-        let c = match counter {
-            Counter::EventsApplied => WriterCounter::EventsApplied,
-            Counter::EventsSkipped => WriterCounter::EventsSkipped,
-            Counter::UnknownFields => WriterCounter::UnknownFields,
-            Counter::DecodeErrors => WriterCounter::DecodeErrors,
-            Counter::Gaps => WriterCounter::Gaps,
-            Counter::Replays => WriterCounter::Replays,
-            Counter::Resyncs => WriterCounter::Resyncs,
-            Counter::OverCapacity => WriterCounter::EngineCapDrops,
-        };
-        add(&self.seg, c, n);
+        let w = self.seg.word(sink_counter_word(counter));
+        w.store(w.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
     fn maintain(&mut self) {
@@ -588,6 +579,9 @@ fn reset(seg: &Segment) {
     }
     for c in WriterCounter::ALL {
         seg.word(c.word()).store(0, Relaxed);
+    }
+    for c in Counter::ALL {
+        seg.word(sink_counter_word(c)).store(0, Relaxed);
     }
     for c in ReaderCounter::ALL {
         seg.word(c.word()).store(0, Relaxed);
