@@ -59,6 +59,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 mod builtin;
+mod cache;
 mod chat;
 mod hf;
 
@@ -67,6 +68,7 @@ pub use builtin::{
     BUILTIN_FIRST_WORD_ID, BUILTIN_OUTPUT_TOKENS, BUILTIN_SPECIAL_TOKENS, BUILTIN_VOCAB_SIZE, BUILTIN_VOWELS,
     BUILTIN_WORD_COUNT,
 };
+pub use cache::{EncodeCache, MIN_CACHED_PIECE};
 pub use chat::ChatTemplateInput;
 
 use builtin::Builtin;
@@ -126,6 +128,28 @@ pub struct Tokenizer {
     output_tokens: Vec<u32>,
     /// `decode([id])` for each id of `output_tokens`, keyed by id.
     pieces: HashMap<u32, Box<str>>,
+    /// Special tokens that split text into independently encoded pieces (see [`EncodeCache`]);
+    /// `None` when this tokenizer failed the split self-check.
+    splitter: Option<Splitter>,
+}
+
+/// Verbatim special tokens and their ids, found leftmost-longest.
+struct Splitter {
+    finder: aho_corasick::AhoCorasick,
+    ids: Vec<u32>,
+}
+
+impl Splitter {
+    fn new(tokens: Vec<(String, u32)>) -> Option<Splitter> {
+        if tokens.is_empty() {
+            return None;
+        }
+        let finder = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(tokens.iter().map(|(s, _)| s.as_str()))
+            .ok()?;
+        Some(Splitter { finder, ids: tokens.into_iter().map(|(_, id)| id).collect() })
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -168,6 +192,9 @@ impl Tokenizer {
             eos_id: Some(2),
             output_tokens,
             pieces,
+            splitter: Splitter::new(
+                BUILTIN_SPECIAL_TOKENS.iter().enumerate().map(|(id, s)| (s.to_string(), id as u32)).collect(),
+            ),
         }
     }
 
@@ -209,8 +236,10 @@ impl Tokenizer {
             eos_id,
             output_tokens: Vec::new(),
             pieces: HashMap::new(),
+            splitter: None,
         };
         t.pick_output_tokens();
+        t.splitter = t.hf_splitter();
         Ok(t)
     }
 
@@ -225,6 +254,99 @@ impl Tokenizer {
     /// `"builtin"` or the model directory's path.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The HF tokenizer's verbatim special tokens, if splitting at them passes a self-check.
+    fn hf_splitter(&self) -> Option<Splitter> {
+        let Backend::Hf { tok, .. } = &self.backend else { return None };
+        let mut tokens: Vec<(String, u32)> = tok
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.normalized && !t.lstrip && !t.rstrip && !t.single_word)
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        tokens.sort_by_key(|&(_, id)| id);
+        let splitter = Splitter::new(tokens)?;
+        // Pieces are encoded alone; a pre-tokenizer that treats the text's first piece apart
+        // (Metaspace `prepend_scheme: first`) would then differ. Check a few shapes.
+        let probe =
+            |s: &str| -> String { format!("Hello world{s}\nuser turn one\n{s} two  spaces{s}{s}x\ty{s} tail  ") };
+        let mut cache = EncodeCache::with_capacity_tokens(1 << 12);
+        let mut split = Vec::new();
+        let specials: Vec<String> =
+            tok.get_added_tokens_decoder().values().filter(|t| t.special).take(4).map(|t| probe(&t.content)).collect();
+        for text in specials {
+            let whole = tok.encode_fast(text.as_str(), false).ok()?.get_ids().to_vec();
+            split.clear();
+            self.encode_split(&splitter, &text, &mut cache, &mut split).ok()?;
+            if whole != split {
+                return None;
+            }
+        }
+        Some(splitter)
+    }
+
+    /// Encodes `text` piece by piece between `splitter`'s tokens, without special tokens added.
+    fn encode_split(
+        &self,
+        splitter: &Splitter,
+        text: &str,
+        cache: &mut EncodeCache,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
+        let mut piece = |p: &str, out: &mut Vec<u32>| -> Result<(), TokenizerError> {
+            if p.is_empty() {
+                Ok(())
+            } else if p.len() < MIN_CACHED_PIECE {
+                out.extend(self.encode(p, false)?);
+                Ok(())
+            } else {
+                cache.piece(p, out, |p| self.encode(p, false))
+            }
+        };
+        let mut at = 0;
+        for m in splitter.finder.find_iter(text) {
+            piece(&text[at..m.start()], out)?;
+            out.push(splitter.ids[m.pattern().as_usize()]);
+            at = m.end();
+        }
+        piece(&text[at..], out)
+    }
+
+    /// [`Tokenizer::encode`] through a per-thread [`EncodeCache`]: the same ids, but text between
+    /// special tokens that was encoded before costs a hash lookup. Falls back to a plain encode
+    /// when the tokenizer cannot be split (see the cache's docs) or when `add_special_tokens`
+    /// would make a Hugging Face post-processor add tokens.
+    pub fn encode_cached(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        cache: &mut EncodeCache,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let hf_specials = add_special_tokens && matches!(self.backend, Backend::Hf { .. });
+        match &self.splitter {
+            Some(splitter) if !hf_specials => {
+                let mut out = Vec::with_capacity(text.len() / 3 + 8);
+                self.encode_split(splitter, text, cache, &mut out)?;
+                Ok(out)
+            }
+            _ => self.encode(text, add_special_tokens),
+        }
+    }
+
+    /// [`Tokenizer::encode_chat`] through `cache` (see [`Tokenizer::encode_cached`]).
+    pub fn encode_chat_cached(
+        &self,
+        req: &ChatTemplateInput<'_>,
+        cache: &mut EncodeCache,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let rendered = self.apply_chat_template(req)?;
+        self.encode_cached(&rendered, false, cache)
+    }
+
+    /// Whether [`Tokenizer::encode_cached`] splits text (else it encodes whole, uncached).
+    pub fn splits_for_cache(&self) -> bool {
+        self.splitter.is_some()
     }
 
     /// HF `tokenizer.encode(text, add_special_tokens=...)`.

@@ -137,3 +137,53 @@ fn hf_roundtrip_random_text() {
         assert_eq!(tok.decode(&ids, false).expect("decode"), s);
     }
 }
+
+/// The per-thread cache gives exactly the plain encoder's ids: for every golden chat prompt
+/// (twice, so the second pass is served from the cache) and for random text around special tokens.
+#[test]
+fn cached_encoding_matches_plain_encoding() {
+    let mut tokenizers: Vec<(String, Tokenizer)> = vec![("builtin".into(), Tokenizer::builtin())];
+    for dir in DIRS {
+        tokenizers.push((dir.into(), Tokenizer::from_dir(&testdata(dir)).expect("load")));
+    }
+    for (name, tok) in &tokenizers {
+        assert!(tok.splits_for_cache(), "{name}: expected the split self-check to pass");
+        let mut texts: Vec<String> = Vec::new();
+        if name != "builtin" {
+            for case in golden(name)["chat"].as_array().expect("chat cases") {
+                texts.push(case["rendered"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|begin_of_text|>"];
+        let mut seed = 7u64;
+        for _ in 0..200 {
+            let mut t = String::new();
+            for _ in 0..(rng(&mut seed) % 8) {
+                let words = gantry_tokenizer::builtin_word_text(
+                    (rng(&mut seed) % 500) as usize,
+                    (rng(&mut seed) % 40) as usize,
+                );
+                t.push_str(&words);
+                t.push_str(["\n", "  ", "", "x.", " "][(rng(&mut seed) % 5) as usize]);
+                t.push_str(specials[(rng(&mut seed) % specials.len() as u64) as usize]);
+            }
+            texts.push(t);
+        }
+        // A tiny cache turns over constantly (the eviction path); a large one serves pass 2.
+        for capacity in [64, 1 << 20] {
+            let mut cache = gantry_tokenizer::EncodeCache::with_capacity_tokens(capacity);
+            for pass in 0..2 {
+                for t in &texts {
+                    let plain = tok.encode(t, false).expect("encode");
+                    let cached = tok.encode_cached(t, false, &mut cache).expect("encode_cached");
+                    assert_eq!(cached, plain, "{name} capacity {capacity} pass {pass}: {t:?}");
+                }
+            }
+            let (hits, misses) = cache.hits_misses();
+            assert!(misses > 0, "{name}: nothing was encoded");
+            if capacity > 64 {
+                assert!(hits >= misses, "{name}: pass 2 should hit ({hits} hits, {misses} misses)");
+            }
+        }
+    }
+}
