@@ -85,9 +85,10 @@ impl Admin {
                     Ok(s) => Arc::new(s),
                     Err(m) => return error_response(400, &m, Some("url")),
                 };
-                let new = fleet.edit(|pools| {
-                    if let Some(p) = pools.iter_mut().find(|p| p.0 == pool) {
-                        p.5.push(state);
+                let mut state = Some(state);
+                let new = fleet.edit(|name, engines| {
+                    if name == pool {
+                        engines.extend(state.take());
                     }
                 });
                 self.fleet.store(Arc::new(new));
@@ -98,7 +99,7 @@ impl Admin {
                 if !exists {
                     return error_response(404, &format!("no engine {url}"), Some("url"));
                 }
-                let new = fleet.edit(|pools| pools.iter_mut().for_each(|p| p.5.retain(|e| e.url != url)));
+                let new = fleet.edit(|_, engines| engines.retain(|e| e.url != url));
                 self.fleet.store(Arc::new(new));
                 tracing::info!(%url, "engine removed");
                 Response::json(200, serde_json::json!({"removed": url}).to_string())

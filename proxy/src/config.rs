@@ -23,10 +23,16 @@
 //! | `health.passive_failures` | 3 | consecutive request failures (connect error, 5xx) that eject an engine |
 //! | `health.eject_ms` | 5000 | first passive ejection; doubles per repeat, up to 60 s |
 //! | `model[].name` | — | a served model name |
-//! | `model[].tokenizer` | none | HF model directory (used by KV-aware routing) |
+//! | `model[].tokenizer` | none | `builtin` or an HF model directory: exact KV-aware routing (none: approximate, over text) |
+//! | `model[].max_model_len` | none | longest prompt in tokens (longer: 400) |
+//! | `server.global_router` | none | Dynamo global-router JSON config: pool choice by grid (`--global-router-config`) |
+//! | `routing.engine_metrics_interval_ms` | 1000 | scrape of engines' `/metrics` for the `kv` cost (0: off) |
 //! | `pool[].name` | — | pool name (`x-gantry-pool`) |
 //! | `pool[].role` | `agg` | `agg`, `prefill` or `decode` |
-//! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session` |
+//! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session`, `kv` |
+//! | `pool[].index_path` | `/dev/shm/gantry-kvindex-<port>-<pool>` | `kv`: the pool's shared-memory prefix index |
+//! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each) |
+//! | `pool[].kv.prefill_weight` … | see `route/kv.rs` | `kv` cost weights: `prefill_weight`, `decode_weight`, `waiting_weight`, `usage_weight`, `load_factor`, `temperature` |
 //! | `pool[].session_header` | `x-session-id` | header keyed by the `session` policy |
 //! | `pool[].block_size` | 16 | KV block size of the pool's engines |
 //! | `pool[].engine[].url` | — | `http://host:port` of a `vllm serve` |
@@ -74,6 +80,8 @@ pub struct Config {
     pub health: HealthConf,
     /// `[admin]`: the admin listener (off when absent).
     pub admin: Option<AdminConf>,
+    /// `[routing]`.
+    pub routing: RoutingConf,
     /// `[[model]]`.
     pub model: Vec<ModelConf>,
     /// `[[pool]]`.
@@ -193,6 +201,66 @@ impl Default for HealthConf {
     }
 }
 
+/// `[routing]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConf {
+    /// Period of the engines' `/metrics` scrape, ms (0 = off).
+    pub engine_metrics_interval_ms: u64,
+}
+
+impl Default for RoutingConf {
+    fn default() -> Self {
+        RoutingConf { engine_metrics_interval_ms: 1_000 }
+    }
+}
+
+/// `[pool.kv]`: the `kv` policy's cost weights (see `route/kv.rs`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KvConf {
+    /// Weight of uncached plus pending prefill blocks.
+    pub prefill_weight: f64,
+    /// Weight of decode blocks.
+    pub decode_weight: f64,
+    /// Weight of the engine-reported waiting queue.
+    pub waiting_weight: f64,
+    /// Weight of the engine-reported KV cache use.
+    pub usage_weight: f64,
+    /// Bounded load factor (0 = off).
+    pub load_factor: f64,
+    /// Sampling temperature (0 = lowest cost).
+    pub temperature: f64,
+}
+
+impl Default for KvConf {
+    fn default() -> Self {
+        let w = crate::route::kv::Weights::default();
+        KvConf {
+            prefill_weight: w.prefill,
+            decode_weight: w.decode,
+            waiting_weight: w.waiting,
+            usage_weight: w.usage,
+            load_factor: w.load_factor,
+            temperature: w.temperature,
+        }
+    }
+}
+
+impl KvConf {
+    /// As the cost function takes them.
+    pub fn weights(&self) -> crate::route::kv::Weights {
+        crate::route::kv::Weights {
+            prefill: self.prefill_weight,
+            decode: self.decode_weight,
+            waiting: self.waiting_weight,
+            usage: self.usage_weight,
+            load_factor: self.load_factor,
+            temperature: self.temperature,
+        }
+    }
+}
+
 /// `[admin]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,9 +277,12 @@ pub struct AdminConf {
 pub struct ModelConf {
     /// Served model name.
     pub name: String,
-    /// HF model directory.
+    /// `builtin` or an HF model directory.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
+    /// Longest prompt, tokens.
+    #[serde(default)]
+    pub max_model_len: Option<usize>,
 }
 
 /// Engine role in P/D.
@@ -242,6 +313,8 @@ pub enum PolicyKind {
     PowerOfTwo,
     /// Consistent hashing of a session header, with bounded load.
     Session,
+    /// KV-aware: the engine holding most of the prompt unless its load outweighs it.
+    Kv,
 }
 
 /// `[[pool]]`.
@@ -262,6 +335,15 @@ pub struct PoolConf {
     /// KV block size.
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// `kv`: the index segment (default under /dev/shm, named by port and pool).
+    #[serde(default)]
+    pub index_path: Option<PathBuf>,
+    /// `kv`: blocks the index holds.
+    #[serde(default = "default_index_capacity")]
+    pub index_capacity: usize,
+    /// `kv`: cost weights.
+    #[serde(default)]
+    pub kv: KvConf,
     /// `[[pool.engine]]`.
     #[serde(default)]
     pub engine: Vec<EngineConf>,
@@ -273,6 +355,10 @@ fn default_session_header() -> String {
 
 fn default_block_size() -> u32 {
     DEFAULT_BLOCK_SIZE
+}
+
+fn default_index_capacity() -> usize {
+    1 << 20
 }
 
 /// `[[pool.engine]]`.
@@ -370,13 +456,16 @@ impl Config {
     /// One aggregated pool of `engines` serving `model` (the `--engine URL` shortcut).
     pub fn single_pool(model: &str, engines: &[String]) -> Config {
         Config {
-            model: vec![ModelConf { name: model.into(), tokenizer: None }],
+            model: vec![ModelConf { name: model.into(), tokenizer: None, max_model_len: None }],
             pool: vec![PoolConf {
                 name: "agg-0".into(),
                 role: Role::Agg,
                 policy: PolicyKind::RoundRobin,
                 session_header: default_session_header(),
                 block_size: DEFAULT_BLOCK_SIZE,
+                index_path: None,
+                index_capacity: default_index_capacity(),
+                kv: KvConf::default(),
                 engine: engines
                     .iter()
                     .map(|u| EngineConf { url: u.clone(), model: model.into(), kv_events: None, kv_replay: None })
@@ -447,6 +536,22 @@ impl Config {
             }
             if p.block_size == 0 {
                 return Err(invalid(format!("pool[{i}].block_size"), "must be at least 1"));
+            }
+            if p.index_capacity == 0 || p.index_capacity > 1 << 36 {
+                return Err(invalid(format!("pool[{i}].index_capacity"), "must be in 1..=2^36"));
+            }
+            let k = &p.kv;
+            for (key, v) in [
+                ("prefill_weight", k.prefill_weight),
+                ("decode_weight", k.decode_weight),
+                ("waiting_weight", k.waiting_weight),
+                ("usage_weight", k.usage_weight),
+                ("load_factor", k.load_factor),
+                ("temperature", k.temperature),
+            ] {
+                if !v.is_finite() || v < 0.0 {
+                    return Err(invalid(format!("pool[{i}].kv.{key}"), format!("must be a finite number ≥ 0 (got {v})")));
+                }
             }
             if p.role != Role::Agg {
                 return Err(invalid(

@@ -12,9 +12,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use gantry_kvindex::sink::EngineSlot;
+use gantry_tokenizer::Tokenizer;
 
 use crate::config::{parse_engine_url, Config, PolicyKind, Role};
 use crate::metrics::EngineCounters;
+use crate::route::index::PoolIndex;
+use crate::route::kv::Weights;
 
 /// Milliseconds since the process started (a monotonic clock cheap to store in an atomic).
 pub fn now_ms() -> u64 {
@@ -51,6 +55,14 @@ pub struct EngineState {
     pub draining: AtomicBool,
     /// Per-engine counters.
     pub counters: EngineCounters,
+    /// Load view: prompt tokens sent to it that have not produced a first token yet.
+    pub pending_prefill: AtomicU64,
+    /// Load view: KV blocks its requests in flight hold (prompt blocks, estimated).
+    pub active_blocks: AtomicU64,
+    /// Engine-reported `vllm:num_requests_waiting`, scraped.
+    pub waiting: AtomicU64,
+    /// Engine-reported `vllm:kv_cache_usage_perc` in parts per million, scraped.
+    pub kv_usage_ppm: AtomicU64,
 }
 
 impl EngineState {
@@ -71,6 +83,10 @@ impl EngineState {
             ejections: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             counters: EngineCounters::default(),
+            pending_prefill: AtomicU64::new(0),
+            active_blocks: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            kv_usage_ppm: AtomicU64::new(0),
         })
     }
 
@@ -104,6 +120,59 @@ pub struct Pool {
     pub engines: Vec<Arc<EngineState>>,
     /// Round-robin position.
     pub rr: AtomicUsize,
+    /// `kv` policy: the pool's prefix index (None: routing on load alone).
+    pub index: Option<Arc<PoolIndex>>,
+    /// Each engine's slot in `index` (None for an engine the index does not know).
+    pub slots: Vec<Option<EngineSlot>>,
+    /// `kv` policy: cost weights.
+    pub kv: Weights,
+    /// Routing settings the pool was built from (kept for admin edits and reloads).
+    pub conf: crate::config::PoolConf,
+    /// Routing and demand counters (kept across reloads by pool name).
+    pub counters: Arc<crate::metrics::PoolCounters>,
+}
+
+impl Pool {
+    fn new(
+        conf: &crate::config::PoolConf,
+        engines: Vec<Arc<EngineState>>,
+        index: Option<Arc<PoolIndex>>,
+        counters: Arc<crate::metrics::PoolCounters>,
+    ) -> Pool {
+        let slots = engines.iter().map(|e| index.as_ref().and_then(|i| i.slots.get(&e.url).copied())).collect();
+        Pool {
+            name: conf.name.clone(),
+            role: conf.role,
+            policy: conf.policy,
+            session_header: conf.session_header.to_ascii_lowercase(),
+            block_size: conf.block_size,
+            engines,
+            rr: AtomicUsize::new(0),
+            index,
+            slots,
+            kv: conf.kv.weights(),
+            conf: conf.clone(),
+            counters,
+        }
+    }
+
+    /// The same pool with its prefix index set.
+    pub fn with_index(&self, index: Option<Arc<PoolIndex>>) -> Pool {
+        Pool::new(&self.conf, self.engines.clone(), index, self.counters.clone())
+    }
+}
+
+/// A configured model and what routing needs of it.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Served name.
+    pub name: String,
+    /// Its tokenizer (None: approximate routing over text).
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Where the tokenizer came from (`builtin` or a directory), to reuse it across reloads.
+    pub tokenizer_source: Option<std::path::PathBuf>,
+    /// Longest prompt in tokens (longer ones get a 400).
+    pub max_model_len: Option<usize>,
 }
 
 /// An immutable view of all pools.
@@ -113,6 +182,8 @@ pub struct Fleet {
     pub pools: Vec<Pool>,
     /// Configured model names, in order.
     pub models: Vec<String>,
+    /// Configured models with their tokenizers, in the same order.
+    pub model_info: Vec<ModelInfo>,
 }
 
 impl Fleet {
@@ -137,17 +208,37 @@ impl Fleet {
                 };
                 engines.push(state);
             }
-            pools.push(Pool {
-                name: p.name.clone(),
-                role: p.role,
-                policy: p.policy,
-                session_header: p.session_header.to_ascii_lowercase(),
-                block_size: p.block_size,
-                engines,
-                rr: AtomicUsize::new(0),
+            let old_pool = old.and_then(|o| o.pools.iter().find(|op| op.name == p.name));
+            let counters = old_pool.map_or_else(Default::default, |op| op.counters.clone());
+            let index = old_pool
+                .filter(|op| op.conf.index_path == p.index_path && op.conf.index_capacity == p.index_capacity)
+                .and_then(|op| op.index.clone())
+                .filter(|_| p.policy == PolicyKind::Kv);
+            pools.push(Pool::new(p, engines, index, counters));
+        }
+        let mut model_info = Vec::with_capacity(cfg.model.len());
+        for (i, m) in cfg.model.iter().enumerate() {
+            let reused = old
+                .and_then(|o| o.model_info.iter().find(|x| x.name == m.name && x.tokenizer_source == m.tokenizer))
+                .and_then(|x| x.tokenizer.clone());
+            let tokenizer = match (&m.tokenizer, reused) {
+                (None, _) => None,
+                (Some(_), Some(t)) => Some(t),
+                (Some(src), None) => Some(Arc::new(load_tokenizer(src).map_err(|e| format!("model[{i}].tokenizer: {e}"))?)),
+            };
+            model_info.push(ModelInfo {
+                name: m.name.clone(),
+                tokenizer,
+                tokenizer_source: m.tokenizer.clone(),
+                max_model_len: m.max_model_len,
             });
         }
-        Ok(Fleet { pools, models: cfg.model.iter().map(|m| m.name.clone()).collect() })
+        Ok(Fleet { pools, models: cfg.model.iter().map(|m| m.name.clone()).collect(), model_info })
+    }
+
+    /// What routing knows of `model`.
+    pub fn model(&self, model: &str) -> Option<&ModelInfo> {
+        self.model_info.iter().find(|m| m.name == model)
     }
 
     /// Whether `model` is configured.
@@ -165,32 +256,28 @@ impl Fleet {
         self.pools.iter().find(|p| p.role == Role::Agg && p.engines.iter().any(|e| e.model == model))
     }
 
-    /// A copy with the same pools and engines (for admin edits).
-    pub fn edit(
-        &self,
-        f: impl FnOnce(&mut Vec<(String, Role, PolicyKind, String, u32, Vec<Arc<EngineState>>)>),
-    ) -> Fleet {
-        let mut pools: Vec<_> = self
+    /// A copy where `f` may change each pool's engine list (admin edits). Engines the pool's
+    /// index does not know are routed on load alone.
+    pub fn edit(&self, mut f: impl FnMut(&str, &mut Vec<Arc<EngineState>>)) -> Fleet {
+        let pools = self
             .pools
             .iter()
-            .map(|p| (p.name.clone(), p.role, p.policy, p.session_header.clone(), p.block_size, p.engines.clone()))
+            .map(|p| {
+                let mut engines = p.engines.clone();
+                f(&p.name, &mut engines);
+                Pool::new(&p.conf, engines, p.index.clone(), p.counters.clone())
+            })
             .collect();
-        f(&mut pools);
-        Fleet {
-            pools: pools
-                .into_iter()
-                .map(|(name, role, policy, session_header, block_size, engines)| Pool {
-                    name,
-                    role,
-                    policy,
-                    session_header,
-                    block_size,
-                    engines,
-                    rr: AtomicUsize::new(0),
-                })
-                .collect(),
-            models: self.models.clone(),
-        }
+        Fleet { pools, models: self.models.clone(), model_info: self.model_info.clone() }
+    }
+}
+
+/// `builtin` is the built-in tokenizer (the mock's default); anything else a model directory.
+pub fn load_tokenizer(src: &std::path::Path) -> Result<Tokenizer, gantry_tokenizer::TokenizerError> {
+    if src.as_os_str() == "builtin" {
+        Ok(Tokenizer::builtin())
+    } else {
+        Tokenizer::from_dir(src)
     }
 }
 

@@ -21,6 +21,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod route;
 pub mod rt;
 pub mod serve;
 

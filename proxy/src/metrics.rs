@@ -130,6 +130,9 @@ impl Histogram {
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 const ITL_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5];
+const DECISION_BUCKETS: &[f64] =
+    &[0.000_002, 0.000_005, 0.000_01, 0.000_02, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025];
+const BLOCK_BUCKETS: &[f64] = &[0.0, 1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
 const TOKEN_BUCKETS: &[f64] =
     &[16.0, 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0];
 
@@ -154,6 +157,43 @@ pub struct Metrics {
     pub broken_streams: AtomicU64,
     /// Requests whose client went away before the end.
     pub client_aborts: AtomicU64,
+    /// `kv` routing: time to tokenize, hash, look up and cost one request.
+    pub route_decision: Histogram,
+    /// `kv` routing: overlap blocks of the chosen engine.
+    pub route_overlap: Histogram,
+}
+
+/// Per-pool routing and demand counters; carried over reloads by pool name.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// `kv` decisions where the chosen engine held part of the prompt.
+    pub kv_hit: AtomicU64,
+    /// `kv` decisions where no engine held any of it (load and cost alone).
+    pub kv_miss: AtomicU64,
+    /// `kv` decisions without an index (load only).
+    pub load_only: AtomicU64,
+    /// Sum of the chosen engines' cost terms, in milli-blocks.
+    pub cost_prefill_milli: AtomicU64,
+    /// See `cost_prefill_milli`.
+    pub cost_decode_milli: AtomicU64,
+    /// See `cost_prefill_milli`.
+    pub cost_pressure_milli: AtomicU64,
+    /// Prompt tokens the router expected the engine to hold (overlap × block size).
+    pub predicted_cached_tokens: AtomicU64,
+    /// Of the requests whose engine reported `cached_tokens`: what the router predicted.
+    pub predicted_cached_tokens_reported: AtomicU64,
+    /// `usage.prompt_tokens_details.cached_tokens` the engines reported.
+    pub reported_cached_tokens: AtomicU64,
+    /// Prompt tokens routed (demand).
+    pub prompt_tokens: AtomicU64,
+    /// Prompt tokens not in the chosen engine's cache by the index (uncached prefill demand).
+    pub uncached_prompt_tokens: AtomicU64,
+    /// Output tokens relayed (decode demand).
+    pub output_tokens: AtomicU64,
+    /// Requests whose TTFT exceeded their target.
+    pub over_ttft_target: AtomicU64,
+    /// Requests whose mean ITL exceeded their target.
+    pub over_itl_target: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -168,7 +208,82 @@ impl Default for Metrics {
             osl: Histogram::new(TOKEN_BUCKETS),
             broken_streams: AtomicU64::new(0),
             client_aborts: AtomicU64::new(0),
+            route_decision: Histogram::new(DECISION_BUCKETS),
+            route_overlap: Histogram::new(BLOCK_BUCKETS),
         }
+    }
+}
+
+/// Per-pool routing, accuracy and demand metrics.
+fn render_pools(out: &mut String, fleet: &Fleet) {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+    type PoolValue = fn(&crate::fleet::Pool, &dyn Fn(&AtomicU64) -> f64) -> f64;
+    let rows: [(&str, &str, &str, PoolValue); 12] = [
+        ("gantry_route_index_available", "gauge", "1 if the pool's kv index is up (0: load-only routing).", |p, _| {
+            f64::from(u8::from(p.index.is_some()))
+        }),
+        ("gantry_route_cost_prefill_blocks_total", "counter", "Sum of chosen engines' prefill cost term.", |p, l| {
+            l(&p.counters.cost_prefill_milli) / 1e3
+        }),
+        ("gantry_route_cost_decode_blocks_total", "counter", "Sum of chosen engines' decode cost term.", |p, l| {
+            l(&p.counters.cost_decode_milli) / 1e3
+        }),
+        ("gantry_route_cost_pressure_blocks_total", "counter", "Sum of chosen engines' pressure term.", |p, l| {
+            l(&p.counters.cost_pressure_milli) / 1e3
+        }),
+        ("gantry_route_predicted_cached_tokens_total", "counter", "Prompt tokens the index said the engine held.", |p, l| {
+            l(&p.counters.predicted_cached_tokens)
+        }),
+        (
+            "gantry_route_accuracy_predicted_tokens_total",
+            "counter",
+            "Predicted cached tokens, over requests whose engine reported cached_tokens.",
+            |p, l| l(&p.counters.predicted_cached_tokens_reported),
+        ),
+        (
+            "gantry_route_accuracy_reported_tokens_total",
+            "counter",
+            "usage.prompt_tokens_details.cached_tokens reported by engines.",
+            |p, l| l(&p.counters.reported_cached_tokens),
+        ),
+        ("gantry_pool_prompt_tokens_total", "counter", "Prompt tokens routed to the pool.", |p, l| {
+            l(&p.counters.prompt_tokens)
+        }),
+        ("gantry_pool_uncached_prompt_tokens_total", "counter", "Prefill demand: prompt tokens not cached.", |p, l| {
+            l(&p.counters.uncached_prompt_tokens)
+        }),
+        ("gantry_pool_output_tokens_total", "counter", "Decode demand: output tokens relayed.", |p, l| {
+            l(&p.counters.output_tokens)
+        }),
+        ("gantry_pool_over_ttft_target_total", "counter", "Requests over their TTFT target.", |p, l| {
+            l(&p.counters.over_ttft_target)
+        }),
+        ("gantry_pool_over_itl_target_total", "counter", "Requests over their ITL target.", |p, l| {
+            l(&p.counters.over_itl_target)
+        }),
+    ];
+    for (name, kind, help, get) in rows {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in &fleet.pools {
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {}", esc(&p.name), get(p, &load));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP gantry_route_decisions_total kv routing decisions by outcome.\n# TYPE gantry_route_decisions_total counter"
+    );
+    for p in &fleet.pools {
+        for (outcome, c) in [("overlap", &p.counters.kv_hit), ("no_overlap", &p.counters.kv_miss), ("load_only", &p.counters.load_only)] {
+            let _ = writeln!(out, "gantry_route_decisions_total{{pool=\"{}\",outcome=\"{outcome}\"}} {}", esc(&p.name), load(c));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP gantry_pool_queue_depth Requests in flight through the proxy plus engine-reported waiting.\n# TYPE gantry_pool_queue_depth gauge"
+    );
+    for p in &fleet.pools {
+        let q: u64 = p.engines.iter().map(|e| e.load() + e.waiting.load(Ordering::Relaxed)).sum();
+        let _ = writeln!(out, "gantry_pool_queue_depth{{pool=\"{}\"}} {q}", esc(&p.name));
     }
 }
 
@@ -215,7 +330,19 @@ impl Metrics {
                 );
             }
         }
-        let per_engine: [(&str, &str, &str, EngineGauge); 5] = [
+        let per_engine: [(&str, &str, &str, EngineGauge); 9] = [
+            ("gantry_engine_pending_prefill_tokens", "gauge", "Prompt tokens awaiting a first token.", |e, _| {
+                e.pending_prefill.load(Ordering::Relaxed) as f64
+            }),
+            ("gantry_engine_active_blocks", "gauge", "Estimated KV blocks of requests in flight.", |e, _| {
+                e.active_blocks.load(Ordering::Relaxed) as f64
+            }),
+            ("gantry_engine_waiting", "gauge", "Engine-reported vllm:num_requests_waiting (scraped).", |e, _| {
+                e.waiting.load(Ordering::Relaxed) as f64
+            }),
+            ("gantry_engine_kv_usage", "gauge", "Engine-reported vllm:kv_cache_usage_perc (scraped).", |e, _| {
+                e.kv_usage_ppm.load(Ordering::Relaxed) as f64 / 1e6
+            }),
             ("gantry_engine_in_flight", "gauge", "Requests in flight per engine.", |e, _| e.load() as f64),
             (
                 "gantry_engine_healthy",
@@ -251,6 +378,13 @@ impl Metrics {
         self.e2e.render(&mut out, "gantry_e2e_seconds", "Request duration seen by the proxy.");
         self.isl.render(&mut out, "gantry_input_tokens", "Prompt tokens per request (engine usage).");
         self.osl.render(&mut out, "gantry_output_tokens", "Output tokens per request.");
+        self.route_decision.render(
+            &mut out,
+            "gantry_route_decision_seconds",
+            "kv routing: tokenize + hash + index lookup + cost, per request.",
+        );
+        self.route_overlap.render(&mut out, "gantry_route_overlap_blocks", "kv routing: overlap of the chosen engine.");
+        render_pools(&mut out, fleet);
         for (name, help, v) in [
             (
                 "gantry_open_connections",

@@ -2,7 +2,7 @@
 //!
 //! Every policy chooses among *healthy* engines not yet tried for this request; only when no
 //! healthy engine is left does it choose among ejected ones (never draining ones). KV-aware
-//! choice (`kv`) will be one more variant here.
+//! choice (`kv`) is costed in `route::kv`; this only serves its requests without a prompt.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -56,7 +56,9 @@ pub fn pick(pool: &Pool, input: &PickInput<'_>, rng: &mut fastrand::Rng) -> Opti
             candidates[n % candidates.len()]
         }
         PolicyKind::Random => candidates[rng.usize(..candidates.len())],
-        PolicyKind::LeastLoaded => {
+        // `kv` chooses in `route::kv` when the request has a prompt; other requests to a `kv`
+        // pool (e.g. `/tokenize`) go to the least loaded engine.
+        PolicyKind::LeastLoaded | PolicyKind::Kv => {
             let min = candidates.iter().map(|&i| load(i)).min().unwrap_or(0);
             let ties: Vec<usize> = candidates.iter().copied().filter(|&i| load(i) == min).collect();
             ties[rng.usize(..ties.len())]
