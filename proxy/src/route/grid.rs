@@ -266,7 +266,12 @@ pub struct PoolQuery {
 impl PoolQuery {
     /// The query for a prompt of `isl` tokens carrying `targets`.
     pub fn new(isl: u32, targets: &Targets) -> PoolQuery {
-        PoolQuery { isl, ttft_target_ms: targets.ttft_target_ms, itl_target_ms: targets.itl_target_ms, priority: targets.priority }
+        PoolQuery {
+            isl,
+            ttft_target_ms: targets.ttft_target_ms,
+            itl_target_ms: targets.itl_target_ms,
+            priority: targets.priority,
+        }
     }
 }
 
@@ -384,7 +389,10 @@ impl GlobalRouterConfig {
             return Vec::new();
         };
         let order = if self.enable_priority_retry { group.fallback_order(first.index) } else { vec![first.index] };
-        order.into_iter().map(|index| PoolChoice { role: first.role, index, namespace: &group.namespaces[index] }).collect()
+        order
+            .into_iter()
+            .map(|index| PoolChoice { role: first.role, index, namespace: &group.namespaces[index] })
+            .collect()
     }
 
     /// Checks that every namespace names a pool Gantry serves, with the matching role. `known`
@@ -553,7 +561,12 @@ impl<'a> Section<'a> {
 
     /// `primary`, else its deprecated `alias` (with a warning); returns the value and the key
     /// actually used, so later errors name what the file says.
-    fn aliased_number(&self, primary: &str, alias: Option<&str>, warnings: &mut Vec<String>) -> Result<(f64, String), GridError> {
+    fn aliased_number(
+        &self,
+        primary: &str,
+        alias: Option<&str>,
+        warnings: &mut Vec<String>,
+    ) -> Result<(f64, String), GridError> {
         let alias = alias.filter(|a| self.get(a).is_some());
         match (self.get(primary), alias) {
             (Some(_), Some(a)) => {
@@ -615,7 +628,8 @@ type AxisKeys = (Quantity, &'static str, Option<&'static str>, &'static str, Opt
 const ISL: AxisKeys = (Quantity::Isl, "isl_min", None, "isl_max", None, "isl_resolution");
 const CONTEXT: AxisKeys =
     (Quantity::ContextLength, "context_length_min", None, "context_length_max", None, "context_length_resolution");
-const TTFT: AxisKeys = (Quantity::TtftMs, "ttft_min_ms", Some("ttft_min"), "ttft_max_ms", Some("ttft_max"), "ttft_resolution");
+const TTFT: AxisKeys =
+    (Quantity::TtftMs, "ttft_min_ms", Some("ttft_min"), "ttft_max_ms", Some("ttft_max"), "ttft_resolution");
 const ITL: AxisKeys = (Quantity::ItlMs, "itl_min_ms", Some("itl_min"), "itl_max_ms", Some("itl_max"), "itl_resolution");
 
 fn parse_group(root: &Section<'_>, role: PoolRole, warnings: &mut Vec<String>) -> Result<PoolGroup, GridError> {
@@ -646,7 +660,9 @@ fn parse_group(root: &Section<'_>, role: PoolRole, warnings: &mut Vec<String>) -
         Some(list) => list
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_i64().ok_or_else(|| invalid(format!("{prio_key}[{i}]"), format!("expected an integer, got {v}"))))
+            .map(|(i, v)| {
+                v.as_i64().ok_or_else(|| invalid(format!("{prio_key}[{i}]"), format!("expected an integer, got {v}")))
+            })
             .collect::<Result<Vec<_>, _>>()?,
     };
 
@@ -680,7 +696,10 @@ fn parse_group(root: &Section<'_>, role: PoolRole, warnings: &mut Vec<String>) -
         let (max, max_used) = strategy.aliased_number(max_key, max_alias, warnings)?;
         let resolution = strategy.positive_int(res_key)?;
         if min >= max {
-            return Err(invalid(strategy.key(&min_used), format!("must be less than {max_used} (got {min} and {max})")));
+            return Err(invalid(
+                strategy.key(&min_used),
+                format!("must be less than {max_used} (got {min} and {max})"),
+            ));
         }
         axes.push((quantity, Axis { min, max, resolution }));
         res_names.push((resolution, res_key));
