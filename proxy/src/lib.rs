@@ -8,6 +8,8 @@
 //!   atomically), [`policy`] (engine choice), [`forward`] (the request path: route, forward,
 //!   retry, relay, measure), [`health`] (active probes), [`admin`] (the admin API),
 //!   [`metrics`] (`gantry_*`), [`serve`] (threads, reload, drain).
+//! - [`route`]: request routing; today [`route::grid`], pool choice by NVIDIA Dynamo's
+//!   GlobalRouter grid (its JSON config read unchanged).
 //!
 //! Read `proxy/tests/http.rs` (the HTTP layer) and `proxy/tests/serve.rs` (the proxy in front
 //! of mock engines) first.

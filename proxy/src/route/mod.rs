@@ -1,7 +1,0 @@
-//! Request routing: which pool (the Dynamo-compatible grid, [`grid`]) and which engine in it
-//! (the `kv` policy: [`prompt`] tokenizes and hashes the prompt, [`index`] holds each pool's
-//! prefix index, [`kv`] turns overlap and load into one cost per engine).
-
-pub mod index;
-pub mod kv;
-pub mod prompt;
