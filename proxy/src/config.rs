@@ -298,6 +298,17 @@ pub enum Role {
     Decode,
 }
 
+impl Role {
+    /// `agg`, `prefill` or `decode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agg => "agg",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
 /// Engine choice policy inside a pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -17,6 +17,7 @@ use gantry_tokenizer::Tokenizer;
 
 use crate::config::{parse_engine_url, Config, PolicyKind, Role};
 use crate::metrics::EngineCounters;
+use crate::route::grid::{GlobalRouterConfig, Topology};
 use crate::route::index::PoolIndex;
 use crate::route::kv::Weights;
 
@@ -124,6 +125,8 @@ pub struct Pool {
     pub index: Option<Arc<PoolIndex>>,
     /// Each engine's slot in `index` (None for an engine the index does not know).
     pub slots: Vec<Option<EngineSlot>>,
+    /// The inverse: engine index by slot.
+    pub by_slot: Vec<Option<u32>>,
     /// `kv` policy: cost weights.
     pub kv: Weights,
     /// Routing settings the pool was built from (kept for admin edits and reloads).
@@ -139,7 +142,14 @@ impl Pool {
         index: Option<Arc<PoolIndex>>,
         counters: Arc<crate::metrics::PoolCounters>,
     ) -> Pool {
-        let slots = engines.iter().map(|e| index.as_ref().and_then(|i| i.slots.get(&e.url).copied())).collect();
+        let slots: Vec<Option<EngineSlot>> =
+            engines.iter().map(|e| index.as_ref().and_then(|i| i.slots.get(&e.url).copied())).collect();
+        let mut by_slot = vec![None; index.as_ref().map_or(0, |i| i.engine_slots)];
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(s) = s {
+                by_slot[usize::from(*s)] = Some(i as u32);
+            }
+        }
         Pool {
             name: conf.name.clone(),
             role: conf.role,
@@ -150,6 +160,7 @@ impl Pool {
             rr: AtomicUsize::new(0),
             index,
             slots,
+            by_slot,
             kv: conf.kv.weights(),
             conf: conf.clone(),
             counters,
@@ -184,6 +195,9 @@ pub struct Fleet {
     pub models: Vec<String>,
     /// Configured models with their tokenizers, in the same order.
     pub model_info: Vec<ModelInfo>,
+    /// Pool choice by Dynamo's global-router grid (`server.global_router`); None: the first
+    /// aggregated pool serving the model.
+    pub router: Option<Arc<GlobalRouterConfig>>,
 }
 
 impl Fleet {
@@ -233,7 +247,23 @@ impl Fleet {
                 max_model_len: m.max_model_len,
             });
         }
-        Ok(Fleet { pools, models: cfg.model.iter().map(|m| m.name.clone()).collect(), model_info })
+        let router = match &cfg.server.global_router {
+            None => None,
+            Some(path) => {
+                let key = |e: &dyn std::fmt::Display| format!("server.global_router ({}): {e}", path.display());
+                let g = GlobalRouterConfig::load(path).map_err(|e| key(&e))?;
+                if matches!(g.topology, Topology::Disagg { .. }) {
+                    return Err(key(&"mode `disagg` needs prefill/decode pools, which arrive with P/D orchestration; use mode `agg`"));
+                }
+                let known: Vec<(&str, &str)> = pools.iter().map(|p| (p.name.as_str(), p.role.as_str())).collect();
+                g.check_pools(&known).map_err(|e| key(&e))?;
+                for w in &g.warnings {
+                    tracing::warn!(path = %path.display(), "global router config: {w}");
+                }
+                Some(Arc::new(g))
+            }
+        };
+        Ok(Fleet { pools, models: cfg.model.iter().map(|m| m.name.clone()).collect(), model_info, router })
     }
 
     /// What routing knows of `model`.
@@ -268,7 +298,7 @@ impl Fleet {
                 Pool::new(&p.conf, engines, p.index.clone(), p.counters.clone())
             })
             .collect();
-        Fleet { pools, models: self.models.clone(), model_info: self.model_info.clone() }
+        Fleet { pools, models: self.models.clone(), model_info: self.model_info.clone(), router: self.router.clone() }
     }
 }
 

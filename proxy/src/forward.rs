@@ -17,10 +17,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gantry_tokenizer::EncodeCache;
 use serde::Deserialize;
+use serde_json::Value;
 
-use crate::config::{HealthConf, RetryConf, UpstreamConf};
+use crate::config::{HealthConf, PolicyKind, RetryConf, UpstreamConf};
 use crate::fleet::{now_ms, EngineState, Fleet, Pool, SharedFleet};
+use crate::route::grid::{targets_from_body, PoolQuery, Targets};
+use crate::route::index::WorkerIndex;
+use crate::route::kv::{self, Candidate, Cost};
+use crate::route::prompt::{Endpoint, PromptInput};
 use crate::http::client::ClientConn;
 use crate::http::server::{content_length_line, Handler, Request, Responder, Response};
 use crate::http::sse::SseScanner;
@@ -79,20 +85,75 @@ pub struct PathConf {
     pub health: HealthConf,
 }
 
-/// Keeps an engine's in-flight count raised while alive.
-struct Charge<'a>(&'a EngineState);
+/// The load view's charge for one request on one engine: its in-flight count, its prompt's
+/// uncached tokens as pending prefill (released at the first token) and its prompt blocks as
+/// active KV blocks, all released when the charge drops (request end, failure or client abort).
+struct Charge<'a> {
+    e: &'a EngineState,
+    prefill: std::cell::Cell<u64>,
+    blocks: u64,
+}
 
 impl<'a> Charge<'a> {
-    fn new(e: &'a EngineState) -> Charge<'a> {
+    fn new(e: &'a EngineState, prefill: u64, blocks: u64) -> Charge<'a> {
         e.in_flight.fetch_add(1, Ordering::Relaxed);
-        Charge(e)
+        if prefill > 0 {
+            e.pending_prefill.fetch_add(prefill, Ordering::Relaxed);
+        }
+        if blocks > 0 {
+            e.active_blocks.fetch_add(blocks, Ordering::Relaxed);
+        }
+        Charge { e, prefill: std::cell::Cell::new(prefill), blocks }
+    }
+
+    /// The engine produced its first token: the prefill is no longer pending.
+    fn first_token(&self) {
+        let p = self.prefill.replace(0);
+        if p > 0 {
+            self.e.pending_prefill.fetch_sub(p, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.first_token();
+        if self.blocks > 0 {
+            self.e.active_blocks.fetch_sub(self.blocks, Ordering::Relaxed);
+        }
+        self.e.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A `kv` decision's inputs for one pool: the prompt's blocks, what each engine holds of it,
+/// and the load view when it was read. Kept for the request's retries.
+struct KvPlan {
+    /// Prompt tokens.
+    tokens: u64,
+    /// Blocks the prompt occupies (the last one partial).
+    blocks: u32,
+    /// Chained hashes of its full blocks (for predictions).
+    hashes: Vec<u64>,
+    /// Per engine (pool order).
+    candidates: Vec<Candidate>,
+    /// Whether the pool's index answered (else load only).
+    indexed: bool,
+}
+
+/// What the relay needs to know about the routing of a request.
+struct Routed<'a> {
+    charge: &'a Charge<'a>,
+    /// Prompt tokens the router expected the engine to hold (`kv` only).
+    predicted_cached: Option<u64>,
+    targets: &'a Targets,
+}
+
+/// A worker's routing state: tokenizer caches (by model), index readers, scratch space.
+#[derive(Default)]
+struct RouteWorker {
+    caches: Vec<(String, EncodeCache)>,
+    indexes: Vec<WorkerIndex>,
+    costs: Vec<f64>,
 }
 
 /// Counts a client abort unless disarmed.
@@ -127,6 +188,7 @@ pub struct Proxy {
     conf: Arc<PathConf>,
     idle: RefCell<HashMap<SocketAddr, Vec<ClientConn>>>,
     rng: RefCell<fastrand::Rng>,
+    routing: RefCell<RouteWorker>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -171,6 +233,7 @@ impl Proxy {
             conf,
             idle: RefCell::default(),
             rng: RefCell::new(fastrand::Rng::with_seed(seed)),
+            routing: RefCell::default(),
         }
     }
 
@@ -287,37 +350,211 @@ impl Proxy {
         }
     }
 
-    async fn route(&self, req: &Request, resp: &mut Responder, model: Option<&str>) {
+    /// Refuses a request before routing, as vLLM would.
+    async fn refuse(&self, resp: &mut Responder, status: u16, message: &str, param: Option<&str>) {
+        self.metrics.rejected(status);
+        let _ = resp.send(error_response(status, message, param)).await;
+    }
+
+    async fn route(&self, req: &Request, resp: &mut Responder, model: Option<&str>, endpoint: Option<Endpoint>) {
         let started = Instant::now();
         let fleet = self.current_fleet();
         let model = match model {
             Some(m) => m,
             None => fleet.models.first().map_or("", String::as_str),
         };
-        if !fleet.has_model(model) {
-            self.metrics.rejected(404);
-            let _ =
-                resp.send(error_response(404, &format!("The model `{model}` does not exist."), Some("model"))).await;
-            return;
+        let Some(info) = fleet.model(model) else {
+            return self.refuse(resp, 404, &format!("The model `{model}` does not exist."), Some("model")).await;
+        };
+        // The body is read for routing only when a grid or a `kv` pool needs the prompt.
+        let mut targets = Targets::default();
+        let mut input: Option<PromptInput> = None;
+        if let Some(ep) = endpoint.filter(|_| fleet.router.is_some() || fleet.pools.iter().any(|p| p.policy == PolicyKind::Kv)) {
+            let body: Value = match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(e) => return self.refuse(resp, 400, &format!("Invalid JSON body: {e}"), None).await,
+            };
+            targets = match targets_from_body(&body) {
+                Ok(t) => t,
+                Err(m) => return self.refuse(resp, 400, &m, Some("nvext")).await,
+            };
+            let read = {
+                let mut routing = self.routing.borrow_mut();
+                let caches = &mut routing.caches;
+                let at = match caches.iter().position(|(m, _)| m == model) {
+                    Some(i) => i,
+                    None => {
+                        caches.push((model.to_owned(), EncodeCache::default()));
+                        caches.len() - 1
+                    }
+                };
+                PromptInput::read(&body, ep, info.tokenizer.as_deref(), &mut caches[at].1, info.max_model_len)
+            };
+            match read {
+                Ok(p) => input = Some(p),
+                Err(bad) => return self.refuse(resp, 400, &bad.message, bad.param).await,
+            }
         }
-        let Some(pool) = fleet.pool_for(model) else {
-            self.metrics.rejected(503);
-            let _ = resp.send(error_response(503, &format!("no engine serves model `{model}`"), None)).await;
-            return;
+        let pools = Self::choose_pools(&fleet, model, input.as_ref(), &targets);
+        if pools.is_empty() {
+            return self.refuse(resp, 503, &format!("no engine serves model `{model}`"), None).await;
+        }
+        let mut watch = AbortWatch { metrics: &self.metrics, done: false };
+        let mut last = (String::from("no engine available"), false);
+        for pool in &pools {
+            match self.serve_in_pool(req, resp, pool, input.as_ref(), &targets, started).await {
+                Ok(()) => {
+                    watch.done = true;
+                    return;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let (last_error, last_timeout) = last;
+        let pool = pools[pools.len() - 1];
+        let status = if last_timeout { 504 } else { 502 };
+        self.metrics.rejected(status);
+        let msg = format!("no engine of pool `{}` could serve the request: {last_error}", pool.name);
+        let _ = resp.send(error_response(status, &msg, None).header("x-gantry-pool", pool.name.clone())).await;
+        watch.done = true;
+    }
+
+    /// The pools to try, in order: the global router's grid choice (then faster pools when its
+    /// priority retry is on), or the first aggregated pool serving `model`.
+    fn choose_pools<'f>(fleet: &'f Fleet, model: &str, input: Option<&PromptInput>, targets: &Targets) -> Vec<&'f Pool> {
+        let serves = |p: &&Pool| p.engines.iter().any(|e| e.model == model);
+        if let (Some(g), Some(input)) = (&fleet.router, input) {
+            let q = PoolQuery::new(u32::try_from(input.tokens()).unwrap_or(u32::MAX), targets);
+            if let Some(first) = g.select_agg(&q) {
+                let pools: Vec<&Pool> = g
+                    .fallback_order(&first)
+                    .iter()
+                    .filter_map(|c| fleet.pools.iter().find(|p| p.name == c.namespace))
+                    .filter(serves)
+                    .collect();
+                if !pools.is_empty() {
+                    return pools;
+                }
+            }
+        }
+        fleet.pool_for(model).into_iter().collect()
+    }
+
+    /// Reads the index and the load view for a `kv` pool.
+    fn plan(&self, pool: &Pool, input: &PromptInput) -> KvPlan {
+        let seed = pool.index.as_ref().map_or(gantry_kvindex::hash::DEFAULT_SEED, |i| i.seed);
+        let prompt = input.hash(pool.block_size, seed);
+        let n = pool.engines.len();
+        let mut overlap = vec![0u32; n];
+        let mut indexed = false;
+        if let Some(index) = &pool.index {
+            let mut routing = self.routing.borrow_mut();
+            let at = match routing.indexes.iter().position(|w| Arc::ptr_eq(&w.index, index)) {
+                Some(i) => Some(i),
+                None => match WorkerIndex::open(index) {
+                    Ok(w) => {
+                        routing.indexes.retain(|w| Arc::strong_count(&w.index) > 1);
+                        routing.indexes.push(w);
+                        Some(routing.indexes.len() - 1)
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool = %pool.name, error = %e, "kv index unreadable: routing on load alone");
+                        None
+                    }
+                },
+            };
+            if let Some(at) = at {
+                let w = &mut routing.indexes[at];
+                w.reader.overlaps(&prompt.hashes, &mut w.overlaps);
+                for o in w.overlaps.as_slice() {
+                    if let Some(Some(i)) = pool.by_slot.get(usize::from(o.engine)) {
+                        overlap[*i as usize] = o.blocks;
+                    }
+                }
+                indexed = true;
+            }
+        }
+        let candidates = pool
+            .engines
+            .iter()
+            .zip(&overlap)
+            .map(|(e, &o)| Candidate {
+                overlap_blocks: o,
+                pending_prefill_tokens: e.pending_prefill.load(Ordering::Relaxed),
+                active_blocks: e.active_blocks.load(Ordering::Relaxed),
+                in_flight: e.load(),
+                waiting: e.waiting.load(Ordering::Relaxed) as f64,
+                kv_usage: e.kv_usage_ppm.load(Ordering::Relaxed) as f64 / 1e6,
+            })
+            .collect();
+        let bs = u64::from(pool.block_size.max(1));
+        let tokens = prompt.tokens as u64;
+        KvPlan {
+            tokens,
+            blocks: u32::try_from(tokens.div_ceil(bs)).unwrap_or(u32::MAX),
+            hashes: prompt.hashes,
+            candidates,
+            indexed,
+        }
+    }
+
+    /// The `kv` choice among engines not tried yet: healthy ones first, else any not draining.
+    fn kv_pick(&self, pool: &Pool, plan: &KvPlan, tried: &[usize], now: u64) -> Option<usize> {
+        let mut routing = self.routing.borrow_mut();
+        let mut rng = self.rng.borrow_mut();
+        let e = &pool.engines;
+        let open = |i: usize| !tried.contains(&i) && !e[i].draining.load(Ordering::Relaxed);
+        let (bs, w) = (pool.block_size, &pool.kv);
+        kv::choose(&plan.candidates, |i| open(i) && e[i].healthy(now), plan.blocks, bs, w, &mut rng, &mut routing.costs)
+            .or_else(|| kv::choose(&plan.candidates, open, plan.blocks, bs, w, &mut rng, &mut routing.costs))
+    }
+
+    /// Tries the engines of `pool` for the request; Ok once a response went to the client, else
+    /// the last error and whether it was a timeout.
+    async fn serve_in_pool(
+        &self,
+        req: &Request,
+        resp: &mut Responder,
+        pool: &Pool,
+        input: Option<&PromptInput>,
+        targets: &Targets,
+        started: Instant,
+    ) -> Result<(), (String, bool)> {
+        let plan = match input {
+            Some(p) if pool.policy == PolicyKind::Kv => Some(self.plan(pool, p)),
+            _ => None,
         };
         let session = req.head.headers().get(&pool.session_header);
-        let mut watch = AbortWatch { metrics: &self.metrics, done: false };
         let mut tried = [0usize; MAX_ATTEMPTS];
         let mut last_error = String::from("no engine available");
         let mut last_timeout = false;
         let attempts = self.conf.retry.attempts.min(pool.engines.len().max(1)).min(MAX_ATTEMPTS);
         for attempt in 0..attempts {
-            let pick_in = PickInput { tried: &tried[..attempt], session, now: now_ms() };
-            let idx = { pick(pool, &pick_in, &mut self.rng.borrow_mut()) };
+            let now = now_ms();
+            let idx = match &plan {
+                Some(plan) => self.kv_pick(pool, plan, &tried[..attempt], now),
+                None => {
+                    let pick_in = PickInput { tried: &tried[..attempt], session, now };
+                    pick(pool, &pick_in, &mut self.rng.borrow_mut())
+                }
+            };
             let Some(idx) = idx else { break };
             tried[attempt] = idx;
             let engine = &pool.engines[idx];
-            let charge = Charge::new(engine);
+            let (charge, overlap) = match &plan {
+                Some(plan) => {
+                    if attempt == 0 {
+                        self.metrics.route_decision.observe(started.elapsed().as_secs_f64());
+                    }
+                    let o = plan.candidates[idx].overlap_blocks;
+                    let cached = (u64::from(o) * u64::from(pool.block_size)).min(plan.tokens);
+                    if let (Some(index), Some(slot)) = (&pool.index, pool.slots[idx]) {
+                        index.predictor.predict(slot, &plan.hashes);
+                    }
+                    (Charge::new(engine, plan.tokens - cached, u64::from(plan.blocks)), Some(o))
+                }
+                None => (Charge::new(engine, 0, 0), None),
+            };
             let wire = Self::upstream_head(req, engine);
             match self.attempt(engine, &wire).await {
                 Ok((mut conn, head)) => {
@@ -347,10 +584,14 @@ impl Proxy {
                         self.passive_success(engine);
                     }
                     engine.counters.request(head.status);
-                    self.relay(conn, head, resp, pool, engine, started).await;
+                    let predicted_cached = plan.as_ref().map(|plan| {
+                        self.count_decision(pool, plan, idx);
+                        (u64::from(plan.candidates[idx].overlap_blocks) * u64::from(pool.block_size)).min(plan.tokens)
+                    });
+                    let routed = Routed { charge: &charge, predicted_cached, targets };
+                    self.relay(conn, head, resp, pool, engine, started, overlap, &routed).await;
                     drop(charge);
-                    watch.done = true;
-                    return;
+                    return Ok(());
                 }
                 Err(AttemptError::Upstream { message, timeout }) => {
                     tracing::debug!(error = %message, "upstream attempt failed");
@@ -363,16 +604,60 @@ impl Proxy {
                 }
             }
         }
-        let status = if last_timeout { 504 } else { 502 };
-        self.metrics.rejected(status);
-        let msg = format!("no engine of pool `{}` could serve the request: {last_error}", pool.name);
-        let _ = resp.send(error_response(status, &msg, None).header("x-gantry-pool", pool.name.clone())).await;
-        watch.done = true;
+        Err((last_error, last_timeout))
+    }
+
+    /// Routing and demand counters for a served `kv` decision.
+    fn count_decision(&self, pool: &Pool, plan: &KvPlan, idx: usize) {
+        let c = &pool.counters;
+        let chosen = &plan.candidates[idx];
+        let outcome = match (plan.indexed, chosen.overlap_blocks) {
+            (false, _) => &c.load_only,
+            (true, 0) => &c.kv_miss,
+            (true, _) => &c.kv_hit,
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
+        self.metrics.route_overlap.observe(f64::from(chosen.overlap_blocks));
+        let cost: Cost = kv::cost(chosen, plan.blocks, pool.block_size, &pool.kv);
+        let milli = |v: f64| (v.max(0.0) * 1e3) as u64;
+        c.cost_prefill_milli.fetch_add(milli(cost.prefill), Ordering::Relaxed);
+        c.cost_decode_milli.fetch_add(milli(cost.decode), Ordering::Relaxed);
+        c.cost_pressure_milli.fetch_add(milli(cost.pressure), Ordering::Relaxed);
+        let cached = (u64::from(chosen.overlap_blocks) * u64::from(pool.block_size)).min(plan.tokens);
+        c.predicted_cached_tokens.fetch_add(cached, Ordering::Relaxed);
+        c.prompt_tokens.fetch_add(plan.tokens, Ordering::Relaxed);
+        c.uncached_prompt_tokens.fetch_add(plan.tokens - cached, Ordering::Relaxed);
+    }
+
+    /// Usage the engine reported, against what routing predicted and the request's targets.
+    fn record_outcome(&self, pool: &Pool, routed: &Routed<'_>, usage: Usage, ttft: Option<f64>, mean_itl: Option<f64>) {
+        let c = &pool.counters;
+        if let Some(i) = usage.prompt {
+            self.metrics.isl.observe(i as f64);
+        }
+        if let Some(o) = usage.completion {
+            self.metrics.osl.observe(o as f64);
+            c.output_tokens.fetch_add(o, Ordering::Relaxed);
+        }
+        if let (Some(p), Some(r)) = (routed.predicted_cached, usage.cached) {
+            c.predicted_cached_tokens_reported.fetch_add(p, Ordering::Relaxed);
+            c.reported_cached_tokens.fetch_add(r, Ordering::Relaxed);
+        }
+        if let (Some(t), Some(target)) = (ttft, routed.targets.ttft_target_ms) {
+            if t * 1e3 > target {
+                c.over_ttft_target.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let (Some(t), Some(target)) = (mean_itl, routed.targets.itl_target_ms) {
+            if t * 1e3 > target {
+                c.over_itl_target.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The client's response header lines, in wire form: the engine's end-to-end headers as
     /// they came, then where the request went. One allocation.
-    fn response_lines(head: &ResponseHead, pool: &Pool, engine: &EngineState) -> Vec<u8> {
+    fn response_lines(head: &ResponseHead, pool: &Pool, engine: &EngineState, overlap: Option<u32>) -> Vec<u8> {
         let mut out = Vec::with_capacity(head.raw().len() + pool.name.len() + engine.url.len() + 40);
         for (name, value) in head.headers().iter() {
             if !is_hop(name) {
@@ -387,6 +672,11 @@ impl Proxy {
         out.extend_from_slice(b"\r\nx-gantry-engine: ");
         out.extend_from_slice(engine.url.as_bytes());
         out.extend_from_slice(b"\r\n");
+        if let Some(o) = overlap {
+            out.extend_from_slice(b"x-gantry-overlap-blocks: ");
+            out.extend_from_slice(o.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         out
     }
 
@@ -398,19 +688,23 @@ impl Proxy {
         pool: &Pool,
         engine: &EngineState,
         started: Instant,
+        overlap: Option<u32>,
+        routed: &Routed<'_>,
     ) {
-        let lines = Self::response_lines(&head, pool, engine);
+        let lines = Self::response_lines(&head, pool, engine, overlap);
         let chunked_or_close = head.headers().get("content-length").is_none();
         let is_sse = head.headers().get_str("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
         let idle = Duration::from_millis(self.conf.upstream.idle_timeout_ms);
         if !chunked_or_close && !is_sse {
             match monoio::time::timeout(idle, conn.read_body()).await {
                 Ok(Ok(body)) => {
+                    routed.charge.first_token();
                     let elapsed = started.elapsed().as_secs_f64();
                     self.metrics.ttft.observe(elapsed);
                     self.metrics.e2e.observe(elapsed);
                     if head.status == 200 {
-                        self.observe_usage(&body);
+                        let usage = Usage::scan(&body);
+                        self.record_outcome(pool, routed, usage, Some(elapsed), None);
                     }
                     if resp.send_raw(head.status, &lines, &body).await.is_ok() {
                         self.put_idle(engine.addr, conn);
@@ -442,7 +736,7 @@ impl Proxy {
         let mut first_token: Option<Instant> = None;
         let mut last_token: Option<Instant> = None;
         let mut tokens = 0u64;
-        let mut usage: Option<(Option<u64>, Option<u64>)> = None;
+        let mut usage: Option<Usage> = None;
         loop {
             match monoio::time::timeout(idle, conn.read_chunk()).await {
                 Ok(Ok(Some(chunk))) => {
@@ -452,15 +746,15 @@ impl Proxy {
                             if is_token_event(ev) {
                                 tokens += 1;
                                 match last_token {
-                                    None => first_token = Some(now),
+                                    None => {
+                                        first_token = Some(now);
+                                        routed.charge.first_token();
+                                    }
                                     Some(t) => self.metrics.itl.observe(now.duration_since(t).as_secs_f64()),
                                 }
                                 last_token = Some(now);
                             } else if memchr::memmem::find(ev, b"\"usage\":{").is_some() {
-                                usage = Some((
-                                    json_uint_after(ev, b"\"prompt_tokens\":"),
-                                    json_uint_after(ev, b"\"completion_tokens\":"),
-                                ));
+                                usage = Some(Usage::scan(ev));
                             }
                         });
                     }
@@ -494,32 +788,20 @@ impl Proxy {
                 }
             }
         }
-        if let Some(t) = first_token {
-            self.metrics.ttft.observe(t.duration_since(started).as_secs_f64());
+        let ttft = first_token.map(|t| t.duration_since(started).as_secs_f64());
+        if let Some(t) = ttft {
+            self.metrics.ttft.observe(t);
         }
         self.metrics.e2e.observe(started.elapsed().as_secs_f64());
-        match usage {
-            Some((isl, osl)) => {
-                if let Some(i) = isl {
-                    self.metrics.isl.observe(i as f64);
-                }
-                self.metrics.osl.observe(osl.unwrap_or(tokens) as f64);
-            }
-            None if tokens > 0 => self.metrics.osl.observe(tokens as f64),
-            None => {}
+        let mean_itl = match (first_token, last_token) {
+            (Some(f), Some(l)) if tokens > 1 => Some(l.duration_since(f).as_secs_f64() / (tokens - 1) as f64),
+            _ => None,
+        };
+        let mut usage = usage.unwrap_or_default();
+        if usage.completion.is_none() && tokens > 0 {
+            usage.completion = Some(tokens);
         }
-    }
-
-    fn observe_usage(&self, body: &[u8]) {
-        // A scan, not a parse: the body is forwarded as is and only two numbers are wanted.
-        let Some(at) = memchr::memmem::find(body, b"\"usage\":{") else { return };
-        let usage = &body[at..];
-        if let Some(i) = json_uint_after(usage, b"\"prompt_tokens\":") {
-            self.metrics.isl.observe(i as f64);
-        }
-        if let Some(o) = json_uint_after(usage, b"\"completion_tokens\":") {
-            self.metrics.osl.observe(o as f64);
-        }
+        self.record_outcome(pool, routed, usage, ttft, mean_itl);
     }
 
     fn models(fleet: &Fleet) -> Response {
@@ -543,6 +825,27 @@ impl Proxy {
             Response::new(200)
         } else {
             error_response(503, &format!("no healthy engine for: {}", missing.join(", ")), None)
+        }
+    }
+}
+
+/// Token counts from an OpenAI `usage` object, found by scanning (the body is forwarded as is).
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    prompt: Option<u64>,
+    completion: Option<u64>,
+    /// `prompt_tokens_details.cached_tokens`.
+    cached: Option<u64>,
+}
+
+impl Usage {
+    fn scan(json: &[u8]) -> Usage {
+        let Some(at) = memchr::memmem::find(json, b"\"usage\":{") else { return Usage::default() };
+        let usage = &json[at..];
+        Usage {
+            prompt: json_uint_after(usage, b"\"prompt_tokens\":"),
+            completion: json_uint_after(usage, b"\"completion_tokens\":"),
+            cached: json_uint_after(usage, b"\"cached_tokens\":"),
         }
     }
 }
@@ -608,7 +911,12 @@ impl Handler for Proxy {
                     }
                     Err(_) => None,
                 };
-                self.route(&req, resp, model.as_deref()).await;
+                let endpoint = match p {
+                    "/v1/chat/completions" => Some(Endpoint::Chat),
+                    "/v1/completions" => Some(Endpoint::Completions),
+                    _ => None,
+                };
+                self.route(&req, resp, model.as_deref(), endpoint).await;
             }
             "/v1/models"
             | "/health"

@@ -47,3 +47,64 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
         monoio::time::sleep_until(round + interval).await;
     }
 }
+
+/// The sum of every sample of metric `name` in Prometheus text (labels ignored), if any.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value = rest.rsplit(' ').find(|v| !v.is_empty()).and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value.filter(|v| v.is_finite()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// Scrapes every engine's `/metrics` once per `interval` for the `kv` cost's engine-reported
+/// pressure (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`). An engine that does not
+/// answer keeps its last values until it does (its health is the prober's business).
+pub async fn scrape_loop(fleet: SharedFleet, interval: Duration, timeout: Duration) {
+    loop {
+        let round = monoio::time::Instant::now();
+        let snapshot = fleet.load_full();
+        for (pool, e) in snapshot.engines() {
+            if pool.policy != crate::config::PolicyKind::Kv {
+                continue;
+            }
+            let exchange = async {
+                let mut c = ClientConn::connect(e.addr, timeout).await.ok()?;
+                let (head, body) = c
+                    .request("GET", "/metrics", &[("host", e.authority.as_bytes()), ("connection", b"close")], b"")
+                    .await
+                    .ok()?;
+                (head.status == 200).then_some(body)
+            };
+            let Ok(Some(body)) = monoio::time::timeout(timeout, exchange).await else { continue };
+            let text = String::from_utf8_lossy(&body);
+            if let Some(w) = metric_sum(&text, "vllm:num_requests_waiting") {
+                e.waiting.store(w.max(0.0) as u64, Ordering::Relaxed);
+            }
+            if let Some(u) = metric_sum(&text, "vllm:kv_cache_usage_perc") {
+                e.kv_usage_ppm.store((u.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+            }
+        }
+        monoio::time::sleep_until(round + interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn metric_sum_adds_every_label_set_and_skips_look_alikes() {
+        let text = "# HELP vllm:num_requests_waiting x\nvllm:num_requests_waiting{engine=\"0\"} 3.0\nvllm:num_requests_waiting{engine=\"1\"} 2\nvllm:num_requests_waiting_total 99\nvllm:kv_cache_usage_perc 0.25\n";
+        assert_eq!(metric_sum(text, "vllm:num_requests_waiting"), Some(5.0));
+        assert_eq!(metric_sum(text, "vllm:kv_cache_usage_perc"), Some(0.25));
+        assert_eq!(metric_sum(text, "vllm:absent"), None);
+    }
+}

@@ -62,6 +62,27 @@ fn bind_reuseport(addr: SocketAddr, what: &'static str) -> Result<StdListener, S
     Ok(s.into())
 }
 
+/// The default segment of a `kv` pool's index: `/dev/shm/gantry-kvindex-<port>-<pool>`.
+pub fn default_index_path(port: u16, pool: &str) -> PathBuf {
+    let safe: String = pool.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    PathBuf::from(format!("/dev/shm/gantry-kvindex-{port}-{safe}"))
+}
+
+/// Starts the index of every `kv` pool that has none yet. A pool whose index cannot start
+/// routes on load alone (logged, and `gantry_route_index_available` says 0).
+fn attach_indexes(fleet: &mut Fleet, port: u16) {
+    for pool in &mut fleet.pools {
+        if pool.policy != crate::config::PolicyKind::Kv || pool.index.is_some() {
+            continue;
+        }
+        let path = pool.conf.index_path.clone().unwrap_or_else(|| default_index_path(port, &pool.name));
+        match crate::route::index::PoolIndex::start(&pool.conf, path) {
+            Ok(index) => *pool = pool.with_index(Some(Arc::new(index))),
+            Err(e) => tracing::error!(pool = %pool.name, error = %e, "kv index unavailable: the pool routes on load alone"),
+        }
+    }
+}
+
 /// A running proxy. Dropping it stops every thread (without draining).
 #[derive(Debug)]
 pub struct ProxyServer {
@@ -116,9 +137,9 @@ pub fn spawn(cfg: Config, config_path: Option<PathBuf>) -> Result<ProxyServer, S
         None => None,
     };
     let admin = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let fleet: SharedFleet = Arc::new(ArcSwap::from_pointee(
-        Fleet::build(&cfg, None).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?,
-    ));
+    let mut built = Fleet::build(&cfg, None).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?;
+    attach_indexes(&mut built, addr.port());
+    let fleet: SharedFleet = Arc::new(ArcSwap::from_pointee(built));
     let metrics = Arc::new(Metrics::default());
     let conf =
         Arc::new(PathConf { upstream: cfg.upstream.clone(), retry: cfg.retry.clone(), health: cfg.health.clone() });
@@ -162,6 +183,21 @@ pub fn spawn(cfg: Config, config_path: Option<PathBuf>) -> Result<ProxyServer, S
                 let _ = rt::block_on(
                     Driver::Legacy,
                     crate::race(crate::health::probe_loop(h_fleet, h_conf), wait_flag(&h_stop)),
+                );
+            })
+            .map_err(ServeError::Thread)?;
+        threads.push(t);
+    }
+    if cfg.routing.engine_metrics_interval_ms > 0 {
+        let (s_fleet, s_stop) = (fleet.clone(), stop.clone());
+        let interval = Duration::from_millis(cfg.routing.engine_metrics_interval_ms);
+        let timeout = Duration::from_millis(cfg.health.timeout_ms);
+        let t = std::thread::Builder::new()
+            .name("gantry-scrape".into())
+            .spawn(move || {
+                let _ = rt::block_on(
+                    Driver::Legacy,
+                    crate::race(crate::health::scrape_loop(s_fleet, interval, timeout), wait_flag(&s_stop)),
                 );
             })
             .map_err(ServeError::Thread)?;
@@ -217,8 +253,10 @@ impl ProxyServer {
             tracing::warn!("server.listen changed: a restart is needed for it to take effect");
         }
         let old = self.fleet.load();
-        let fleet =
+        let mut fleet =
             Fleet::build(&new, Some(&old)).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?;
+        drop(old);
+        attach_indexes(&mut fleet, self.addr.port());
         let engines = fleet.engines().count();
         self.fleet.store(Arc::new(fleet));
         self.config = new;

@@ -53,6 +53,70 @@ pub enum Endpoint {
     Completions,
 }
 
+/// A request's prompt before hashing: token ids, or text when the model has no tokenizer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptInput {
+    /// Exact token ids.
+    Tokens(Vec<u32>),
+    /// Text, for approximate routing.
+    Text(String),
+}
+
+impl PromptInput {
+    /// Reads the prompt of `body` (already parsed), refusing bad or over-long prompts.
+    pub fn read(
+        body: &Value,
+        endpoint: Endpoint,
+        tokenizer: Option<&Tokenizer>,
+        cache: &mut EncodeCache,
+        max_model_len: Option<usize>,
+    ) -> Result<PromptInput, BadPrompt> {
+        let Some(tok) = tokenizer else { return Ok(PromptInput::Text(text(body, endpoint)?)) };
+        let ids = tokens(body, endpoint, tok, cache)?;
+        if let Some(max) = max_model_len {
+            if ids.len() > max {
+                return Err(bad(
+                    format!(
+                        "This model's maximum context length is {max} tokens. However, your request has {} input tokens. Please reduce the length of the input messages.",
+                        ids.len()
+                    ),
+                    if endpoint == Endpoint::Chat { "messages" } else { "prompt" },
+                ));
+            }
+        }
+        Ok(PromptInput::Tokens(ids))
+    }
+
+    /// Prompt tokens (estimated as bytes / 4 for text).
+    pub fn tokens(&self) -> usize {
+        match self {
+            PromptInput::Tokens(ids) => ids.len(),
+            PromptInput::Text(t) => t.len() / 4,
+        }
+    }
+
+    /// Hashes the prompt in `block_size`-token blocks (text: [`TEXT_CHUNK_BYTES`] chunks).
+    pub fn hash(&self, block_size: u32, seed: u64) -> Prompt {
+        let mut out = Prompt { tokens: self.tokens(), ..Prompt::default() };
+        match self {
+            PromptInput::Tokens(ids) => {
+                out.exact = true;
+                hash_blocks(seed, ids, block_size as usize, 0, &mut out.hashes);
+            }
+            PromptInput::Text(text) => {
+                let mut parent = TEXT_SEED;
+                for chunk in text.as_bytes().chunks_exact(TEXT_CHUNK_BYTES) {
+                    let words: Vec<u32> =
+                        chunk.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+                    parent = block_hash(parent, &words, 0);
+                    out.hashes.push(parent);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Reads the prompt of `body` (already parsed) and hashes it in `block_size`-token blocks.
 pub fn prompt(
     body: &Value,
@@ -63,38 +127,7 @@ pub fn prompt(
     seed: u64,
     max_model_len: Option<usize>,
 ) -> Result<Prompt, BadPrompt> {
-    let mut out = Prompt::default();
-    match tokenizer {
-        Some(tok) => {
-            let ids = tokens(body, endpoint, tok, cache)?;
-            if let Some(max) = max_model_len {
-                if ids.len() > max {
-                    return Err(bad(
-                        format!(
-                            "This model's maximum context length is {max} tokens. However, your request has {} input tokens. Please reduce the length of the input messages.",
-                            ids.len()
-                        ),
-                        if endpoint == Endpoint::Chat { "messages" } else { "prompt" },
-                    ));
-                }
-            }
-            out.tokens = ids.len();
-            out.exact = true;
-            hash_blocks(seed, &ids, block_size as usize, 0, &mut out.hashes);
-        }
-        None => {
-            let text = text(body, endpoint)?;
-            out.tokens = text.len() / 4;
-            let mut parent = TEXT_SEED;
-            for chunk in text.as_bytes().chunks_exact(TEXT_CHUNK_BYTES) {
-                let words: Vec<u32> =
-                    chunk.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
-                parent = block_hash(parent, &words, 0);
-                out.hashes.push(parent);
-            }
-        }
-    }
-    Ok(out)
+    Ok(PromptInput::read(body, endpoint, tokenizer, cache, max_model_len)?.hash(block_size, seed))
 }
 
 fn tokens(body: &Value, endpoint: Endpoint, tok: &Tokenizer, cache: &mut EncodeCache) -> Result<Vec<u32>, BadPrompt> {
