@@ -520,3 +520,6 @@ fn models_health_and_admin_api() {
         assert_eq!(list["engines"].as_array().unwrap().len(), 1);
     }
 }
+
+#[path = "serve/route.rs"]
+mod route;

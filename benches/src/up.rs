@@ -24,8 +24,8 @@ pub struct UpArgs {
     /// KV events: engine i publishes on PORT+i (0 = no events).
     #[arg(long, default_value_t = 5557)]
     pub kv_events_port: u16,
-    /// Engine choice policy: round_robin, random, least_loaded, power_of_two, session.
-    #[arg(long, default_value = "round_robin")]
+    /// Engine choice policy: kv (KV-aware), round_robin, random, least_loaded, power_of_two, session.
+    #[arg(long, default_value = "kv")]
     pub policy: String,
     /// Served model name.
     #[arg(long, default_value = "mock-model")]
@@ -62,6 +62,7 @@ fn policy(s: &str) -> Option<PolicyKind> {
         "least_loaded" => PolicyKind::LeastLoaded,
         "power_of_two" => PolicyKind::PowerOfTwo,
         "session" => PolicyKind::Session,
+        "kv" => PolicyKind::Kv,
         _ => return None,
     })
 }
@@ -79,8 +80,9 @@ pub fn run(args: &UpArgs) -> Result<(), UpError> {
     let engines = args.engines.to_string();
     let mut argv = vec!["mock", "--port", &port, "--engines", &engines, "--speedup", &speedup, "--model", &args.model];
     let events = args.kv_events_port.to_string();
+    let replay = args.kv_events_port.saturating_add(1000).to_string();
     if args.kv_events_port != 0 {
-        argv.extend(["--kv-events-port", &events]);
+        argv.extend(["--kv-events-port", &events, "--kv-replay-port", &replay]);
     }
     let mock_args = MockCli::try_parse_from(&argv).map_err(|e| UpError::Flag(e.to_string()))?.args;
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
@@ -91,6 +93,13 @@ pub fn run(args: &UpArgs) -> Result<(), UpError> {
     cfg.server.listen = args.listen.to_string();
     cfg.server.workers = args.workers;
     cfg.pool[0].policy = policy;
+    // The mocks tokenize with the built-in tokenizer; the proxy routes on the same tokens and
+    // follows each engine's KV events (and replays what it missed).
+    cfg.model[0].tokenizer = Some("builtin".into());
+    for (e, addrs) in cfg.pool[0].engine.iter_mut().zip(&mocks.engines) {
+        e.kv_events.clone_from(&addrs.kv_events);
+        e.kv_replay.clone_from(&addrs.kv_replay);
+    }
     let proxy = serve::spawn(cfg, None)?;
     let url = format!("http://{}", proxy.addr);
     println!(

@@ -136,7 +136,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn new(
+    /// A pool of `conf`'s settings over `engines` (their slots looked up in `index`).
+    pub fn new(
         conf: &crate::config::PoolConf,
         engines: Vec<Arc<EngineState>>,
         index: Option<Arc<PoolIndex>>,
@@ -238,7 +239,9 @@ impl Fleet {
             let tokenizer = match (&m.tokenizer, reused) {
                 (None, _) => None,
                 (Some(_), Some(t)) => Some(t),
-                (Some(src), None) => Some(Arc::new(load_tokenizer(src).map_err(|e| format!("model[{i}].tokenizer: {e}"))?)),
+                (Some(src), None) => {
+                    Some(Arc::new(load_tokenizer(src).map_err(|e| format!("model[{i}].tokenizer: {e}"))?))
+                }
             };
             model_info.push(ModelInfo {
                 name: m.name.clone(),

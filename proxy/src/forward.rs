@@ -23,16 +23,16 @@ use serde_json::Value;
 
 use crate::config::{HealthConf, PolicyKind, RetryConf, UpstreamConf};
 use crate::fleet::{now_ms, EngineState, Fleet, Pool, SharedFleet};
-use crate::route::grid::{targets_from_body, PoolQuery, Targets};
-use crate::route::index::WorkerIndex;
-use crate::route::kv::{self, Candidate, Cost};
-use crate::route::prompt::{Endpoint, PromptInput};
 use crate::http::client::ClientConn;
 use crate::http::server::{content_length_line, Handler, Request, Responder, Response};
 use crate::http::sse::SseScanner;
 use crate::http::{HttpError, Method, ResponseHead};
 use crate::metrics::Metrics;
 use crate::policy::{pick, PickInput};
+use crate::route::grid::{targets_from_body, PoolQuery, Targets};
+use crate::route::index::WorkerIndex;
+use crate::route::kv::{self, Candidate, Cost};
+use crate::route::prompt::{Endpoint, PromptInput};
 
 /// Longest ejection after repeated passive failures.
 const MAX_EJECT_MS: u64 = 60_000;
@@ -86,7 +86,7 @@ pub struct PathConf {
 }
 
 /// The load view's charge for one request on one engine: its in-flight count, its prompt's
-/// uncached tokens as pending prefill (released at the first token) and its prompt blocks as
+/// uncached tokens as pending prefill (released at the first token) and the blocks it adds as
 /// active KV blocks, all released when the charge drops (request end, failure or client abort).
 struct Charge<'a> {
     e: &'a EngineState,
@@ -369,7 +369,9 @@ impl Proxy {
         // The body is read for routing only when a grid or a `kv` pool needs the prompt.
         let mut targets = Targets::default();
         let mut input: Option<PromptInput> = None;
-        if let Some(ep) = endpoint.filter(|_| fleet.router.is_some() || fleet.pools.iter().any(|p| p.policy == PolicyKind::Kv)) {
+        if let Some(ep) =
+            endpoint.filter(|_| fleet.router.is_some() || fleet.pools.iter().any(|p| p.policy == PolicyKind::Kv))
+        {
             let body: Value = match serde_json::from_slice(&req.body) {
                 Ok(v) => v,
                 Err(e) => return self.refuse(resp, 400, &format!("Invalid JSON body: {e}"), None).await,
@@ -421,7 +423,12 @@ impl Proxy {
 
     /// The pools to try, in order: the global router's grid choice (then faster pools when its
     /// priority retry is on), or the first aggregated pool serving `model`.
-    fn choose_pools<'f>(fleet: &'f Fleet, model: &str, input: Option<&PromptInput>, targets: &Targets) -> Vec<&'f Pool> {
+    fn choose_pools<'f>(
+        fleet: &'f Fleet,
+        model: &str,
+        input: Option<&PromptInput>,
+        targets: &Targets,
+    ) -> Vec<&'f Pool> {
         let serves = |p: &&Pool| p.engines.iter().any(|e| e.model == model);
         if let (Some(g), Some(input)) = (&fleet.router, input) {
             let q = PoolQuery::new(u32::try_from(input.tokens()).unwrap_or(u32::MAX), targets);
@@ -551,7 +558,10 @@ impl Proxy {
                     if let (Some(index), Some(slot)) = (&pool.index, pool.slots[idx]) {
                         index.predictor.predict(slot, &plan.hashes);
                     }
-                    (Charge::new(engine, plan.tokens - cached, u64::from(plan.blocks)), Some(o))
+                    // Active blocks: what this prompt adds to the engine (a cached prefix is
+                    // counted once, as the cost function counts it).
+                    let new_blocks = u64::from(plan.blocks.saturating_sub(o).max(1));
+                    (Charge::new(engine, plan.tokens - cached, new_blocks), Some(o))
                 }
                 None => (Charge::new(engine, 0, 0), None),
             };

@@ -64,7 +64,8 @@ fn bind_reuseport(addr: SocketAddr, what: &'static str) -> Result<StdListener, S
 
 /// The default segment of a `kv` pool's index: `/dev/shm/gantry-kvindex-<port>-<pool>`.
 pub fn default_index_path(port: u16, pool: &str) -> PathBuf {
-    let safe: String = pool.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let safe: String =
+        pool.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     PathBuf::from(format!("/dev/shm/gantry-kvindex-{port}-{safe}"))
 }
 
@@ -78,7 +79,9 @@ fn attach_indexes(fleet: &mut Fleet, port: u16) {
         let path = pool.conf.index_path.clone().unwrap_or_else(|| default_index_path(port, &pool.name));
         match crate::route::index::PoolIndex::start(&pool.conf, path) {
             Ok(index) => *pool = pool.with_index(Some(Arc::new(index))),
-            Err(e) => tracing::error!(pool = %pool.name, error = %e, "kv index unavailable: the pool routes on load alone"),
+            Err(e) => {
+                tracing::error!(pool = %pool.name, error = %e, "kv index unavailable: the pool routes on load alone")
+            }
         }
     }
 }

@@ -1,24 +1,17 @@
 //! Policies: spread, load awareness, session stickiness with bounded load, health fallback.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::*;
-use crate::config::Role;
 use crate::fleet::{now_ms, EngineState};
 
 fn pool(policy: PolicyKind, n: usize) -> Pool {
-    Pool {
-        name: "p".into(),
-        role: Role::Agg,
-        policy,
-        session_header: "x-session-id".into(),
-        block_size: 16,
-        engines: (0..n)
-            .map(|i| Arc::new(EngineState::new(&format!("http://127.0.0.1:{}", 9000 + i), "m").unwrap()))
-            .collect(),
-        rr: AtomicUsize::new(0),
-    }
+    let urls: Vec<String> = (0..n).map(|i| format!("http://127.0.0.1:{}", 9000 + i)).collect();
+    let mut cfg = crate::config::Config::single_pool("m", &urls);
+    cfg.pool[0].policy = policy;
+    let engines = urls.iter().map(|u| Arc::new(EngineState::new(u, "m").unwrap())).collect();
+    Pool::new(&cfg.pool[0], engines, None, Default::default())
 }
 
 fn input<'a>(tried: &'a [usize], session: Option<&'a [u8]>) -> PickInput<'a> {

@@ -4,7 +4,8 @@
 //! ```text
 //! uncached  = max(prompt_blocks − overlap, 0)
 //! prefill   = pending_prefill_tokens / block_size + uncached
-//! decode    = active_blocks + prompt_blocks
+//! decode    = active_blocks + uncached       (its requests' blocks, plus the blocks this prompt
+//!                                              adds: a shared prefix is counted once)
 //! pressure  = waiting · prompt_blocks            (engine-reported queue: each waiting request is
 //!                                                  taken to cost about as much prefill as this one)
 //!           + kv_usage · prompt_blocks           (engine-reported cache use, 0..1: a full cache
@@ -87,7 +88,7 @@ pub fn cost(c: &Candidate, prompt_blocks: u32, block_size: u32, w: &Weights) -> 
     let pending = c.pending_prefill_tokens as f64 / f64::from(block_size.max(1));
     Cost {
         prefill: w.prefill * (pending + uncached),
-        decode: w.decode * (c.active_blocks as f64 + prompt),
+        decode: w.decode * (c.active_blocks as f64 + uncached),
         pressure: w.waiting * c.waiting.max(0.0) * prompt + w.usage * c.kv_usage.clamp(0.0, 1.0) * prompt,
     }
 }
@@ -173,15 +174,16 @@ mod tests {
             .zip(decode_loads)
             .map(|(c, d)| {
                 let k = cost(c, 10, 16, &w);
-                // The reference's decode load already includes the new blocks.
+                // The reference's decode load is given whole (active plus new blocks).
                 k.prefill + d
             })
             .collect();
         assert_eq!(totals, vec![18.0, 10.0, 11.0]);
-        // Through `choose`, with the decode loads expressed as active blocks (load − 10 new).
+        // Through `choose`, with each decode load expressed as active blocks plus the prompt's
+        // new (uncached) blocks: 10 = 2 + 8, 5 = 0 + 5, 9 = 7 + 2.
         let cs = [cand(2, 0), cand(5, 0), cand(8, 0)];
         let shifted: Vec<Candidate> =
-            cs.iter().zip([10u64, 5, 9]).map(|(c, d)| Candidate { active_blocks: d, ..*c }).collect();
+            cs.iter().zip([2u64, 0, 7]).map(|(c, d)| Candidate { active_blocks: d, ..*c }).collect();
         for seed in 0..20 {
             assert_eq!(pick(&shifted, 10, &w, seed), Some(1));
         }
@@ -192,8 +194,10 @@ mod tests {
         let w = Weights::default();
         // 100-block prompt fully cached on engine 0; both idle → engine 0.
         assert_eq!(pick(&[cand(100, 0), cand(0, 0)], 100, &w, 1), Some(0));
-        // Engine 0 holds 150 more active blocks than engine 1: the saved 100 blocks no longer pay.
-        assert_eq!(pick(&[cand(100, 150), cand(0, 0)], 100, &w, 1), Some(1));
+        // A request in flight on the holder does not outweigh a whole cached prompt...
+        assert_eq!(pick(&[cand(100, 101), cand(0, 0)], 100, &w, 1), Some(0));
+        // ...but 250 active blocks do: the saved 100 blocks of prefill (×2) no longer pay.
+        assert_eq!(pick(&[cand(100, 250), cand(0, 0)], 100, &w, 1), Some(1));
     }
 
     #[test]
@@ -229,13 +233,18 @@ mod tests {
     #[test]
     fn engine_reported_waiting_and_pending_prefill_add_cost() {
         let w = Weights::default();
+        // A fully cached 10-block prompt costs 0 on its holder; elsewhere 10 prefill + 10 new.
         let mut busy = cand(10, 0);
-        busy.waiting = 2.0;
-        // 10 saved blocks < 2 waiting × 10 blocks: go elsewhere.
+        busy.waiting = 3.0;
+        // 3 waiting requests × 10 blocks outweigh the 20 saved: go elsewhere.
         assert_eq!(pick(&[busy, cand(0, 0)], 10, &w, 5), Some(1));
+        busy.waiting = 1.0;
+        assert_eq!(pick(&[busy, cand(0, 0)], 10, &w, 5), Some(0));
         let mut pending = cand(10, 0);
-        pending.pending_prefill_tokens = 16 * 11;
+        pending.pending_prefill_tokens = 16 * 21;
         assert_eq!(pick(&[pending, cand(0, 0)], 10, &w, 5), Some(1));
+        pending.pending_prefill_tokens = 16 * 19;
+        assert_eq!(pick(&[pending, cand(0, 0)], 10, &w, 5), Some(0));
     }
 
     #[test]

@@ -1,0 +1,245 @@
+//! KV-aware routing (`kv`) and grid pool choice, against mock engines that publish real KV
+//! events over ZMQ.
+
+use super::*;
+use gantry_proxy::config::PolicyKind;
+
+/// Four mock engines with events and replay, and a `kv` proxy following them.
+fn kv_stack(extra_mock: &[&str], policy: PolicyKind) -> (MockServer, ProxyServer) {
+    let mut flags = vec!["--engines", "4", "--kv-events-port", "0", "--kv-replay-port", "0"];
+    flags.extend_from_slice(extra_mock);
+    let m = mock(&flags);
+    let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
+    let dir = std::env::temp_dir().join(format!("gantry-route-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = proxy(&urls, "auto", |cfg| {
+        cfg.model[0].tokenizer = Some("builtin".into());
+        cfg.pool[0].policy = policy;
+        cfg.pool[0].index_path = Some(dir.join("index"));
+        for (e, a) in cfg.pool[0].engine.iter_mut().zip(&m.engines) {
+            e.kv_events.clone_from(&a.kv_events);
+            e.kv_replay.clone_from(&a.kv_replay);
+        }
+    });
+    (m, p)
+}
+
+/// A chat request whose prompt starts with `prefix_words` words of group `group`, then a
+/// unique tail.
+fn shared_prefix_chat(group: usize, prefix_words: usize, tail: usize) -> Value {
+    let prefix = gantry_tokenizer::builtin_word_text(group * 997, prefix_words);
+    let unique = gantry_tokenizer::builtin_word_text(5000 + tail * 13, 24);
+    json!({"model": "mock-model", "max_tokens": 1, "messages": [
+        {"role": "system", "content": prefix},
+        {"role": "user", "content": unique}
+    ]})
+}
+
+fn prefix_hit_rate(m: &MockServer) -> f64 {
+    let (mut hits, mut queries) = (0.0, 0.0);
+    for e in &m.engines {
+        let text = String::from_utf8(get(e.http, "/metrics").body).unwrap();
+        hits += metric(&text, "vllm:prefix_cache_hits_total");
+        queries += metric(&text, "vllm:prefix_cache_queries_total");
+    }
+    hits / queries.max(1.0)
+}
+
+#[test]
+fn proxy_tokens_equal_the_mock_tokenize_endpoint() {
+    use gantry_proxy::route::prompt::{Endpoint, PromptInput};
+    let m = mock(&[]);
+    let tok = gantry_tokenizer::Tokenizer::builtin();
+    let mut cache = gantry_tokenizer::EncodeCache::default();
+    let words = gantry_tokenizer::builtin_word_text(3, 50);
+    let cases = [
+        (
+            Endpoint::Chat,
+            json!({"model": "mock-model", "messages": [{"role": "system", "content": words}, {"role": "user", "content": "Hi, there!"}]}),
+        ),
+        (
+            Endpoint::Chat,
+            json!({"model": "mock-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "add_generation_prompt": false}),
+        ),
+        (Endpoint::Completions, json!({"model": "mock-model", "prompt": format!("Once upon{words}")})),
+    ];
+    for (ep, body) in cases {
+        let ours = match PromptInput::read(&body, ep, Some(&tok), &mut cache, None).unwrap() {
+            PromptInput::Tokens(ids) => ids,
+            PromptInput::Text(_) => panic!("a tokenizer was given"),
+        };
+        let theirs = post(m.engines[0].http, "/tokenize", &body).json()["tokens"].clone();
+        let theirs: Vec<u32> = serde_json::from_value(theirs).unwrap();
+        assert_eq!(ours, theirs, "{body}");
+    }
+}
+
+#[test]
+fn shared_prefixes_go_to_their_holder_until_it_is_loaded() {
+    // Decode of at least 40 ms per token keeps streams in flight long enough to load an engine.
+    let (m, p) = kv_stack(&["--speedup", "1", "--decode-min-ms", "40"], PolicyKind::Kv);
+    let first = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(1, 400, 0));
+    assert_eq!(first.status, 200, "{}", String::from_utf8_lossy(&first.body));
+    let holder = first.header("x-gantry-engine").unwrap().to_owned();
+    // The index learns the holder from its events (or the proxy's prediction) within moments:
+    // wait for it, reading the same shared-memory segment the proxy reads.
+    let reader =
+        gantry_kvindex::index::IndexReader::open(p.fleet.load().pools[0].index.as_ref().unwrap().path.clone()).unwrap();
+    let hashes = {
+        use gantry_proxy::route::prompt::{Endpoint, PromptInput};
+        let tok = gantry_tokenizer::Tokenizer::builtin();
+        let body = shared_prefix_chat(1, 400, 1);
+        let input = PromptInput::read(&body, Endpoint::Chat, Some(&tok), &mut Default::default(), None).unwrap();
+        input.hash(16, gantry_kvindex::hash::DEFAULT_SEED).hashes
+    };
+    let mut overlaps = reader.new_overlaps();
+    wait_until("the index to hold the first prompt", Duration::from_secs(10), || {
+        reader.overlaps(&hashes, &mut overlaps) >= 400 / 16
+    });
+    for tail in 1..6 {
+        let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(1, 400, tail));
+        assert_eq!(
+            r.header("x-gantry-engine"),
+            Some(holder.as_str()),
+            "request {tail} left the holder (overlap {:?})",
+            r.header("x-gantry-overlap-blocks")
+        );
+        let overlap: u32 = r.header("x-gantry-overlap-blocks").unwrap().parse().unwrap();
+        assert!(overlap >= 400 / 16, "request {tail}: overlap {overlap} blocks");
+    }
+    // Four long streams at once: the holder's load outweighs its cache, so they spread.
+    let mut stream_body = shared_prefix_chat(1, 400, 99);
+    stream_body["max_tokens"] = json!(40);
+    stream_body["stream"] = json!(true);
+    let engines: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let mut b = stream_body.clone();
+                b["messages"][1]["content"] = json!(format!("stream {i}"));
+                let addr = p.addr;
+                s.spawn(move || {
+                    let r = post(addr, "/v1/chat/completions", &b);
+                    assert_eq!(r.status, 200);
+                    r.header("x-gantry-engine").unwrap().to_owned()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let distinct: std::collections::HashSet<&String> = engines.iter().collect();
+    assert!(distinct.len() >= 2, "four concurrent streams all went to one engine: {engines:?}");
+    // Unloaded again, the prefix goes back to an engine that holds it.
+    let back = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(1, 400, 7));
+    let overlap: u32 = back.header("x-gantry-overlap-blocks").unwrap().parse().unwrap();
+    assert!(overlap >= 400 / 16, "after the burst: overlap {overlap}");
+    let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
+    assert!(metric(&text, "gantry_route_decisions_total{pool=\"agg-0\",outcome=\"overlap\"}") >= 6.0, "{text}");
+    assert!(metric(&text, "gantry_route_index_available{pool=\"agg-0\"}") == 1.0);
+    drop(m);
+}
+
+#[test]
+fn kv_beats_round_robin_on_the_engines_prefix_hit_rate() {
+    let run = |policy: PolicyKind| {
+        let (m, p) = kv_stack(&[], policy);
+        // 7 groups × 8 requests, interleaved; each shares a 320-token system prompt. (7, not a
+        // multiple of the 4 engines, so round robin does not pin each group by accident.)
+        for tail in 0..8 {
+            for group in 0..7 {
+                let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(group, 320, tail * 8 + group));
+                assert_eq!(r.status, 200);
+            }
+        }
+        let rate = prefix_hit_rate(&m);
+        drop(p);
+        rate
+    };
+    let kv = run(PolicyKind::Kv);
+    let rr = run(PolicyKind::RoundRobin);
+    eprintln!("engine prefix hit rate: kv {kv:.3}, round_robin {rr:.3}");
+    assert!(kv >= rr + 0.15, "kv {kv:.3} vs round_robin {rr:.3}");
+}
+
+#[test]
+fn bad_prompts_and_targets_get_a_400_naming_the_field() {
+    let (_m, p) = kv_stack(&[], PolicyKind::Kv);
+    let cases = [
+        (json!({"model": "mock-model", "messages": []}), "messages"),
+        (json!({"model": "mock-model", "prompt": [1, 2, 99_999_999]}), "prompt"),
+        (
+            json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "nvext": {"router": {"ttft_target": -5}}}),
+            "nvext",
+        ),
+        (
+            json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "extra_args": {"itl_target": "fast"}}),
+            "nvext",
+        ),
+    ];
+    for (body, param) in cases {
+        let path = if body.get("prompt").is_some() { "/v1/completions" } else { "/v1/chat/completions" };
+        let r = post(p.addr, path, &body);
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.json()["error"]["param"], json!(param), "{body}: {}", String::from_utf8_lossy(&r.body));
+    }
+}
+
+#[test]
+fn an_unavailable_index_degrades_the_pool_to_load_only_routing() {
+    let m = mock(&["--engines", "2"]);
+    let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
+    let p = proxy(&urls, "auto", |cfg| {
+        cfg.model[0].tokenizer = Some("builtin".into());
+        cfg.pool[0].policy = PolicyKind::Kv;
+        cfg.pool[0].index_path = Some("/proc/gantry-no-such-dir/index".into());
+    });
+    let r = post(p.addr, "/v1/chat/completions", &chat(2));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-gantry-overlap-blocks"), Some("0"));
+    let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
+    assert_eq!(metric(&text, "gantry_route_index_available{pool=\"agg-0\"}"), 0.0);
+    assert_eq!(metric(&text, "gantry_route_decisions_total{pool=\"agg-0\",outcome=\"load_only\"}"), 1.0);
+}
+
+#[test]
+fn the_global_router_grid_picks_the_pool_by_prompt_length() {
+    let m = mock(&["--engines", "2"]);
+    let dir = std::env::temp_dir().join(format!("gantry-grid-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let grid = json!({
+        "mode": "agg",
+        "num_agg_pools": 2,
+        "agg_pool_dynamo_namespaces": ["short", "long"],
+        "agg_pool_selection_strategy": {
+            "isl_min": 0, "isl_max": 200, "isl_resolution": 2,
+            "ttft_min_ms": 10, "ttft_max_ms": 1000, "ttft_resolution": 1,
+            "itl_min_ms": 5, "itl_max_ms": 100, "itl_resolution": 1,
+            "agg_pool_mapping": [[[0]], [[1]]]
+        }
+    });
+    let path = dir.join("global_router.json");
+    std::fs::write(&path, grid.to_string()).unwrap();
+    let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
+    let p = proxy(&urls[..1], "auto", |cfg| {
+        cfg.model[0].tokenizer = Some("builtin".into());
+        let mut long = cfg.pool[0].clone();
+        cfg.pool[0].name = "short".into();
+        long.name = "long".into();
+        long.engine[0].url = urls[1].clone();
+        cfg.pool.push(long);
+        cfg.server.global_router = Some(path.clone());
+    });
+    let short = post(p.addr, "/v1/chat/completions", &chat(1));
+    assert_eq!(short.header("x-gantry-pool"), Some("short"));
+    let long = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(0, 300, 0));
+    assert_eq!(long.header("x-gantry-pool"), Some("long"));
+    assert_eq!(long.header("x-gantry-engine"), Some(urls[1].as_str()));
+
+    // A config whose namespaces name no pool is refused at startup, naming the key.
+    std::fs::write(&path, grid.to_string().replace("\"long\"", "\"nowhere\"")).unwrap();
+    let mut cfg = Config::single_pool("mock-model", &urls);
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.pool[0].name = "short".into();
+    cfg.server.global_router = Some(path);
+    let err = serve::spawn(cfg, None).unwrap_err().to_string();
+    assert!(err.contains("agg_pool_dynamo_namespaces[1]") && err.contains("nowhere"), "{err}");
+}
