@@ -143,6 +143,10 @@ struct KvPlan {
 /// What the relay needs to know about the routing of a request.
 struct Routed<'a> {
     charge: &'a Charge<'a>,
+    /// When the request arrived.
+    started: Instant,
+    /// The chosen engine's overlap (`kv` only; the `x-gantry-overlap-blocks` header).
+    overlap: Option<u32>,
     /// Prompt tokens the router expected the engine to hold (`kv` only).
     predicted_cached: Option<u64>,
     targets: &'a Targets,
@@ -598,8 +602,8 @@ impl Proxy {
                         self.count_decision(pool, plan, idx);
                         (u64::from(plan.candidates[idx].overlap_blocks) * u64::from(pool.block_size)).min(plan.tokens)
                     });
-                    let routed = Routed { charge: &charge, predicted_cached, targets };
-                    self.relay(conn, head, resp, pool, engine, started, overlap, &routed).await;
+                    let routed = Routed { charge: &charge, started, overlap, predicted_cached, targets };
+                    self.relay(conn, head, resp, pool, engine, &routed).await;
                     drop(charge);
                     return Ok(());
                 }
@@ -697,11 +701,10 @@ impl Proxy {
         resp: &mut Responder,
         pool: &Pool,
         engine: &EngineState,
-        started: Instant,
-        overlap: Option<u32>,
         routed: &Routed<'_>,
     ) {
-        let lines = Self::response_lines(&head, pool, engine, overlap);
+        let started = routed.started;
+        let lines = Self::response_lines(&head, pool, engine, routed.overlap);
         let chunked_or_close = head.headers().get("content-length").is_none();
         let is_sse = head.headers().get_str("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
         let idle = Duration::from_millis(self.conf.upstream.idle_timeout_ms);
