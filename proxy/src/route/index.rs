@@ -3,10 +3,14 @@
 //!
 //! The segment lives at `pool[].index_path` (default `/dev/shm/gantry-kvindex-<port>-<pool>`,
 //! so `gantry index inspect` can read it while the proxy runs). Engines are registered under
-//! their URL. The approximate tier is always on: engines without `kv_events` are routed on the
-//! proxy's own predictions (TTL [`APPROX_TTL_NO_EVENTS`]); engines with events get short-lived
-//! predictions ([`APPROX_TTL_EVENTS`]) that cover a burst of sibling requests arriving before
-//! the first stored event.
+//! their URL. The approximate tier is always on: engines without `kv_events` (or models without
+//! a tokenizer) are routed on the proxy's own predictions (TTL [`APPROX_TTL_NO_EVENTS`]);
+//! otherwise predictions are short-lived ([`APPROX_TTL_EVENTS`]) and cover a burst of sibling
+//! requests arriving before the first stored event.
+//!
+//! Not yet: engines added by a reload or the admin API after the pool's index started are routed
+//! on load alone (their events are not followed) until the proxy restarts; a pool whose index
+//! settings change on reload keeps routing on load alone until restart too.
 //!
 //! If the segment cannot be created (another writer holds its lock, `/dev/shm` is missing), the
 //! pool routes on load alone: the error is logged and `gantry_route_index_available{pool}` is 0.
@@ -49,15 +53,21 @@ impl std::fmt::Debug for PoolIndex {
 }
 
 impl PoolIndex {
-    /// Creates the segment of `pool` and starts following its engines' events.
-    pub fn start(pool: &PoolConf, path: PathBuf) -> Result<PoolIndex, String> {
+    /// Creates the segment of `pool` and starts following its engines' events. `tokenized`:
+    /// every model of the pool has a tokenizer (else its prompts hash as text, which only
+    /// predictions can match, so predictions keep the long TTL).
+    pub fn start(pool: &PoolConf, path: PathBuf, tokenized: bool) -> Result<PoolIndex, String> {
         let with_events = pool.engine.iter().filter(|e| e.kv_events.is_some()).count();
         let engine_slots = (pool.engine.len().max(1) * 2).next_power_of_two().clamp(64, 1024);
         let opts = IndexOptions {
             engine_slots,
             capacity: pool.index_capacity,
             approx_capacity: pool.index_capacity,
-            approx_ttl: if with_events == pool.engine.len() { APPROX_TTL_EVENTS } else { APPROX_TTL_NO_EVENTS },
+            approx_ttl: if tokenized && with_events == pool.engine.len() {
+                APPROX_TTL_EVENTS
+            } else {
+                APPROX_TTL_NO_EVENTS
+            },
             ..IndexOptions::default()
         };
         let mut writer = IndexWriter::create(&path, &opts).map_err(|e| format!("{}: {e}", path.display()))?;
