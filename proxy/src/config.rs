@@ -27,6 +27,7 @@
 //! | `model[].max_model_len` | none | longest prompt in tokens (longer: 400) |
 //! | `server.global_router` | none | Dynamo global-router JSON config: pool choice by grid (`--global-router-config`) |
 //! | `routing.engine_metrics_interval_ms` | 1000 | scrape of engines' `/metrics` for the `kv` cost (0: off) |
+//! | `routing.default_ttft_target_ms` / `default_itl_target_ms` | none | grid target for requests without one (Dynamo's `--default-ttft-target` / `--default-itl-target`; none: the grid's midpoint) |
 //! | `pool[].name` | — | pool name (`x-gantry-pool`) |
 //! | `pool[].role` | `agg` | `agg`, `prefill` or `decode` |
 //! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session`, `kv` |
@@ -207,11 +208,15 @@ impl Default for HealthConf {
 pub struct RoutingConf {
     /// Period of the engines' `/metrics` scrape, ms (0 = off).
     pub engine_metrics_interval_ms: u64,
+    /// Grid TTFT target for requests that give none, ms.
+    pub default_ttft_target_ms: Option<f64>,
+    /// Grid ITL target for requests that give none, ms.
+    pub default_itl_target_ms: Option<f64>,
 }
 
 impl Default for RoutingConf {
     fn default() -> Self {
-        RoutingConf { engine_metrics_interval_ms: 1_000 }
+        RoutingConf { engine_metrics_interval_ms: 1_000, default_ttft_target_ms: None, default_itl_target_ms: None }
     }
 }
 

@@ -254,7 +254,10 @@ impl Fleet {
             None => None,
             Some(path) => {
                 let key = |e: &dyn std::fmt::Display| format!("server.global_router ({}): {e}", path.display());
-                let g = GlobalRouterConfig::load(path).map_err(|e| key(&e))?;
+                let mut g = GlobalRouterConfig::load(path).map_err(|e| key(&e))?;
+                let r = &cfg.routing;
+                g.set_default_targets(r.default_ttft_target_ms, r.default_itl_target_ms)
+                    .map_err(|e| format!("routing.default_*_target_ms: {e}"))?;
                 if matches!(g.topology, Topology::Disagg { .. }) {
                     return Err(key(&"mode `disagg` needs prefill/decode pools, which arrive with P/D orchestration; use mode `agg`"));
                 }
