@@ -16,6 +16,7 @@ fn kv_stack(extra_mock: &[&str], policy: PolicyKind) -> (MockServer, ProxyServer
         cfg.model[0].tokenizer = Some("builtin".into());
         cfg.pool[0].policy = policy;
         cfg.pool[0].index_path = Some(dir.join("index"));
+        cfg.pool[0].index_capacity = 1 << 14;
         for (e, a) in cfg.pool[0].engine.iter_mut().zip(&m.engines) {
             e.kv_events.clone_from(&a.kv_events);
             e.kv_replay.clone_from(&a.kv_replay);
