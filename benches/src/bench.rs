@@ -586,3 +586,6 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
