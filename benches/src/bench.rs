@@ -196,7 +196,14 @@ pub struct SynthArgs {
 
 impl Default for SynthArgs {
     fn default() -> Self {
-        SynthArgs { isl: 128, osl: 32, isl_dist: LengthDist::Fixed, osl_dist: LengthDist::Fixed, prefix_groups: 0, prefix_len: 0 }
+        SynthArgs {
+            isl: 128,
+            osl: 32,
+            isl_dist: LengthDist::Fixed,
+            osl_dist: LengthDist::Fixed,
+            prefix_groups: 0,
+            prefix_len: 0,
+        }
     }
 }
 
@@ -416,13 +423,16 @@ pub fn run_workload(
             })
         })
         .collect::<Result<Vec<_>, BenchError>>()?;
-    let warmup_pacing = Pacing::Closed { concurrency: match pacing {
-        Pacing::Closed { concurrency } => concurrency,
-        _ => DEFAULT_CONCURRENCY,
-    } };
+    let warmup_pacing = Pacing::Closed {
+        concurrency: match pacing {
+            Pacing::Closed { concurrency } => concurrency,
+            _ => DEFAULT_CONCURRENCY,
+        },
+    };
     let progress = Progress::start(run.quiet, (total != u64::MAX).then_some(total * targets.len() as u64));
     let mut merged: Vec<Records> = targets.iter().map(|_| Records::default()).collect();
-    let mut deltas: Vec<Vec<scrape::Counters>> = targets.iter().map(|_| vec![scrape::Counters::default(); run.engine_metrics.len()]).collect();
+    let mut deltas: Vec<Vec<scrape::Counters>> =
+        targets.iter().map(|_| vec![scrape::Counters::default(); run.engine_metrics.len()]).collect();
     for (cfg, _) in configs.iter().zip(targets) {
         if run.warmup > 0 {
             let s = Slice { start: 0, end: run.warmup, duration: None };
@@ -458,7 +468,8 @@ pub fn run_workload(
         .zip(&merged)
         .zip(&deltas)
         .map(|((t, recs), d)| {
-            let engines: Vec<(String, scrape::Counters)> = run.engine_metrics.iter().cloned().zip(d.iter().copied()).collect();
+            let engines: Vec<(String, scrape::Counters)> =
+                run.engine_metrics.iter().cloned().zip(d.iter().copied()).collect();
             Summary::new(&t.name, &t.url, recs, &engines)
         })
         .collect();
@@ -509,7 +520,9 @@ fn pacing(workload: &Workload, run: &RunArgs, speed: f64) -> Result<Pacing, Benc
         return Ok(Pacing::Open { rate, poisson: run.arrival == Arrival::Poisson });
     }
     match workload {
-        Workload::Trace { .. } if !(speed > 0.0 && speed.is_finite()) => Err(flag("speed", "must be a positive number")),
+        Workload::Trace { .. } if !(speed > 0.0 && speed.is_finite()) => {
+            Err(flag("speed", "must be a positive number"))
+        }
         Workload::Trace { .. } => Ok(Pacing::Trace { speed }),
         Workload::Synthetic(_) => Ok(Pacing::Closed { concurrency: DEFAULT_CONCURRENCY }),
     }
@@ -564,8 +577,10 @@ impl Progress {
                     None => indicatif::ProgressBar::new_spinner(),
                 };
                 bar.set_style(
-                    indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} requests ({per_sec})")
-                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    indicatif::ProgressStyle::with_template(
+                        "{elapsed_precise} [{bar:40}] {pos}/{len} requests ({per_sec})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
                 );
                 while !stop.load(Ordering::Relaxed) {
                     bar.set_position(counter.load(Ordering::Relaxed));

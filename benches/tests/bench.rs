@@ -65,7 +65,8 @@ fn post(addr: SocketAddr, path: &str, body: &Value) -> Value {
 }
 
 fn tokenize_chat(addr: SocketAddr, content: &str) -> Vec<u64> {
-    let v = post(addr, "/tokenize", &json!({"model": "mock-model", "messages": [{"role": "user", "content": content}]}));
+    let v =
+        post(addr, "/tokenize", &json!({"model": "mock-model", "messages": [{"role": "user", "content": content}]}));
     v["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id")).collect()
 }
 
@@ -137,7 +138,8 @@ fn replay_preserves_the_trace_prefix_structure() {
         let completion = post(addr, "/tokenize", &json!({"model": "mock-model", "prompt": j.prompt}));
         assert_eq!(completion["count"], json!(j.input_tokens), "request {i}: one word is one token");
     }
-    let shared = |a: &TraceRecord, b: &TraceRecord| a.hash_ids.iter().zip(&b.hash_ids).take_while(|(x, y)| x == y).count();
+    let shared =
+        |a: &TraceRecord, b: &TraceRecord| a.hash_ids.iter().zip(&b.hash_ids).take_while(|(x, y)| x == y).count();
     let mut checked = 0;
     for a in 0..records.len() {
         for b in a + 1..records.len() {
@@ -322,12 +324,21 @@ fn bad_traces_name_the_file_and_line() {
     assert!(e.starts_with(&format!("{}:3: ", bad.display())), "{e}");
 
     let missing = dir.join("missing.jsonl");
-    let args = ReplayArgs { trace: missing.clone(), url: "http://127.0.0.1:9".into(), run: RunArgs::new("m"), trace_args: TraceArgs::default() };
+    let args = ReplayArgs {
+        trace: missing.clone(),
+        url: "http://127.0.0.1:9".into(),
+        run: RunArgs::new("m"),
+        trace_args: TraceArgs::default(),
+    };
     let e = bench::replay(&args).expect_err("missing file").to_string();
     assert!(e.contains(&missing.display().to_string()) && e.contains("reading trace"), "{e}");
 
     let csv = dir.join("bad.csv");
-    std::fs::write(&csv, "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,2\n2023-11-16 25:00:00,1,1\n").expect("write");
+    std::fs::write(
+        &csv,
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,2\n2023-11-16 25:00:00,1,1\n",
+    )
+    .expect("write");
     let e = trace::load(&csv, TraceFormat::Auto, None).expect_err("bad hour").to_string();
     assert!(e.contains("bad.csv:3: bad TIMESTAMP"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -72,7 +72,12 @@ impl Url {
             .map_err(|e| format!("`{url}`: cannot resolve {with_port}: {e}"))?
             .next()
             .ok_or_else(|| format!("`{url}`: {with_port} resolves to no address"))?;
-        Ok(Url { url: url.to_owned(), addr, authority: authority.to_owned(), prefix: path.trim_end_matches('/').into() })
+        Ok(Url {
+            url: url.to_owned(),
+            addr,
+            authority: authority.to_owned(),
+            prefix: path.trim_end_matches('/').into(),
+        })
     }
 
     /// The request path of `api` under this URL (a prefix ending in `/v1` is not doubled).

@@ -12,12 +12,19 @@ use plotters::style::FontStyle;
 use super::report::Summary;
 
 /// The plot files [`write_all`] makes.
-pub const PLOTS: [&str; 4] = ["ttft_cdf.png", "latency_over_time.png", "throughput_over_time.png", "requests_per_engine.png"];
+pub const PLOTS: [&str; 4] =
+    ["ttft_cdf.png", "latency_over_time.png", "throughput_over_time.png", "requests_per_engine.png"];
 
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
 const SIZE: (u32, u32) = (900, 520);
-const COLORS: [RGBColor; 6] =
-    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14), RGBColor(23, 190, 207)];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+];
 
 fn font_ready() -> Result<(), String> {
     static READY: OnceLock<bool> = OnceLock::new();
@@ -34,7 +41,14 @@ struct Line {
 }
 
 /// Draws `lines` on one chart into `path`.
-fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, lines: &[Line], y_max: Option<f64>) -> Result<(), String> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    lines: &[Line],
+    y_max: Option<f64>,
+) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
     let pts = || lines.iter().flat_map(|l| l.points.iter());
     let x_max = pts().map(|p| p.0).fold(0.0f64, f64::max);
@@ -43,7 +57,8 @@ fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, lines: &[Lin
     let y: Range<f64> = 0.0..if y_top > 0.0 { y_top } else { 1.0 };
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let caption = if lines.iter().all(|l| l.points.is_empty()) { format!("{title} (no data)") } else { title.to_owned() };
+    let caption =
+        if lines.iter().all(|l| l.points.is_empty()) { format!("{title} (no data)") } else { title.to_owned() };
     let mut chart = ChartBuilder::on(&root)
         .caption(caption, ("sans-serif", 22))
         .margin(14)
@@ -51,13 +66,7 @@ fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, lines: &[Lin
         .y_label_area_size(64)
         .build_cartesian_2d(x, y)
         .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).label_style(("sans-serif", 14)).draw().map_err(|e| err(&e))?;
     for (i, l) in lines.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
@@ -99,7 +108,8 @@ pub fn write_all(targets: &[Summary], dir: &Path) -> Result<(), String> {
             what.to_owned()
         }
     };
-    let cdfs: Vec<Line> = targets.iter().map(|s| Line { name: named(s, "TTFT"), points: cdf(&s.ttft_sorted_ms, 800) }).collect();
+    let cdfs: Vec<Line> =
+        targets.iter().map(|s| Line { name: named(s, "TTFT"), points: cdf(&s.ttft_sorted_ms, 800) }).collect();
     line_chart(&dir.join(PLOTS[0]), "TTFT CDF", "time to first token (ms)", "fraction of requests", &cdfs, Some(1.0))?;
     let mut lat = Vec::new();
     for s in targets {
@@ -114,7 +124,10 @@ pub fn write_all(targets: &[Summary], dir: &Path) -> Result<(), String> {
     line_chart(&dir.join(PLOTS[1]), "Latency over time", "time (s)", "ms", &lat, None)?;
     let tput: Vec<Line> = targets
         .iter()
-        .map(|s| Line { name: named(s, "completed req/s"), points: s.timeline.iter().map(|b| (b.t_s, b.rps)).collect() })
+        .map(|s| Line {
+            name: named(s, "completed req/s"),
+            points: s.timeline.iter().map(|b| (b.t_s, b.rps)).collect(),
+        })
         .collect();
     line_chart(&dir.join(PLOTS[2]), "Throughput over time", "time (s)", "requests per second", &tput, None)?;
     engine_bars(&dir.join(PLOTS[3]), targets)

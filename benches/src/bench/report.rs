@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::client::Records;
 use super::scrape::Counters;
-use super::stats::{bucket_width, timeline, Bucket, Dist};
+use super::stats::{bucket_width, timeline, Bucket, Completion, Dist};
 
 /// What one engine's `/metrics` counters moved by during the run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -98,7 +98,13 @@ impl Summary {
             lag.push((r.start_us - r.scheduled_us) as f64 / 1000.0);
             let e2e_ms = (r.end_us - r.start_us) as f64 / 1000.0;
             let ttft_ms = r.ttft_us.map(|t| (t - r.start_us) as f64 / 1000.0);
-            events.push((r.end_us as f64 / 1e6, r.error.is_none(), ttft_ms, e2e_ms, r.output_tokens));
+            events.push(Completion {
+                end_s: r.end_us as f64 / 1e6,
+                ok: r.error.is_none(),
+                ttft_ms,
+                e2e_ms,
+                output_tokens: r.output_tokens,
+            });
             match r.error {
                 Some(kind) => *by_kind.entry(kind.name()).or_default() += 1,
                 None => {
@@ -126,7 +132,8 @@ impl Summary {
                 prefix_hit_rate: (c.prefix_queries > 0.0).then(|| c.prefix_hits / c.prefix_queries),
             })
             .collect();
-        let (hits, queries) = engines.iter().fold((0.0, 0.0), |(h, q), (_, c)| (h + c.prefix_hits, q + c.prefix_queries));
+        let (hits, queries) =
+            engines.iter().fold((0.0, 0.0), |(h, q), (_, c)| (h + c.prefix_hits, q + c.prefix_queries));
         let mut itl = recs.itl_ms.clone();
         let ttft_ms = Dist::of(&mut ttft);
         Summary {
@@ -179,6 +186,11 @@ pub struct Report {
     /// Every other target against the first.
     pub ratios: Vec<Ratio>,
 }
+
+/// A table row: its label and how to read its figure from a summary.
+type Row<T> = (&'static str, fn(&Summary) -> T);
+/// A percentile row: its label and how to read it from a distribution.
+type Pct = (&'static str, fn(&Dist) -> f64);
 
 /// The figures compared between targets: `(key, value)`.
 fn compared(s: &Summary) -> Vec<(&'static str, f64)> {
@@ -241,7 +253,8 @@ impl Report {
     pub fn to_markdown(&self) -> String {
         let mut md = String::from("# gantry bench\n\n");
         let mode = self.run.get("mode").and_then(Value::as_str).unwrap_or("");
-        let _ = writeln!(md, "Mode `{mode}`, model `{}`.\n", self.run.get("model").and_then(Value::as_str).unwrap_or(""));
+        let _ =
+            writeln!(md, "Mode `{mode}`, model `{}`.\n", self.run.get("model").and_then(Value::as_str).unwrap_or(""));
         md.push_str("| figure |");
         for t in &self.targets {
             let _ = write!(md, " {} |", t.target);
@@ -249,7 +262,7 @@ impl Report {
         md.push_str("\n|---|");
         md.push_str(&"---:|".repeat(self.targets.len()));
         md.push('\n');
-        let count_rows: [(&str, fn(&Summary) -> f64); 5] = [
+        let count_rows: [Row<f64>; 5] = [
             ("requests sent", |s| s.sent as f64),
             ("completed", |s| s.completed as f64),
             ("failed", |s| s.failed as f64),
@@ -260,14 +273,12 @@ impl Report {
             self.row(&mut md, name, f, false);
         }
         self.row(&mut md, "output tokens/s", |s| s.output_tokens_per_s, true);
-        let dists: [(&str, fn(&Summary) -> &Dist); 3] =
-            [("TTFT", |s| &s.ttft_ms), ("ITL", |s| &s.itl_ms), ("e2e", |s| &s.e2e_ms)];
+        let dists: [Row<Dist>; 3] = [("TTFT", |s| s.ttft_ms), ("ITL", |s| s.itl_ms), ("e2e", |s| s.e2e_ms)];
         for (name, d) in dists {
-            let pcts: [(&str, fn(&Dist) -> f64); 4] =
-                [("p50", |d| d.p50), ("p90", |d| d.p90), ("p99", |d| d.p99), ("mean", |d| d.mean)];
+            let pcts: [Pct; 4] = [("p50", |d| d.p50), ("p90", |d| d.p90), ("p99", |d| d.p99), ("mean", |d| d.mean)];
             for (p, f) in pcts {
                 let label = format!("{name} {p} (ms)");
-                self.row_owned(&mut md, &label, |s| f(d(s)), true);
+                self.row_owned(&mut md, &label, |s| f(&d(s)), true);
             }
         }
         if self.targets.iter().any(|t| t.prefix_hit_rate.is_some()) {
@@ -296,7 +307,13 @@ impl Report {
         let base = f(&self.targets[0]);
         for (i, t) in self.targets.iter().enumerate() {
             let v = f(t);
-            let shown = if v.is_nan() { "–".to_owned() } else if v.fract() == 0.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+            let shown = if v.is_nan() {
+                "–".to_owned()
+            } else if v.fract() == 0.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            };
             if ratio && i > 0 && base != 0.0 && !v.is_nan() {
                 let _ = write!(md, " {shown} ({:.2}×) |", v / base);
             } else {

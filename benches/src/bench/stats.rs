@@ -68,35 +68,57 @@ pub struct Bucket {
     pub e2e_p50_ms: f64,
 }
 
-/// Buckets `(end_s, ok, ttft_ms, e2e_ms, output_tokens)` per completion into intervals of
-/// `width_s` seconds covering `0..duration_s`.
-pub fn timeline(events: &[(f64, bool, Option<f64>, f64, u32)], duration_s: f64, width_s: f64) -> Vec<Bucket> {
+/// One finished request, as the timeline sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Completion {
+    /// When it ended, seconds from the run start.
+    pub end_s: f64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Its TTFT, ms (streaming only).
+    pub ttft_ms: Option<f64>,
+    /// Its end-to-end latency, ms.
+    pub e2e_ms: f64,
+    /// Tokens it generated.
+    pub output_tokens: u32,
+}
+
+#[derive(Default, Clone)]
+struct Acc {
+    ttft: Vec<f64>,
+    e2e: Vec<f64>,
+    ok: u64,
+    failed: u64,
+    tokens: u64,
+}
+
+/// Buckets completions by end time into intervals of `width_s` seconds covering
+/// `0..duration_s` (later ones land in the last interval).
+pub fn timeline(events: &[Completion], duration_s: f64, width_s: f64) -> Vec<Bucket> {
     let n = ((duration_s / width_s).ceil() as usize).max(1);
-    let mut groups: Vec<(Vec<f64>, Vec<f64>, u64, u64, u64)> = vec![Default::default(); n];
-    for &(end, ok, ttft, e2e, out) in events {
-        let g = &mut groups[((end / width_s) as usize).min(n - 1)];
-        if ok {
-            g.2 += 1;
-            g.4 += u64::from(out);
-            g.1.push(e2e);
-            if let Some(t) = ttft {
-                g.0.push(t);
-            }
+    let mut groups = vec![Acc::default(); n];
+    for e in events {
+        let g = &mut groups[((e.end_s / width_s) as usize).min(n - 1)];
+        if e.ok {
+            g.ok += 1;
+            g.tokens += u64::from(e.output_tokens);
+            g.e2e.push(e.e2e_ms);
+            g.ttft.extend(e.ttft_ms);
         } else {
-            g.3 += 1;
+            g.failed += 1;
         }
     }
     groups
         .into_iter()
         .enumerate()
-        .map(|(i, (mut ttft, mut e2e, ok, failed, out))| Bucket {
+        .map(|(i, mut g)| Bucket {
             t_s: i as f64 * width_s,
-            completed: ok,
-            failed,
-            rps: ok as f64 / width_s,
-            output_tokens_per_s: out as f64 / width_s,
-            ttft_p50_ms: Dist::of(&mut ttft).p50,
-            e2e_p50_ms: Dist::of(&mut e2e).p50,
+            completed: g.ok,
+            failed: g.failed,
+            rps: g.ok as f64 / width_s,
+            output_tokens_per_s: g.tokens as f64 / width_s,
+            ttft_p50_ms: Dist::of(&mut g.ttft).p50,
+            e2e_p50_ms: Dist::of(&mut g.e2e).p50,
         })
         .collect()
 }

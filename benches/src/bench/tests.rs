@@ -2,7 +2,7 @@
 
 use super::client::{completion_tokens, is_token_event, Api, Url};
 use super::scrape;
-use super::stats::{percentile, timeline, Dist};
+use super::stats::{percentile, timeline, Completion, Dist};
 use super::trace::{parse_datetime_ms, parse_mooncake, TraceRecord};
 use super::workload::{LengthDist, Synthetic, TraceScale};
 
@@ -20,7 +20,8 @@ fn percentiles_interpolate_between_order_statistics() {
 
 #[test]
 fn timeline_buckets_by_completion_time() {
-    let ev = [(0.5, true, Some(10.0), 20.0, 4), (1.5, true, None, 30.0, 2), (1.7, false, None, 1.0, 0)];
+    let c = |end_s, ok, ttft_ms, e2e_ms, output_tokens| Completion { end_s, ok, ttft_ms, e2e_ms, output_tokens };
+    let ev = [c(0.5, true, Some(10.0), 20.0, 4), c(1.5, true, None, 30.0, 2), c(1.7, false, None, 1.0, 0)];
     let b = timeline(&ev, 2.0, 1.0);
     assert_eq!(b.len(), 2);
     assert_eq!((b[0].completed, b[0].failed, b[0].ttft_p50_ms), (1, 0, 10.0));
@@ -58,7 +59,8 @@ fn metrics_counters_sum_over_label_sets() {
 
 #[test]
 fn mooncake_lines_and_timestamps_parse() {
-    let r = parse_mooncake("{\"timestamp\":5,\"input_length\":3,\"output_length\":0,\"hash_ids\":[1]}\n", 10).expect("ok");
+    let r =
+        parse_mooncake("{\"timestamp\":5,\"input_length\":3,\"output_length\":0,\"hash_ids\":[1]}\n", 10).expect("ok");
     assert_eq!((r[0].timestamp_ms, r[0].output_length), (5.0, 1));
     assert_eq!(parse_mooncake("{\"timestamp\":-1,\"input_length\":3,\"output_length\":1}", 10).unwrap_err().0, 1);
     assert_eq!(parse_datetime_ms("1970-01-02 00:00:01.5"), Some(86_401_500.0));
@@ -82,7 +84,11 @@ fn synthetic_prompts_have_the_asked_shape() {
         assert_eq!(tok.encode(&j.prompt, false).expect("encodes").len(), 50);
         assert!((3..=10).contains(&j.max_tokens), "{}", j.max_tokens);
     }
-    let (ta, tb, tc) = (tok.encode(&a.prompt, false).unwrap(), tok.encode(&b.prompt, false).unwrap(), tok.encode(&c.prompt, false).unwrap());
+    let (ta, tb, tc) = (
+        tok.encode(&a.prompt, false).unwrap(),
+        tok.encode(&b.prompt, false).unwrap(),
+        tok.encode(&c.prompt, false).unwrap(),
+    );
     let common = |x: &[u32], y: &[u32]| x.iter().zip(y).take_while(|(p, q)| p == q).count();
     assert!((20..22).contains(&common(&ta, &tb)), "same group shares the 20-token prefix");
     assert!(common(&ta, &tc) < 2, "other groups do not");

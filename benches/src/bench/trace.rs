@@ -148,9 +148,8 @@ pub fn parse_azure(text: &str, limit: usize) -> Result<Vec<TraceRecord>, (usize,
         let [ts, ctx, gen] = f[..] else {
             return Err((n + 1, format!("expected 3 comma-separated fields, found {}", f.len())));
         };
-        let timestamp_ms = parse_datetime_ms(ts).ok_or_else(|| {
-            (n + 1, format!("bad TIMESTAMP `{ts}` (expected YYYY-MM-DD HH:MM:SS[.fraction])"))
-        })?;
+        let timestamp_ms = parse_datetime_ms(ts)
+            .ok_or_else(|| (n + 1, format!("bad TIMESTAMP `{ts}` (expected YYYY-MM-DD HH:MM:SS[.fraction])")))?;
         let num = |s: &str, what: &str| s.parse::<u32>().map_err(|_| (n + 1, format!("bad {what} `{s}`")));
         let input_length = num(ctx, "ContextTokens")?.max(1);
         let output_length = num(gen, "GeneratedTokens")?.max(1);
