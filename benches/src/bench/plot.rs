@@ -55,7 +55,8 @@ fn line_chart(
     let y_top = y_max.unwrap_or_else(|| pts().map(|p| p.1).fold(0.0f64, f64::max) * 1.1);
     let x: Range<f64> = 0.0..if x_max > 0.0 { x_max * 1.02 } else { 1.0 };
     let y: Range<f64> = 0.0..if y_top > 0.0 { y_top } else { 1.0 };
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    let mut buf = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let caption =
         if lines.iter().all(|l| l.points.is_empty()) { format!("{title} (no data)") } else { title.to_owned() };
@@ -83,7 +84,21 @@ fn line_chart(
         .border_style(BLACK)
         .draw()
         .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
+    root.present().map_err(|e| err(&e))?;
+    drop(chart);
+    drop(root);
+    save_png(path, &buf)
+}
+
+/// Writes an RGB buffer of [`SIZE`] as a PNG with the best compression (plots are mostly flat
+/// colour, so they come out at tens of KB).
+fn save_png(path: &Path, rgb: &[u8]) -> Result<(), String> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let file = std::fs::File::create(path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    PngEncoder::new_with_quality(std::io::BufWriter::new(file), CompressionType::Best, FilterType::Adaptive)
+        .write_image(rgb, SIZE.0, SIZE.1, image::ColorType::Rgb8)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// At most ~`n` evenly spaced points of a sorted sample as an empirical CDF.
@@ -150,7 +165,8 @@ fn engine_bars(path: &Path, targets: &[Summary]) -> Result<(), String> {
     names.sort();
     names.dedup();
     let y_max = per_target.iter().flatten().map(|(_, v)| *v).fold(0.0f64, f64::max).max(1.0) * 1.15;
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    let mut buf = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let title = if names.is_empty() { "Requests per engine (no engine data)" } else { "Requests per engine" };
     let slots = names.len().max(1) as f64;
@@ -175,6 +191,8 @@ fn engine_bars(path: &Path, targets: &[Summary]) -> Result<(), String> {
         .x_labels(names.len() * 2 + 1)
         .x_label_formatter(&short)
         .y_desc("requests")
+        .max_light_lines(0)
+        .bold_line_style(RGBColor(225, 225, 225))
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| err(&e))?;
@@ -201,5 +219,8 @@ fn engine_bars(path: &Path, targets: &[Summary]) -> Result<(), String> {
             .draw()
             .map_err(|e| err(&e))?;
     }
-    root.present().map_err(|e| err(&e))
+    root.present().map_err(|e| err(&e))?;
+    drop(chart);
+    drop(root);
+    save_png(path, &buf)
 }
