@@ -460,7 +460,8 @@ pub fn run_workload(
                 d.prefix_queries += x.prefix_queries;
                 d.requests += x.requests;
             }
-            append(&mut merged[t], recs);
+            let offset = merged[t].wall.as_micros() as u64;
+            merged[t].append(recs, offset);
         }
     }
     progress.finish();
@@ -527,35 +528,6 @@ fn pacing(workload: &Workload, run: &RunArgs, speed: f64) -> Result<Pacing, Benc
         Workload::Trace { .. } => Ok(Pacing::Trace { speed }),
         Workload::Synthetic(_) => Ok(Pacing::Closed { concurrency: DEFAULT_CONCURRENCY }),
     }
-}
-
-/// Appends `more` (a later slice) to `acc`, shifting its times past `acc`'s wall time.
-fn append(acc: &mut Records, more: Records) {
-    let offset = acc.wall.as_micros() as u64;
-    let remap: Vec<u16> = more
-        .engines
-        .iter()
-        .map(|name| match acc.engines.iter().position(|n| n == name) {
-            Some(i) => i as u16,
-            None => {
-                acc.engines.push(name.clone());
-                (acc.engines.len() - 1) as u16
-            }
-        })
-        .collect();
-    acc.records.extend(more.records.into_iter().map(|mut r| {
-        r.scheduled_us += offset;
-        r.start_us += offset;
-        r.end_us += offset;
-        r.ttft_us = r.ttft_us.map(|t| t + offset);
-        r.engine = r.engine.map(|e| remap[usize::from(e)]);
-        r
-    }));
-    acc.itl_ms.extend(more.itl_ms);
-    for (k, v) in more.error_samples {
-        acc.error_samples.entry(k).or_insert(v);
-    }
-    acc.wall += more.wall;
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal or with `--quiet`), fed by a

@@ -163,6 +163,37 @@ pub struct Records {
     pub wall: Duration,
 }
 
+impl Records {
+    /// Adds `more`'s records, shifting their times by `offset_us` and their engine indices
+    /// into this table; adds its wall time.
+    pub fn append(&mut self, more: Records, offset_us: u64) {
+        let remap: Vec<u16> = more
+            .engines
+            .iter()
+            .map(|name| match self.engines.iter().position(|n| n == name) {
+                Some(i) => i as u16,
+                None => {
+                    self.engines.push(name.clone());
+                    (self.engines.len() - 1) as u16
+                }
+            })
+            .collect();
+        self.records.extend(more.records.into_iter().map(|mut r| {
+            r.scheduled_us += offset_us;
+            r.start_us += offset_us;
+            r.end_us += offset_us;
+            r.ttft_us = r.ttft_us.map(|t| t + offset_us);
+            r.engine = r.engine.map(|e| remap[usize::from(e)]);
+            r
+        }));
+        self.itl_ms.extend(more.itl_ms);
+        for (k, v) in more.error_samples {
+            self.error_samples.entry(k).or_insert(v);
+        }
+        self.wall += more.wall;
+    }
+}
+
 /// How requests are paced.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -329,26 +360,15 @@ pub fn drive(
         .collect::<Result<_, _>>()?;
     let mut out = Records::default();
     for h in handles {
-        let local = h.join().map_err(|_| std::io::Error::other("a generator thread panicked"))??;
-        let remap: Vec<u16> = local
-            .engines
-            .into_iter()
-            .map(|name| match out.engines.iter().position(|n| *n == name) {
-                Some(i) => i as u16,
-                None => {
-                    out.engines.push(name);
-                    (out.engines.len() - 1) as u16
-                }
-            })
-            .collect();
-        out.records.extend(local.records.into_iter().map(|mut r| {
-            r.engine = r.engine.map(|e| remap[usize::from(e)]);
-            r
-        }));
-        out.itl_ms.extend(local.itl_ms);
-        for (k, v) in local.errors {
-            out.error_samples.entry(k).or_insert(v);
-        }
+        let t = h.join().map_err(|_| std::io::Error::other("a generator thread panicked"))??;
+        let part = Records {
+            records: t.records,
+            itl_ms: t.itl_ms,
+            engines: t.engines,
+            error_samples: t.errors,
+            wall: Duration::ZERO,
+        };
+        out.append(part, 0);
     }
     out.wall = shared.start.elapsed();
     Ok(out)

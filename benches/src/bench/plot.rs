@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -55,38 +56,55 @@ fn line_chart(
     let y_top = y_max.unwrap_or_else(|| pts().map(|p| p.1).fold(0.0f64, f64::max) * 1.1);
     let x: Range<f64> = 0.0..if x_max > 0.0 { x_max * 1.02 } else { 1.0 };
     let y: Range<f64> = 0.0..if y_top > 0.0 { y_top } else { 1.0 };
-    let mut buf = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
-    let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let caption =
-        if lines.iter().all(|l| l.points.is_empty()) { format!("{title} (no data)") } else { title.to_owned() };
-    let mut chart = ChartBuilder::on(&root)
-        .caption(caption, ("sans-serif", 22))
-        .margin(14)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(x, y)
-        .map_err(|e| err(&e))?;
-    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).label_style(("sans-serif", 14)).draw().map_err(|e| err(&e))?;
-    for (i, l) in lines.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+    render(path, |root| {
+        let caption =
+            if lines.iter().all(|l| l.points.is_empty()) { format!("{title} (no data)") } else { title.to_owned() };
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x, y)
+            .map_err(|e| err(&e))?;
         chart
-            .draw_series(LineSeries::new(l.points.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(l.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, l) in lines.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            chart
+                .draw_series(LineSeries::new(l.points.iter().copied(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(l.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))
+    })
+}
+
+/// Draws into a white [`SIZE`] bitmap with `draw`, then writes it to `path` as a PNG.
+fn render(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        draw(&root)?;
+        root.present().map_err(|e| err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    drop(chart);
-    drop(root);
     save_png(path, &buf)
 }
 
@@ -165,62 +183,58 @@ fn engine_bars(path: &Path, targets: &[Summary]) -> Result<(), String> {
     names.sort();
     names.dedup();
     let y_max = per_target.iter().flatten().map(|(_, v)| *v).fold(0.0f64, f64::max).max(1.0) * 1.15;
-    let mut buf = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
-    let root = BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let title = if names.is_empty() { "Requests per engine (no engine data)" } else { "Requests per engine" };
-    let slots = names.len().max(1) as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(14)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0.0..slots, 0.0..y_max)
-        .map_err(|e| err(&e))?;
-    let label_names = names.clone();
-    let short = move |x: &f64| {
-        let i = x.floor() as usize;
-        if (x - x.floor() - 0.5).abs() > 0.01 {
-            return String::new();
-        }
-        label_names.get(i).map(|n| n.rsplit('/').next().unwrap_or(n).to_owned()).unwrap_or_default()
-    };
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(names.len() * 2 + 1)
-        .x_label_formatter(&short)
-        .y_desc("requests")
-        .max_light_lines(0)
-        .bold_line_style(RGBColor(225, 225, 225))
-        .label_style(("sans-serif", 14))
-        .draw()
-        .map_err(|e| err(&e))?;
-    let width = 0.8 / targets.len().max(1) as f64;
-    for (t, rows) in per_target.iter().enumerate() {
-        let color = COLORS[t % COLORS.len()];
-        let bars = rows.iter().filter_map(|(n, v)| {
-            let i = names.iter().position(|m| m == n)? as f64;
-            let x0 = i + 0.1 + width * t as f64;
-            Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.95, *v)], color.filled()))
-        });
+    render(path, |root| {
+        let title = if names.is_empty() { "Requests per engine (no engine data)" } else { "Requests per engine" };
+        let slots = names.len().max(1) as f64;
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..slots, 0.0..y_max)
+            .map_err(|e| err(&e))?;
+        let label_names = names.clone();
+        let short = move |x: &f64| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() > 0.01 {
+                return String::new();
+            }
+            label_names.get(i).map(|n| n.rsplit('/').next().unwrap_or(n).to_owned()).unwrap_or_default()
+        };
         chart
-            .draw_series(bars)
-            .map_err(|e| err(&e))?
-            .label(targets[t].target.clone())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-    }
-    if targets.len() > 1 {
-        chart
-            .configure_series_labels()
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(names.len() * 2 + 1)
+            .x_label_formatter(&short)
+            .y_desc("requests")
+            .max_light_lines(0)
+            .bold_line_style(RGBColor(225, 225, 225))
+            .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| err(&e))?;
-    }
-    root.present().map_err(|e| err(&e))?;
-    drop(chart);
-    drop(root);
-    save_png(path, &buf)
+        let width = 0.8 / targets.len().max(1) as f64;
+        for (t, rows) in per_target.iter().enumerate() {
+            let color = COLORS[t % COLORS.len()];
+            let bars = rows.iter().filter_map(|(n, v)| {
+                let i = names.iter().position(|m| m == n)? as f64;
+                let x0 = i + 0.1 + width * t as f64;
+                Some(Rectangle::new([(x0, 0.0), (x0 + width * 0.95, *v)], color.filled()))
+            });
+            chart
+                .draw_series(bars)
+                .map_err(|e| err(&e))?
+                .label(targets[t].target.clone())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        }
+        if targets.len() > 1 {
+            chart
+                .configure_series_labels()
+                .label_font(("sans-serif", 14))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+        Ok(())
+    })
 }
