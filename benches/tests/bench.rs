@@ -356,3 +356,24 @@ fn azure_csv_gives_arrival_times_and_lengths() {
     let limited = trace::load(&data("azure_small.csv"), TraceFormat::Azure, Some(2)).expect("parses");
     assert_eq!(limited.len(), 2);
 }
+
+/// Through `gantry serve` (round robin over two engines): requests per engine from the
+/// `x-gantry-engine` header agree with the engines' own counters.
+#[test]
+fn through_the_proxy_requests_are_counted_per_engine() {
+    let m = mock(&["--engines", "2"]);
+    let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
+    let mut cfg = gantry_proxy::config::Config::single_pool("mock-model", &urls);
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.server.workers = 1;
+    cfg.health.interval_ms = 0;
+    let proxy = gantry_proxy::serve::spawn(cfg, None).expect("proxy starts");
+    let run = RunArgs { engine_metrics: urls.clone(), ..run_args(20, 1) };
+    let r = load(&format!("http://{}", proxy.addr), run, SynthArgs { isl: 16, osl: 2, ..SynthArgs::default() });
+    let s = r.summary();
+    assert_eq!(s.completed, 20, "{:?}", s.error_samples);
+    let counts: Vec<u64> = s.requests_per_engine.values().copied().collect();
+    assert_eq!(counts, vec![10, 10], "{:?}", s.requests_per_engine);
+    let scraped: f64 = s.engine_metrics.iter().map(|e| e.requests).sum();
+    assert_eq!(scraped, 20.0);
+}
