@@ -145,6 +145,10 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Set it to stop sending (the CLI sets it on Ctrl-C); in-flight requests finish and the
+    /// report is still written.
+    #[arg(skip)]
+    pub stop: client::StopFlag,
 }
 
 impl RunArgs {
@@ -168,6 +172,7 @@ impl RunArgs {
             report: None,
             seed: 0,
             quiet: true,
+            stop: client::StopFlag::default(),
         }
     }
 }
@@ -305,9 +310,20 @@ impl Target {
     }
 }
 
-/// Runs a subcommand, prints its table, writes the report if asked.
+/// Runs a subcommand, prints its table, writes the report if asked. The first Ctrl-C stops
+/// sending (what is in flight finishes and is reported); a second one exits at once.
 pub fn run(cmd: &BenchCommand) -> Result<Report, BenchError> {
-    let report = match cmd {
+    let mut cmd = cmd.clone();
+    let run = match &mut cmd {
+        BenchCommand::Load(a) => &mut a.run,
+        BenchCommand::Replay(a) => &mut a.run,
+        BenchCommand::Compare(a) => &mut a.run,
+    };
+    let stop = run.stop.clone();
+    let sigint = signal_hook::consts::SIGINT;
+    signal_hook::flag::register_conditional_shutdown(sigint, 130, stop.clone())?;
+    signal_hook::flag::register(sigint, stop)?;
+    let report = match &cmd {
         BenchCommand::Load(a) => load(a)?,
         BenchCommand::Replay(a) => replay(a)?,
         BenchCommand::Compare(a) => compare(a)?,
@@ -434,10 +450,10 @@ pub fn run_workload(
     let mut merged: Vec<Records> = targets.iter().map(|_| Records::default()).collect();
     let mut deltas: Vec<Vec<scrape::Counters>> =
         targets.iter().map(|_| vec![scrape::Counters::default(); run.engine_metrics.len()]).collect();
-    for (cfg, _) in configs.iter().zip(targets) {
+    for cfg in &configs {
         if run.warmup > 0 {
             let s = Slice { start: 0, end: run.warmup, duration: None };
-            client::drive(cfg, None, warmup_pacing, s, Arc::new(AtomicU64::new(0)))?;
+            client::drive(cfg, None, warmup_pacing, s, Arc::new(AtomicU64::new(0)), run.stop.clone())?;
         }
     }
     for r in 0..rounds {
@@ -450,9 +466,12 @@ pub fn run_workload(
             continue;
         }
         for (t, cfg) in configs.iter().enumerate() {
+            if run.stop.load(Ordering::Relaxed) {
+                break;
+            }
             let before = scrape::scrape_all(&run.engine_metrics).map_err(BenchError::Metrics)?;
             let slice = Slice { start: lo, end: hi, duration: slice_duration };
-            let recs = client::drive(cfg, Some(workload), pacing, slice, progress.counter.clone())?;
+            let recs = client::drive(cfg, Some(workload), pacing, slice, progress.counter.clone(), run.stop.clone())?;
             let after = scrape::scrape_all(&run.engine_metrics).map_err(BenchError::Metrics)?;
             for (d, (a, b)) in deltas[t].iter_mut().zip(after.iter().zip(&before)) {
                 let x = a.since(b);

@@ -249,6 +249,9 @@ pub struct Slice {
     pub duration: Option<Duration>,
 }
 
+/// Set to stop sending new requests (Ctrl-C); those in flight still finish and are reported.
+pub type StopFlag = Arc<std::sync::atomic::AtomicBool>;
+
 struct Shared {
     cfg: DriveConfig,
     path: String,
@@ -259,6 +262,7 @@ struct Shared {
     slice: Slice,
     next: AtomicU64,
     progress: Arc<AtomicU64>,
+    stop: StopFlag,
     start: Instant,
 }
 
@@ -271,7 +275,7 @@ impl Shared {
     }
 
     fn expired(&self) -> bool {
-        self.slice.duration.is_some_and(|d| self.start.elapsed() >= d)
+        self.stop.load(Ordering::Relaxed) || self.slice.duration.is_some_and(|d| self.start.elapsed() >= d)
     }
 
     fn us(&self, t: Instant) -> u64 {
@@ -328,13 +332,15 @@ impl Local {
 }
 
 /// Runs `slice` of `workload` (or warm-up requests when `None`) against `cfg.url`, paced by
-/// `pacing`; counts finished requests into `progress`. Fails only if a runtime cannot start.
+/// `pacing`; counts finished requests into `progress`; sends nothing new once `stop` is set.
+/// Fails only if a runtime cannot start.
 pub fn drive(
     cfg: &DriveConfig,
     workload: Option<&Workload>,
     pacing: Pacing,
     slice: Slice,
     progress: Arc<AtomicU64>,
+    stop: StopFlag,
 ) -> std::io::Result<Records> {
     let threads = cfg.threads.max(1);
     let shared = Arc::new(Shared {
@@ -347,6 +353,7 @@ pub fn drive(
         slice,
         next: AtomicU64::new(slice.start),
         progress,
+        stop,
         start: Instant::now(),
     });
     let handles: Vec<_> = (0..threads)
@@ -437,9 +444,16 @@ async fn open_loop(sh: &Arc<Shared>, local: &Rc<Local>, t: usize, threads: usize
         if sh.slice.duration.is_some_and(|d| due >= d) {
             break;
         }
-        let wait = due.saturating_sub(sh.start.elapsed());
-        if !wait.is_zero() {
-            monoio::time::sleep(wait).await;
+        // Sleep in short steps so a stop is seen during long gaps in a trace.
+        loop {
+            let wait = due.saturating_sub(sh.start.elapsed());
+            if wait.is_zero() || sh.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            monoio::time::sleep(wait.min(Duration::from_millis(100))).await;
+        }
+        if sh.stop.load(Ordering::Relaxed) {
+            break;
         }
         let (sh2, local2) = (sh.clone(), local.clone());
         let scheduled = sh.start + due;
