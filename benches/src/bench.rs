@@ -12,7 +12,8 @@
 //! turn (A, B, A, B, …), so drift over time hits every target alike; ratios are against the first.
 //!
 //! Library entry points: [`load`], [`replay`], [`compare`] (each returns the [`Report`]), and
-//! [`run_workload`] underneath them. Read `benches/tests/bench.rs` first.
+//! [`run_workload`] underneath them (build its workload with [`trace_workload`] or
+//! [`synthetic`]). Read `benches/tests/bench.rs` first.
 
 pub mod client;
 pub mod plot;
@@ -337,7 +338,8 @@ pub fn run(cmd: &BenchCommand) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-fn synthetic(s: &SynthArgs, seed: u64) -> Workload {
+/// The synthetic workload these flags describe.
+pub fn synthetic(s: &SynthArgs, seed: u64) -> Workload {
     Workload::Synthetic(Synthetic {
         isl: s.isl,
         osl: s.osl,
@@ -349,7 +351,9 @@ fn synthetic(s: &SynthArgs, seed: u64) -> Workload {
     })
 }
 
-fn trace_workload(path: &std::path::Path, t: &TraceArgs) -> Result<Workload, BenchError> {
+/// Reads a trace into a workload (checks `--token-scale` and `--block-tokens`, applies
+/// `--max-requests`).
+pub fn trace_workload(path: &std::path::Path, t: &TraceArgs) -> Result<Workload, BenchError> {
     if !(t.token_scale > 0.0 && t.token_scale.is_finite()) {
         return Err(flag("token-scale", "must be a positive number"));
     }
