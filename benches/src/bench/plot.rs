@@ -70,6 +70,8 @@ fn line_chart(
             .configure_mesh()
             .x_desc(x_desc)
             .y_desc(y_desc)
+            .light_line_style(WHITE)
+            .bold_line_style(RGBColor(225, 225, 225))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| err(&e))?;
@@ -207,7 +209,7 @@ fn engine_bars(path: &Path, targets: &[Summary]) -> Result<(), String> {
             .x_labels(names.len() * 2 + 1)
             .x_label_formatter(&short)
             .y_desc("requests")
-            .max_light_lines(0)
+            .light_line_style(WHITE)
             .bold_line_style(RGBColor(225, 225, 225))
             .label_style(("sans-serif", 14))
             .draw()

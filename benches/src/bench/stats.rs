@@ -111,14 +111,19 @@ pub fn timeline(events: &[Completion], duration_s: f64, width_s: f64) -> Vec<Buc
     groups
         .into_iter()
         .enumerate()
-        .map(|(i, mut g)| Bucket {
-            t_s: i as f64 * width_s,
-            completed: g.ok,
-            failed: g.failed,
-            rps: g.ok as f64 / width_s,
-            output_tokens_per_s: g.tokens as f64 / width_s,
-            ttft_p50_ms: Dist::of(&mut g.ttft).p50,
-            e2e_p50_ms: Dist::of(&mut g.e2e).p50,
+        .map(|(i, mut g)| {
+            let t_s = i as f64 * width_s;
+            // The last interval may be cut short by the end of the run.
+            let width = (duration_s - t_s).min(width_s).max(1e-3);
+            Bucket {
+                t_s,
+                completed: g.ok,
+                failed: g.failed,
+                rps: g.ok as f64 / width,
+                output_tokens_per_s: g.tokens as f64 / width,
+                ttft_p50_ms: Dist::of(&mut g.ttft).p50,
+                e2e_p50_ms: Dist::of(&mut g.e2e).p50,
+            }
         })
         .collect()
 }

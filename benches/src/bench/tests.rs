@@ -22,10 +22,11 @@ fn percentiles_interpolate_between_order_statistics() {
 fn timeline_buckets_by_completion_time() {
     let c = |end_s, ok, ttft_ms, e2e_ms, output_tokens| Completion { end_s, ok, ttft_ms, e2e_ms, output_tokens };
     let ev = [c(0.5, true, Some(10.0), 20.0, 4), c(1.5, true, None, 30.0, 2), c(1.7, false, None, 1.0, 0)];
-    let b = timeline(&ev, 2.0, 1.0);
+    let b = timeline(&ev, 1.8, 1.0);
     assert_eq!(b.len(), 2);
+    assert!((b[1].rps - 1.0 / 0.8).abs() < 1e-9, "the last interval is 0.8 s long: {}", b[1].rps);
     assert_eq!((b[0].completed, b[0].failed, b[0].ttft_p50_ms), (1, 0, 10.0));
-    assert_eq!((b[1].completed, b[1].failed, b[1].e2e_p50_ms, b[1].output_tokens_per_s), (1, 1, 30.0, 2.0));
+    assert_eq!((b[1].completed, b[1].failed, b[1].e2e_p50_ms, b[1].output_tokens_per_s), (1, 1, 30.0, 2.0 / 0.8));
 }
 
 #[test]
