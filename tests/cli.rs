@@ -405,3 +405,39 @@ fn bench_replay_names_a_bad_trace_line_and_a_missing_file() {
     assert!(stderr.contains(&format!("reading trace {}", missing.display())), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_help_documents_its_flags() {
+    for (sub, flags) in [
+        (
+            "load",
+            &[
+                "--url",
+                "--model",
+                "--concurrency",
+                "--rate",
+                "--arrival",
+                "--endpoint",
+                "--isl",
+                "--osl",
+                "--isl-dist",
+                "--prefix-groups",
+                "--prefix-len",
+                "--requests",
+                "--duration",
+                "--warmup",
+                "--engine-metrics",
+                "--report",
+            ][..],
+        ),
+        ("replay", &["--speed", "--token-scale", "--max-requests", "--format", "--block-tokens"][..]),
+        ("compare", &["--target", "--trace", "--rounds"][..]),
+    ] {
+        let out = gantry().args(["bench", sub, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        for flag in flags {
+            assert!(help.contains(flag), "bench {sub}: {flag} is not documented:\n{help}");
+        }
+    }
+}
