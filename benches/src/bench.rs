@@ -125,7 +125,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// I/O driver of the generator threads: auto (io_uring, else epoll), io_uring, or legacy
-    /// (epoll). io_uring drove about 1.8x the requests of epoll (scripts/bench-generator.sh).
+    /// (epoll); both drive well over 20 k req/s per core (bench-results/bench-generator.md).
     #[arg(long, default_value = "auto")]
     pub driver: String,
     /// Per-request limit, seconds (connect to last byte).
