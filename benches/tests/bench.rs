@@ -76,8 +76,8 @@ fn common_prefix(a: &[u64], b: &[u64]) -> usize {
 
 /// The mock's step model is prefill `c` ms per step with prefill work and decode `d` ms per step
 /// with decode work; with one request in flight, TTFT is one prefill step and the token gaps are
-/// decode steps. Tolerance: the measured p50 lies in [delay, delay + 20 ms] (loopback, a
-/// loaded 2-core CI machine); the lower bound is exact, as the mock never answers early.
+/// decode steps. Tolerance: the measured p50 lies in [delay - 1 ms, delay + 20 ms] (1 ms of
+/// timer granularity below; loopback and a loaded 2-core CI machine above).
 #[test]
 fn measured_ttft_and_itl_match_the_configured_delays() {
     const PREFILL_MS: f64 = 40.0;
@@ -89,11 +89,11 @@ fn measured_ttft_and_itl_match_the_configured_delays() {
     let s = r.summary();
     assert_eq!((s.sent, s.completed, s.failed), (10, 10, 0), "{:?}", s.error_samples);
     assert!(
-        (PREFILL_MS..PREFILL_MS + TOLERANCE_MS).contains(&s.ttft_ms.p50),
+        (PREFILL_MS - 1.0..PREFILL_MS + TOLERANCE_MS).contains(&s.ttft_ms.p50),
         "TTFT p50 {} ms, configured {PREFILL_MS} ms",
         s.ttft_ms.p50
     );
-    assert!(s.ttft_ms.min >= PREFILL_MS, "TTFT min {} below the configured delay", s.ttft_ms.min);
+    assert!(s.ttft_ms.min >= PREFILL_MS - 1.0, "TTFT min {} below the configured delay", s.ttft_ms.min);
     assert!(
         (DECODE_MS - 1.0..DECODE_MS + TOLERANCE_MS).contains(&s.itl_ms.p50),
         "ITL p50 {} ms, configured {DECODE_MS} ms",
@@ -101,7 +101,7 @@ fn measured_ttft_and_itl_match_the_configured_delays() {
     );
     assert_eq!(s.itl_ms.count, 10 * 3, "three gaps per 4-token stream");
     let e2e = PREFILL_MS + 3.0 * DECODE_MS;
-    assert!((e2e..e2e + 2.0 * TOLERANCE_MS).contains(&s.e2e_ms.p50), "e2e p50 {} ms, expected ~{e2e}", s.e2e_ms.p50);
+    assert!((e2e - 1.0..e2e + 2.0 * TOLERANCE_MS).contains(&s.e2e_ms.p50), "e2e p50 {} ms, expected ~{e2e}", s.e2e_ms.p50);
     assert_eq!(s.output_tokens, 40);
     assert_eq!(s.input_tokens, 320);
 }
