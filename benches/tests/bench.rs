@@ -101,7 +101,11 @@ fn measured_ttft_and_itl_match_the_configured_delays() {
     );
     assert_eq!(s.itl_ms.count, 10 * 3, "three gaps per 4-token stream");
     let e2e = PREFILL_MS + 3.0 * DECODE_MS;
-    assert!((e2e - 1.0..e2e + 2.0 * TOLERANCE_MS).contains(&s.e2e_ms.p50), "e2e p50 {} ms, expected ~{e2e}", s.e2e_ms.p50);
+    assert!(
+        (e2e - 1.0..e2e + 2.0 * TOLERANCE_MS).contains(&s.e2e_ms.p50),
+        "e2e p50 {} ms, expected ~{e2e}",
+        s.e2e_ms.p50
+    );
     assert_eq!(s.output_tokens, 40);
     assert_eq!(s.input_tokens, 320);
 }
