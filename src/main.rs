@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use gantry_bench::bench::{self, BenchCommand};
 use gantry_bench::mock::{self, MockArgs};
 use gantry_bench::up::{self, UpArgs};
 use gantry_proxy::config::Config;
@@ -32,6 +33,9 @@ enum Command {
     Serve(ServeArgs),
     /// Run vLLM-faithful mock engines (HTTP, metrics, KV events, P/D) for tests and benchmarks.
     Mock(Box<MockArgs>),
+    /// Load generator, trace replay and endpoint comparison, with reports and plots.
+    #[command(subcommand)]
+    Bench(Box<BenchCommand>),
     /// Operate on the shared-memory KV prefix index.
     #[command(subcommand)]
     Index(IndexCommand),
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         Command::Up(args) => up::run(&args).map_err(Into::into),
         Command::Serve(args) => serve_cmd(args),
         Command::Mock(args) => mock::run(&args).map_err(Into::into),
+        Command::Bench(c) => bench::run(&c).map(drop).map_err(Into::into),
         Command::Index(c) => index_cmd(c),
     };
     match result {

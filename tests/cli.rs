@@ -365,3 +365,79 @@ fn index_inspect_prints_a_live_segment_and_names_bad_files() {
     assert!(err.contains(&*path.to_string_lossy()) && err.contains("too short"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_load_prints_a_table_and_writes_the_report() {
+    let port = free_port();
+    let _mock = start_mock(&["--port", &port.to_string(), "--speedup", "0"], 1);
+    let dir = std::env::temp_dir().join(format!("gantry-cli-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let url = format!("http://127.0.0.1:{port}");
+    let out = gantry()
+        .args(["bench", "load", "--url", &url, "--requests", "20", "--concurrency", "2", "--isl", "16", "--osl", "2"])
+        .args(["--quiet", "--report"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| completed | 20 |") && stdout.contains("| failed | 0 |"), "{stdout}");
+    for f in ["report.json", "report.md", "ttft_cdf.png"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_replay_names_a_bad_trace_line_and_a_missing_file() {
+    let dir = std::env::temp_dir().join(format!("gantry-cli-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, "{\"timestamp\": 0, \"input_length\": 10, \"output_length\": 1}\nnot json\n").unwrap();
+    let out = gantry().args(["bench", "replay"]).arg(&bad).args(["--url", "http://127.0.0.1:9"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{}:2: not a Mooncake record", bad.display())), "{stderr}");
+    let missing = dir.join("missing.jsonl");
+    let out = gantry().args(["bench", "replay"]).arg(&missing).args(["--url", "http://127.0.0.1:9"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("reading trace {}", missing.display())), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bench_help_documents_its_flags() {
+    for (sub, flags) in [
+        (
+            "load",
+            &[
+                "--url",
+                "--model",
+                "--concurrency",
+                "--rate",
+                "--arrival",
+                "--endpoint",
+                "--isl",
+                "--osl",
+                "--isl-dist",
+                "--prefix-groups",
+                "--prefix-len",
+                "--requests",
+                "--duration",
+                "--warmup",
+                "--engine-metrics",
+                "--report",
+            ][..],
+        ),
+        ("replay", &["--speed", "--token-scale", "--max-requests", "--format", "--block-tokens"][..]),
+        ("compare", &["--target", "--trace", "--rounds"][..]),
+    ] {
+        let out = gantry().args(["bench", sub, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        for flag in flags {
+            assert!(help.contains(flag), "bench {sub}: {flag} is not documented:\n{help}");
+        }
+    }
+}

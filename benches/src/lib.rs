@@ -5,8 +5,10 @@
 //! replay, the NixlConnector P/D protocol, a paged KV cache with prefix caching and LRU
 //! eviction, continuous batching with chunked prefill, a polynomial step-time model and fault
 //! injection. Read `benches/tests/mock.rs` first. [`up`] runs mock engines behind the proxy
-//! (`gantry up`). The load generator and trace replay (`gantry bench`) come with their own issue.
+//! (`gantry up`). [`bench`] is the load generator, trace replayer and comparer (`gantry bench`):
+//! read `benches/tests/bench.rs` for it.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod mock;
 pub mod up;
