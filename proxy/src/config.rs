@@ -550,7 +550,10 @@ impl Config {
                 ("temperature", k.temperature),
             ] {
                 if !v.is_finite() || v < 0.0 {
-                    return Err(invalid(format!("pool[{i}].kv.{key}"), format!("must be a finite number ≥ 0 (got {v})")));
+                    return Err(invalid(
+                        format!("pool[{i}].kv.{key}"),
+                        format!("must be a finite number ≥ 0 (got {v})"),
+                    ));
                 }
             }
             if p.role != Role::Agg {

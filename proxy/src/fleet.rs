@@ -224,7 +224,9 @@ impl Fleet {
             let tokenizer = match (&m.tokenizer, reused) {
                 (None, _) => None,
                 (Some(_), Some(t)) => Some(t),
-                (Some(src), None) => Some(Arc::new(load_tokenizer(src).map_err(|e| format!("model[{i}].tokenizer: {e}"))?)),
+                (Some(src), None) => {
+                    Some(Arc::new(load_tokenizer(src).map_err(|e| format!("model[{i}].tokenizer: {e}"))?))
+                }
             };
             model_info.push(ModelInfo {
                 name: m.name.clone(),

@@ -231,9 +231,12 @@ fn render_pools(out: &mut String, fleet: &Fleet) {
         ("gantry_route_cost_pressure_blocks_total", "counter", "Sum of chosen engines' pressure term.", |p, l| {
             l(&p.counters.cost_pressure_milli) / 1e3
         }),
-        ("gantry_route_predicted_cached_tokens_total", "counter", "Prompt tokens the index said the engine held.", |p, l| {
-            l(&p.counters.predicted_cached_tokens)
-        }),
+        (
+            "gantry_route_predicted_cached_tokens_total",
+            "counter",
+            "Prompt tokens the index said the engine held.",
+            |p, l| l(&p.counters.predicted_cached_tokens),
+        ),
         (
             "gantry_route_accuracy_predicted_tokens_total",
             "counter",
@@ -273,8 +276,15 @@ fn render_pools(out: &mut String, fleet: &Fleet) {
         "# HELP gantry_route_decisions_total kv routing decisions by outcome.\n# TYPE gantry_route_decisions_total counter"
     );
     for p in &fleet.pools {
-        for (outcome, c) in [("overlap", &p.counters.kv_hit), ("no_overlap", &p.counters.kv_miss), ("load_only", &p.counters.load_only)] {
-            let _ = writeln!(out, "gantry_route_decisions_total{{pool=\"{}\",outcome=\"{outcome}\"}} {}", esc(&p.name), load(c));
+        for (outcome, c) in
+            [("overlap", &p.counters.kv_hit), ("no_overlap", &p.counters.kv_miss), ("load_only", &p.counters.load_only)]
+        {
+            let _ = writeln!(
+                out,
+                "gantry_route_decisions_total{{pool=\"{}\",outcome=\"{outcome}\"}} {}",
+                esc(&p.name),
+                load(c)
+            );
         }
     }
     let _ = writeln!(

@@ -18,6 +18,11 @@ fn pool(policy: PolicyKind, n: usize) -> Pool {
             .map(|i| Arc::new(EngineState::new(&format!("http://127.0.0.1:{}", 9000 + i), "m").unwrap()))
             .collect(),
         rr: AtomicUsize::new(0),
+        index: None,
+        slots: vec![None; n],
+        kv: crate::route::kv::Weights::default(),
+        conf: crate::config::Config::single_pool("m", &[]).pool.remove(0),
+        counters: Arc::default(),
     }
 }
 

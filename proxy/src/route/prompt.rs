@@ -226,7 +226,8 @@ mod tests {
             let e = run(body.clone(), ep, Some(&tok)).unwrap_err();
             assert_eq!(e.param, Some(param), "{body}: {}", e.message);
         }
-        let long = run(json!({"prompt": gantry_tokenizer::builtin_word_text(0, 65)}), Endpoint::Completions, Some(&tok));
+        let long =
+            run(json!({"prompt": gantry_tokenizer::builtin_word_text(0, 65)}), Endpoint::Completions, Some(&tok));
         assert!(long.unwrap_err().message.contains("maximum context length is 64"));
     }
 
@@ -245,8 +246,18 @@ mod tests {
     #[test]
     fn without_a_tokenizer_shared_text_prefixes_share_chunk_hashes() {
         let long = "x".repeat(10 * TEXT_CHUNK_BYTES);
-        let a = run(json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "a"}]}), Endpoint::Chat, None).unwrap();
-        let b = run(json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "b"}]}), Endpoint::Chat, None).unwrap();
+        let a = run(
+            json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "a"}]}),
+            Endpoint::Chat,
+            None,
+        )
+        .unwrap();
+        let b = run(
+            json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "b"}]}),
+            Endpoint::Chat,
+            None,
+        )
+        .unwrap();
         assert!(!a.exact);
         assert!(a.hashes.len() >= 10);
         assert_eq!(a.hashes[..10], b.hashes[..10]);
