@@ -20,6 +20,7 @@
 #   --blocks B     KV blocks (16 tokens) per mock engine (default 8192)
 #   --out DIR      results (default bench-results/routing)
 #   --policies P   policies to run (default "kv round_robin least_loaded")
+#   --kv "K=V ..." extra `[pool.kv]` weights for the kv run (e.g. "decode_weight=0.5")
 # Needs target/release/gantry (cargo build --release) and python3.
 set -euo pipefail
 prog=bench-routing
@@ -30,6 +31,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 trace=../shared/traces/mooncake_conversation_trace.jsonl
 requests=1500 speed=8 scale=0.25 blocks=8192 out=bench-results/routing
 policies="kv round_robin least_loaded"
+kv_extra=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --trace) trace="$2"; shift 2 ;;
@@ -39,6 +41,7 @@ while [[ $# -gt 0 ]]; do
         --blocks) blocks="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --policies) policies="$2"; shift 2 ;;
+        --kv) kv_extra="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -66,6 +69,10 @@ for policy in $policies; do
     {
         printf '[server]\nlisten = "127.0.0.1:%s"\n[[model]]\nname = "mock-model"\ntokenizer = "builtin"\n' "$proxy"
         printf '[[pool]]\nname = "agg-0"\npolicy = "%s"\nindex_path = "%s/index-%s"\n' "$policy" "$tmp" "$policy"
+        if [[ "$policy" == kv && -n "$kv_extra" ]]; then
+            printf '[pool.kv]\n'
+            for kv in $kv_extra; do printf '%s = %s\n' "${kv%%=*}" "${kv#*=}"; done
+        fi
         for ((i = 0; i < 8; i++)); do
             printf '[[pool.engine]]\nurl = "http://127.0.0.1:%s"\nmodel = "mock-model"\n' $((http + i))
             printf 'kv_events = "tcp://127.0.0.1:%s"\nkv_replay = "tcp://127.0.0.1:%s"\n' $((events + i)) $((replay + i))

@@ -86,7 +86,7 @@ pub struct PathConf {
 }
 
 /// The load view's charge for one request on one engine: its in-flight count, its prompt's
-/// uncached tokens as pending prefill (released at the first token) and the blocks it adds as
+/// uncached tokens as pending prefill (released at the first token) and its prompt blocks as
 /// active KV blocks, all released when the charge drops (request end, failure or client abort).
 struct Charge<'a> {
     e: &'a EngineState,
@@ -562,10 +562,9 @@ impl Proxy {
                     if let (Some(index), Some(slot)) = (&pool.index, pool.slots[idx]) {
                         index.predictor.predict(slot, &plan.hashes);
                     }
-                    // Active blocks: what this prompt adds to the engine (a cached prefix is
-                    // counted once, as the cost function counts it).
-                    let new_blocks = u64::from(plan.blocks.saturating_sub(o).max(1));
-                    (Charge::new(engine, plan.tokens - cached, new_blocks), Some(o))
+                    // Active blocks: the request's whole KV footprint while it runs (what its
+                    // decode steps read), cached prefix included.
+                    (Charge::new(engine, plan.tokens - cached, u64::from(plan.blocks)), Some(o))
                 }
                 None => (Charge::new(engine, 0, 0), None),
             };
