@@ -195,13 +195,26 @@ fn engine_bars(path: &Path, targets: &[Summary]) -> Result<(), String> {
             .y_label_area_size(64)
             .build_cartesian_2d(0.0..slots, 0.0..y_max)
             .map_err(|e| err(&e))?;
-        let label_names = names.clone();
+        // `host:port` of each engine; just `:port` when they all share a host, so labels fit.
+        let authority = |n: &String| n.rsplit('/').next().unwrap_or(n).to_owned();
+        let host = |a: &str| a.rsplit_once(':').map_or(a.to_owned(), |(h, _)| h.to_owned());
+        let one_host = names.windows(2).all(|w| host(&authority(&w[0])) == host(&authority(&w[1])));
+        let label_names: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let a = authority(n);
+                match a.rsplit_once(':') {
+                    Some((_, port)) if one_host && names.len() > 1 => format!(":{port}"),
+                    _ => a,
+                }
+            })
+            .collect();
         let short = move |x: &f64| {
             let i = x.floor() as usize;
             if (x - x.floor() - 0.5).abs() > 0.01 {
                 return String::new();
             }
-            label_names.get(i).map(|n| n.rsplit('/').next().unwrap_or(n).to_owned()).unwrap_or_default()
+            label_names.get(i).cloned().unwrap_or_default()
         };
         chart
             .configure_mesh()
