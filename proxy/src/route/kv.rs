@@ -126,22 +126,26 @@ pub fn choose(
     rng: &mut fastrand::Rng,
     costs: &mut Vec<f64>,
 ) -> Option<usize> {
-    let usable_idx = || (0..candidates.len()).filter(|&i| usable(i));
-    let n = usable_idx().count();
+    // One pass asks `usable` (atomics, a list scan) once per engine: unusable engines get a NaN
+    // cost, which every later pass skips.
+    costs.clear();
+    let (mut n, mut in_flight) = (0usize, 0u64);
+    for (i, c) in candidates.iter().enumerate() {
+        if usable(i) {
+            n += 1;
+            in_flight += c.in_flight;
+            costs.push(cost(c, prompt_blocks, block_size, w).total());
+        } else {
+            costs.push(f64::NAN);
+        }
+    }
     if n == 0 {
         return None;
     }
-    let bound = if w.load_factor > 0.0 {
-        let mean = usable_idx().map(|i| candidates[i].in_flight as f64).sum::<f64>() / n as f64;
-        w.load_factor * mean + 1.0
-    } else {
-        f64::INFINITY
-    };
+    let bound = if w.load_factor > 0.0 { w.load_factor * (in_flight as f64 / n as f64) + 1.0 } else { f64::INFINITY };
     let under = |i: usize| candidates[i].in_flight as f64 <= bound;
-    let any_under = usable_idx().any(under);
-    let eligible = |i: usize| usable(i) && (!any_under || under(i));
-    costs.clear();
-    costs.extend(candidates.iter().map(|c| cost(c, prompt_blocks, block_size, w).total()));
+    let any_under = (0..candidates.len()).any(|i| !costs[i].is_nan() && under(i));
+    let eligible = |i: usize| !costs[i].is_nan() && (!any_under || under(i));
     let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
     for i in (0..candidates.len()).filter(|&i| eligible(i)) {
         min = min.min(costs[i]);
