@@ -21,7 +21,7 @@
 #   --out DIR      results (default bench-results/routing)
 #   --policies P   policies to run (default "kv round_robin least_loaded")
 #   --kv "K=V ..." extra `[pool.kv]` weights for the kv run (e.g. "decode_weight=0.5")
-# Needs target/release/gantry (cargo build --release) and python3.
+# Needs target/release/gantry (cargo build --release; GANTRY_BIN overrides the path) and python3.
 set -euo pipefail
 prog=bench-routing
 # shellcheck source=scripts/bench/common.sh
@@ -46,7 +46,7 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
-gantry=target/release/gantry
+gantry=${GANTRY_BIN:-target/release/gantry}
 [[ -x "$gantry" ]] || die "$gantry missing: run cargo build --release first"
 [[ -r "$trace" ]] || die "cannot read trace $trace"
 mkdir -p "$out"

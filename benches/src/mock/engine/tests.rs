@@ -260,3 +260,57 @@ fn decode_side_pulls_then_decodes_or_fails() {
     assert_eq!(out.borrow().finished, Some(FinishReason::Error("gone".into())));
     assert_eq!(e.kv_usage(), 0.0);
 }
+
+/// Property: with every request small enough to fit the cache alone, `schedule` never returns
+/// an empty plan while requests wait or run (a runner with an empty plan sleeps until the next
+/// submit or abort, so such a state would hang the engine's last requests).
+#[test]
+fn random_load_with_preemption_and_aborts_never_stalls() {
+    for seed in 0..40u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let blocks = rng.usize(20..80);
+        let bs = 4;
+        let mut c = cfg(blocks, bs);
+        c.max_num_queued_reqs = 1000;
+        c.max_num_batched_tokens = rng.usize(8..64);
+        c.max_num_seqs = rng.usize(1..8);
+        let cap = (blocks - 1) * bs;
+        let mut e = EngineCore::new(c, vec![100, 101], None);
+        let mut outs = Vec::new();
+        for step in 0.. {
+            if step >= 1500 && !e.has_work() {
+                break;
+            }
+            assert!(step < 200_000, "seed {seed}: did not drain");
+            if step < 1500 && rng.u32(0..3) == 0 {
+                // Prompts share prefixes of one of four conversations.
+                let base = rng.u32(0..4) * 1000;
+                let len = rng.usize(1..cap / 3);
+                let shared = rng.usize(0..len + 1);
+                let mut p: Vec<u32> = (0..shared as u32).map(|i| base + i).collect();
+                p.extend((shared..len).map(|_| rng.u32(5000..6000)));
+                let (_, o) = e.submit(req(p, rng.usize(1..(cap / 3).max(2))), Instant::now()).unwrap();
+                outs.push(o);
+            }
+            if rng.u32(0..50) == 0 && !outs.is_empty() {
+                let o = &outs[rng.usize(0..outs.len())];
+                let live = o.borrow().finished.is_none() && !o.borrow().aborted;
+                if live {
+                    o.borrow_mut().aborted = true;
+                    e.note_abort();
+                }
+            }
+            let plan = e.schedule();
+            if plan.is_empty() {
+                assert!(
+                    !e.has_work(),
+                    "seed {seed} step {step}: stalled, {} running, {} waiting",
+                    e.num_running(),
+                    e.num_waiting()
+                );
+                continue;
+            }
+            e.complete(plan, Instant::now());
+        }
+    }
+}
