@@ -68,6 +68,9 @@ for policy in $policies; do
     cfg="$tmp/gantry-$policy.toml"
     {
         printf '[server]\nlisten = "127.0.0.1:%s"\n[[model]]\nname = "mock-model"\ntokenizer = "builtin"\n' "$proxy"
+        # Below the bench client's 600 s: an engine that never answers shows up as a 504 naming
+        # it (a stall on one side or the other can then be told apart).
+        printf '[upstream]\nfirst_byte_timeout_ms = 120000\nidle_timeout_ms = 120000\n'
         printf '[[pool]]\nname = "agg-0"\npolicy = "%s"\nindex_path = "%s/index-%s"\n' "$policy" "$tmp" "$policy"
         if [[ "$policy" == kv && -n "$kv_extra" ]]; then
             printf '[pool.kv]\n'
