@@ -83,7 +83,7 @@ struct ServeArgs {
     /// I/O driver: auto, io_uring, legacy.
     #[arg(long)]
     driver: Option<String>,
-    /// Policy of the --engine pool: round_robin, random, least_loaded, power_of_two, session.
+    /// Policy of the --engine pool: round_robin, random, least_loaded, power_of_two, session, kv.
     #[arg(long)]
     policy: Option<String>,
     /// Dynamo global-router JSON config (pool choice; used by KV-aware routing).
