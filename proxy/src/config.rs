@@ -446,17 +446,22 @@ pub fn parse_engine_url(url: &str) -> Result<EngineUrl, String> {
     if rest.is_empty() || rest.contains('/') || rest.contains('@') {
         return Err(format!("`{url}` must be http://host:port with no path"));
     }
-    let authority = if rest.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-        rest.to_owned()
-    } else {
-        format!("{rest}:80")
-    };
-    let addr = authority
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{authority}` resolves to no address"))?;
+    let addr = resolve_authority(rest)?;
     Ok(EngineUrl { url: url.to_owned(), authority: rest.to_owned(), addr })
+}
+
+/// Resolves an `http://` URL's `host[:port]` (port 80 when none is given) to its first address.
+pub fn resolve_authority(authority: &str) -> Result<SocketAddr, String> {
+    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{with_port}`: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{with_port}` resolves to no address"))
 }
 
 impl Config {

@@ -140,6 +140,30 @@ struct KvPlan {
     indexed: bool,
 }
 
+/// The pools a request may try, in order; the common single pool without an allocation.
+enum Pools<'f> {
+    /// The model's first aggregated pool (none when no pool serves it).
+    One(Option<&'f Pool>),
+    /// The grid's choice and its priority-retry fallbacks.
+    Many(Vec<&'f Pool>),
+}
+
+impl<'f> Pools<'f> {
+    fn as_slice(&self) -> &[&'f Pool] {
+        match self {
+            Pools::One(p) => p.as_slice(),
+            Pools::Many(v) => v,
+        }
+    }
+}
+
+impl KvPlan {
+    /// Prompt tokens engine `idx` holds by the index (its overlap in tokens).
+    fn cached_tokens(&self, idx: usize, block_size: u32) -> u64 {
+        (u64::from(self.candidates[idx].overlap_blocks) * u64::from(block_size)).min(self.tokens)
+    }
+}
+
 /// What the relay needs to know about the routing of a request.
 struct Routed<'a> {
     charge: &'a Charge<'a>,
@@ -360,9 +384,24 @@ impl Proxy {
         let _ = resp.send(error_response(status, message, param)).await;
     }
 
-    async fn route(&self, req: &Request, resp: &mut Responder, model: Option<&str>, endpoint: Option<Endpoint>) {
+    /// Whether routing reads the prompt (a grid picks pools, or a pool is `kv`).
+    fn routes_on_prompt(fleet: &Fleet) -> bool {
+        fleet.router.is_some() || fleet.pools.iter().any(|p| p.policy == PolicyKind::Kv)
+    }
+
+    /// Routes a request. `body` is the parsed body when routing reads the prompt
+    /// ([`Proxy::routes_on_prompt`] and an OpenAI generation endpoint).
+    #[allow(clippy::redundant_allocation)] // see `local_fleet`
+    async fn route(
+        &self,
+        fleet: Rc<Arc<Fleet>>,
+        req: &Request,
+        resp: &mut Responder,
+        model: Option<&str>,
+        endpoint: Option<Endpoint>,
+        body: Option<&Value>,
+    ) {
         let started = Instant::now();
-        let fleet = self.current_fleet();
         let model = match model {
             Some(m) => m,
             None => fleet.models.first().map_or("", String::as_str),
@@ -370,17 +409,10 @@ impl Proxy {
         let Some(info) = fleet.model(model) else {
             return self.refuse(resp, 404, &format!("The model `{model}` does not exist."), Some("model")).await;
         };
-        // The body is read for routing only when a grid or a `kv` pool needs the prompt.
         let mut targets = Targets::default();
         let mut input: Option<PromptInput> = None;
-        if let Some(ep) =
-            endpoint.filter(|_| fleet.router.is_some() || fleet.pools.iter().any(|p| p.policy == PolicyKind::Kv))
-        {
-            let body: Value = match serde_json::from_slice(&req.body) {
-                Ok(v) => v,
-                Err(e) => return self.refuse(resp, 400, &format!("Invalid JSON body: {e}"), None).await,
-            };
-            targets = match targets_from_body(&body) {
+        if let (Some(ep), Some(body)) = (endpoint, body) {
+            targets = match targets_from_body(body) {
                 Ok(t) => t,
                 Err(m) => return self.refuse(resp, 400, &m, Some("nvext")).await,
             };
@@ -394,20 +426,21 @@ impl Proxy {
                         caches.len() - 1
                     }
                 };
-                PromptInput::read(&body, ep, info.tokenizer.as_deref(), &mut caches[at].1, info.max_model_len)
+                PromptInput::read(body, ep, info.tokenizer.as_deref(), &mut caches[at].1, info.max_model_len)
             };
             match read {
                 Ok(p) => input = Some(p),
                 Err(bad) => return self.refuse(resp, 400, &bad.message, bad.param).await,
             }
         }
-        let pools = Self::choose_pools(&fleet, model, input.as_ref(), &targets);
+        let chosen = Self::choose_pools(&fleet, model, input.as_ref(), &targets);
+        let pools = chosen.as_slice();
         if pools.is_empty() {
             return self.refuse(resp, 503, &format!("no engine serves model `{model}`"), None).await;
         }
         let mut watch = AbortWatch { metrics: &self.metrics, done: false };
         let mut last = (String::from("no engine available"), false);
-        for pool in &pools {
+        for pool in pools {
             match self.serve_in_pool(req, resp, pool, input.as_ref(), &targets, started).await {
                 Ok(()) => {
                     watch.done = true;
@@ -427,12 +460,7 @@ impl Proxy {
 
     /// The pools to try, in order: the global router's grid choice (then faster pools when its
     /// priority retry is on), or the first aggregated pool serving `model`.
-    fn choose_pools<'f>(
-        fleet: &'f Fleet,
-        model: &str,
-        input: Option<&PromptInput>,
-        targets: &Targets,
-    ) -> Vec<&'f Pool> {
+    fn choose_pools<'f>(fleet: &'f Fleet, model: &str, input: Option<&PromptInput>, targets: &Targets) -> Pools<'f> {
         let serves = |p: &&Pool| p.engines.iter().any(|e| e.model == model);
         if let (Some(g), Some(input)) = (&fleet.router, input) {
             let q = PoolQuery::new(u32::try_from(input.tokens()).unwrap_or(u32::MAX), targets);
@@ -444,11 +472,11 @@ impl Proxy {
                     .filter(serves)
                     .collect();
                 if !pools.is_empty() {
-                    return pools;
+                    return Pools::Many(pools);
                 }
             }
         }
-        fleet.pool_for(model).into_iter().collect()
+        Pools::One(fleet.pool_for(model))
     }
 
     /// Reads the index and the load view for a `kv` pool.
@@ -558,7 +586,7 @@ impl Proxy {
                         self.metrics.route_decision.observe(started.elapsed().as_secs_f64());
                     }
                     let o = plan.candidates[idx].overlap_blocks;
-                    let cached = (u64::from(o) * u64::from(pool.block_size)).min(plan.tokens);
+                    let cached = plan.cached_tokens(idx, pool.block_size);
                     if let (Some(index), Some(slot)) = (&pool.index, pool.slots[idx]) {
                         index.predictor.predict(slot, &plan.hashes);
                     }
@@ -599,7 +627,7 @@ impl Proxy {
                     engine.counters.request(head.status);
                     let predicted_cached = plan.as_ref().map(|plan| {
                         self.count_decision(pool, plan, idx);
-                        (u64::from(plan.candidates[idx].overlap_blocks) * u64::from(pool.block_size)).min(plan.tokens)
+                        plan.cached_tokens(idx, pool.block_size)
                     });
                     let routed = Routed { charge: &charge, started, overlap, predicted_cached, targets };
                     self.relay(conn, head, resp, pool, engine, &routed).await;
@@ -636,7 +664,7 @@ impl Proxy {
         c.cost_prefill_milli.fetch_add(milli(cost.prefill), Ordering::Relaxed);
         c.cost_decode_milli.fetch_add(milli(cost.decode), Ordering::Relaxed);
         c.cost_pressure_milli.fetch_add(milli(cost.pressure), Ordering::Relaxed);
-        let cached = (u64::from(chosen.overlap_blocks) * u64::from(pool.block_size)).min(plan.tokens);
+        let cached = plan.cached_tokens(idx, pool.block_size);
         c.predicted_cached_tokens.fetch_add(cached, Ordering::Relaxed);
         c.prompt_tokens.fetch_add(plan.tokens, Ordering::Relaxed);
         c.uncached_prompt_tokens.fetch_add(plan.tokens - cached, Ordering::Relaxed);
@@ -907,28 +935,43 @@ impl Handler for Proxy {
                 let _ = resp.send(Response::json(200, v.to_string())).await;
             }
             p if post && (ROUTED.contains(&p) || p.starts_with("/v1/") || p == "/tokenize" || p == "/detokenize") => {
-                let peek: Result<Peek<'_>, _> = serde_json::from_slice(&req.body);
-                let model = match peek {
-                    Ok(Peek { model: Some(m), .. }) => Some(m),
-                    Ok(Peek { model: None, .. }) if ROUTED.contains(&p) => {
-                        self.metrics.rejected(400);
-                        let _ = resp.send(error_response(400, "Field required: `model`", Some("model"))).await;
-                        return;
-                    }
-                    Ok(_) => None,
-                    Err(e) if ROUTED.contains(&p) || !req.body.is_empty() => {
-                        self.metrics.rejected(400);
-                        let _ = resp.send(error_response(400, &format!("Invalid JSON body: {e}"), None)).await;
-                        return;
-                    }
-                    Err(_) => None,
-                };
                 let endpoint = match p {
                     "/v1/chat/completions" => Some(Endpoint::Chat),
                     "/v1/completions" => Some(Endpoint::Completions),
                     _ => None,
                 };
-                self.route(&req, resp, model.as_deref(), endpoint).await;
+                let fleet = self.current_fleet();
+                // A grid or a `kv` pool routes on the prompt: the body is parsed once, whole.
+                if endpoint.is_some() && Self::routes_on_prompt(&fleet) {
+                    let body: Value = match serde_json::from_slice(&req.body) {
+                        Ok(v) => v,
+                        Err(e) => return self.refuse(resp, 400, &format!("Invalid JSON body: {e}"), None).await,
+                    };
+                    let model = match body.get("model") {
+                        Some(Value::String(m)) => m.as_str(),
+                        None | Some(Value::Null) => {
+                            return self.refuse(resp, 400, "Field required: `model`", Some("model")).await
+                        }
+                        Some(other) => {
+                            let msg = format!("Invalid JSON body: `model` must be a string, got {other}");
+                            return self.refuse(resp, 400, &msg, Some("model")).await;
+                        }
+                    };
+                    return self.route(fleet, &req, resp, Some(model), endpoint, Some(&body)).await;
+                }
+                let peek: Result<Peek<'_>, _> = serde_json::from_slice(&req.body);
+                let model = match peek {
+                    Ok(Peek { model: Some(m), .. }) => Some(m),
+                    Ok(Peek { model: None, .. }) if ROUTED.contains(&p) => {
+                        return self.refuse(resp, 400, "Field required: `model`", Some("model")).await
+                    }
+                    Ok(_) => None,
+                    Err(e) if ROUTED.contains(&p) || !req.body.is_empty() => {
+                        return self.refuse(resp, 400, &format!("Invalid JSON body: {e}"), None).await
+                    }
+                    Err(_) => None,
+                };
+                self.route(fleet, &req, resp, model.as_deref(), endpoint, None).await;
             }
             "/v1/models"
             | "/health"

@@ -9,15 +9,26 @@ use crate::config::HealthConf;
 use crate::fleet::SharedFleet;
 use crate::http::client::ClientConn;
 
-/// Probes one engine: true if `/health` answers 2xx within `timeout`.
-pub async fn probe(addr: std::net::SocketAddr, authority: &str, timeout: Duration) -> bool {
+/// `GET path` on an engine over a fresh `Connection: close` connection, all within `timeout`:
+/// its status and body, or None on any failure.
+async fn get(
+    addr: std::net::SocketAddr,
+    authority: &str,
+    path: &str,
+    timeout: Duration,
+) -> Option<(u16, bytes::Bytes)> {
     let exchange = async {
         let mut c = ClientConn::connect(addr, timeout).await.ok()?;
-        let (head, _) =
-            c.request("GET", "/health", &[("host", authority.as_bytes()), ("connection", b"close")], b"").await.ok()?;
-        Some((200..300).contains(&head.status))
+        let (head, body) =
+            c.request("GET", path, &[("host", authority.as_bytes()), ("connection", b"close")], b"").await.ok()?;
+        Some((head.status, body))
     };
-    matches!(monoio::time::timeout(timeout, exchange).await, Ok(Some(true)))
+    monoio::time::timeout(timeout, exchange).await.ok().flatten()
+}
+
+/// Probes one engine: true if `/health` answers 2xx within `timeout`.
+pub async fn probe(addr: std::net::SocketAddr, authority: &str, timeout: Duration) -> bool {
+    get(addr, authority, "/health", timeout).await.is_some_and(|(status, _)| (200..300).contains(&status))
 }
 
 /// Probes the current fleet forever, one round per `interval_ms`.
@@ -75,15 +86,7 @@ pub async fn scrape_loop(fleet: SharedFleet, interval: Duration, timeout: Durati
             if pool.policy != crate::config::PolicyKind::Kv {
                 continue;
             }
-            let exchange = async {
-                let mut c = ClientConn::connect(e.addr, timeout).await.ok()?;
-                let (head, body) = c
-                    .request("GET", "/metrics", &[("host", e.authority.as_bytes()), ("connection", b"close")], b"")
-                    .await
-                    .ok()?;
-                (head.status == 200).then_some(body)
-            };
-            let Ok(Some(body)) = monoio::time::timeout(timeout, exchange).await else { continue };
+            let Some((200, body)) = get(e.addr, &e.authority, "/metrics", timeout).await else { continue };
             let text = String::from_utf8_lossy(&body);
             if let Some(w) = metric_sum(&text, "vllm:num_requests_waiting") {
                 e.waiting.store(w.max(0.0) as u64, Ordering::Relaxed);

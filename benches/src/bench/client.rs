@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,16 +62,7 @@ impl Url {
         if authority.is_empty() {
             return Err(format!("`{url}`: no host"));
         }
-        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
-        let addr = with_port
-            .to_socket_addrs()
-            .map_err(|e| format!("`{url}`: cannot resolve {with_port}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("`{url}`: {with_port} resolves to no address"))?;
+        let addr = gantry_proxy::config::resolve_authority(authority).map_err(|e| format!("`{url}`: {e}"))?;
         Ok(Url {
             url: url.to_owned(),
             addr,
