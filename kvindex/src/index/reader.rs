@@ -11,8 +11,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::Arc;
 
-/// Blocks a lookup prefetches ahead of the one it probes.
-const PREFETCH_AHEAD: usize = 24;
+/// Blocks a lookup prefetches ahead of the one it probes (local and first global bucket): far
+/// enough to cover a DRAM miss on the global bucket, which is random.
+const PREFETCH_AHEAD: usize = 32;
 /// Lookups between two flushes of a reader's counters into the header.
 const FLUSH_EVERY: u32 = 256;
 
@@ -201,25 +202,29 @@ impl IndexReader {
         let mut ahead_cursor = None;
         for &h in ahead.by_ref().take(PREFETCH_AHEAD) {
             exact.prefetch_bucket(exact.step_local(&mut ahead_cursor, h));
+            exact.prefetch_global(h);
         }
         let mut cursor = None;
         let mut depth = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
             if let Some(&next) = ahead.next() {
                 exact.prefetch_bucket(exact.step_local(&mut ahead_cursor, next));
+                // About one block in ten of a full table sits in its first global bucket.
+                exact.prefetch_global(next);
                 if let Some(a) = &approx {
                     a.prefetch(next);
                 }
             }
-            let local = Some(exact.step_local(&mut cursor, h));
-            let mut found = match exact.read(h, local, &mut bits[..bw]) {
-                Probe::Hit { .. } => true,
-                Probe::Miss => false,
-                Probe::Unknown => {
-                    unstable += 1;
-                    false
-                }
-            };
+            let local = exact.step_local(&mut cursor, h);
+            let mut found = exact.read_local(h, local, &mut bits[..bw]).is_some()
+                || match exact.read(h, Some(local), &mut bits[..bw]) {
+                    Probe::Hit { .. } => true,
+                    Probe::Miss => false,
+                    Probe::Unknown => {
+                        unstable += 1;
+                        false
+                    }
+                };
             if let Some(a) = &approx {
                 match a.read(h, None, &mut predicted[..bw]) {
                     Probe::Hit { tick } if alive(tick, now) => {

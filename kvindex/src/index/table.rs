@@ -48,6 +48,8 @@ pub(crate) const TICK_MASK: u32 = 0x7fff_ffff;
 pub(crate) const MAX_BIT_WORDS: usize = 16;
 /// Entries per bucket.
 pub(crate) const BUCKET: usize = 4;
+/// log2 of [`BUCKET`]: a chain position's local bucket is `pos >> BUCKET_SHIFT`.
+const BUCKET_SHIFT: u32 = BUCKET.trailing_zeros();
 /// Consecutive local buckets a block may use.
 pub(crate) const LOCAL_BUCKETS: usize = 4;
 /// Attempts a reader makes before giving up on a probe.
@@ -143,7 +145,7 @@ impl<'a> Table<'a> {
     /// The local bucket of a block at chain position `pos`.
     #[inline]
     pub(crate) fn local_bucket(&self, pos: u64) -> usize {
-        ((pos >> 2) % self.buckets() as u64) as usize
+        ((pos >> BUCKET_SHIFT) % self.buckets() as u64) as usize
     }
 
     /// Moves `c` to the next block of a prompt, `hash` (to its first block when `c` is None),
@@ -154,12 +156,12 @@ impl<'a> Table<'a> {
         match c {
             None => {
                 let pos = crate::hash::chain_pos(None, hash);
-                c.insert(LocalCursor { bucket: self.local_bucket(pos), sub: pos & 3 }).bucket
+                c.insert(LocalCursor { bucket: self.local_bucket(pos), sub: pos & (BUCKET as u64 - 1) }).bucket
             }
             Some(c) => {
                 let s = c.sub + 4 + (hash & 3);
-                c.sub = s & 3;
-                c.bucket += (s >> 2) as usize;
+                c.sub = s & (BUCKET as u64 - 1);
+                c.bucket += (s >> BUCKET_SHIFT) as usize;
                 while c.bucket >= self.buckets() {
                     c.bucket -= self.buckets();
                 }
@@ -168,12 +170,18 @@ impl<'a> Table<'a> {
         }
     }
 
+    /// The first global bucket of `hash`.
+    #[inline]
+    fn global_bucket(&self, hash: u64) -> usize {
+        ((hash as u128 * self.buckets() as u128) >> 64) as usize
+    }
+
     /// The candidate buckets of `hash`: [`LOCAL_BUCKETS`] consecutive ones from its local bucket
     /// when that is known, then two chosen by its hash.
     #[inline]
     fn candidates(&self, hash: u64, local: Option<usize>) -> ([usize; LOCAL_BUCKETS + 2], usize) {
         let nb = self.buckets();
-        let g1 = ((hash as u128 * nb as u128) >> 64) as usize;
+        let g1 = self.global_bucket(hash);
         let mixed = hash.rotate_left(29).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let g2 = ((mixed as u128 * nb as u128) >> 64) as usize;
         let mut out = [g1; LOCAL_BUCKETS + 2];
@@ -211,6 +219,15 @@ impl<'a> Table<'a> {
             prefetch_read(base.wrapping_add(off));
             off += 64;
         }
+    }
+
+    /// Hints the CPU to load `hash`'s first global bucket (where a block goes when its local
+    /// buckets are full: about one block in ten in a full table).
+    #[inline]
+    pub(crate) fn prefetch_global(&self, hash: u64) {
+        let p = self.bucket(self.global_bucket(hash)).as_ptr().cast::<i8>();
+        prefetch_read(p);
+        prefetch_read(p.wrapping_add(64));
     }
 
     /// Hints the CPU to load the keys of `hash`'s global buckets.
@@ -259,6 +276,18 @@ impl<'a> Table<'a> {
             return Probe::Miss;
         }
         Probe::Unknown
+    }
+
+    /// The common case of [`Table::read`], kept small enough to inline into a lookup loop:
+    /// `hash` in its own local bucket `b` (where the writer puts a block whenever it can).
+    /// None when this does not settle it (absent from `b`, or a write in progress): then call
+    /// [`Table::read`], which looks everywhere and retries.
+    #[inline(always)]
+    pub(crate) fn read_local(&self, hash: u64, b: usize, bits: &mut [u64]) -> Option<u32> {
+        match self.scan(b, hash, bits) {
+            Scan::Hit(tick) => Some(tick),
+            Scan::Absent | Scan::Retry => None,
+        }
     }
 
     /// Looks for `hash` in bucket `b`: keys first, then the seqlock of a matching entry.
