@@ -1,5 +1,6 @@
 //! Chat templates: vLLM's message normalisation, then rendering with minijinja like transformers.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -94,27 +95,29 @@ impl ChatTemplate {
             if !self.source_has_content {
                 return Err(template_err("continue_final_message is set but the chat template never reads `content`"));
             }
-            if let Some(Json::String(c)) = last.get_mut("content") {
-                final_message = c.clone();
-                c.push_str(CONTINUE_TAG);
-            }
+            final_message = last.content.to_string();
+            last.content.to_mut().push_str(CONTINUE_TAG);
         }
 
-        let mut ctx: Map<String, Json> = Map::new();
+        // The context is built as minijinja values directly (each string copied once), in the
+        // order transformers gives it: special tokens, tools, documents, add_generation_prompt,
+        // then the kwargs (overriding any of those), then messages.
+        let mut ctx: Vec<(&str, Value)> = Vec::with_capacity(self.specials.len() + 4 + kwargs.map_or(0, Map::len));
         for (k, v) in &self.specials {
-            ctx.insert((*k).to_string(), Json::String(v.clone()));
+            ctx.push((k, Value::from(v.as_str())));
         }
-        ctx.insert("tools".into(), req.tools.cloned().unwrap_or(Json::Null));
-        ctx.insert("documents".into(), Json::Null);
-        ctx.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
+        ctx.push(("tools", req.tools.map_or(Value::from(()), Value::from_serialize)));
+        ctx.push(("documents", Value::from(())));
+        ctx.push(("add_generation_prompt", Value::from(add_generation_prompt)));
         if let Some(kwargs) = kwargs {
             for (k, v) in kwargs {
-                ctx.insert(k.clone(), v.clone());
+                ctx.push((k, Value::from_serialize(v)));
             }
         }
-        ctx.insert("messages".into(), Json::Array(messages.into_iter().map(Json::Object).collect()));
+        ctx.push(("messages", messages.iter().map(Message::to_value).collect()));
+        let ctx: Value = ctx.into_iter().collect();
         let tmpl = self.env.get_template("chat_template").map_err(|e| template_err(&format!("{e:#}")))?;
-        let rendered = tmpl.render(Value::from_serialize(&ctx)).map_err(|e| template_err(&render_error_message(&e)))?;
+        let rendered = tmpl.render(ctx).map_err(|e| template_err(&render_error_message(&e)))?;
         if !continue_final {
             return Ok(rendered);
         }
@@ -146,23 +149,58 @@ fn render_error_message(e: &Error) -> String {
     }
 }
 
+/// One message after vLLM's normalisation, borrowing the request where it can.
+#[derive(Debug, Clone)]
+pub(crate) struct Message<'a> {
+    pub(crate) role: &'a str,
+    pub(crate) content: Cow<'a, str>,
+    /// The other keys vLLM keeps, in its order: `name`, `reasoning_content`, `reasoning`, then
+    /// `tool_calls` (assistant) or `tool_call_id` (tool).
+    pub(crate) extra: Vec<(&'static str, Cow<'a, Json>)>,
+}
+
+impl Message<'_> {
+    /// The message as the template sees it (a map, keys in vLLM's order).
+    fn to_value(&self) -> Value {
+        let mut pairs = Vec::with_capacity(2 + self.extra.len());
+        pairs.push(("role", Value::from(self.role)));
+        pairs.push(("content", Value::from(self.content.as_ref())));
+        for (k, v) in &self.extra {
+            pairs.push((k, Value::from_serialize(v.as_ref())));
+        }
+        pairs.into_iter().collect()
+    }
+
+    /// The message as JSON (same keys, same order).
+    #[cfg(test)]
+    pub(crate) fn to_json(&self) -> Json {
+        let mut m = Map::new();
+        m.insert("role".into(), Json::from(self.role));
+        m.insert("content".into(), Json::from(self.content.as_ref()));
+        for (k, v) in &self.extra {
+            m.insert((*k).into(), v.as_ref().clone());
+        }
+        Json::Object(m)
+    }
+}
+
 /// vLLM's "string" content format: keep the keys vLLM keeps, join text parts with `"\n"`,
 /// turn `null` content into `""`, and parse JSON-string tool-call arguments into objects.
-pub(crate) fn normalize_messages(messages: &Json) -> Result<Vec<Map<String, Json>>, TokenizerError> {
+pub(crate) fn normalize_messages(messages: &Json) -> Result<Vec<Message<'_>>, TokenizerError> {
     let bad = |path: String, message: String| TokenizerError::Messages { path, message };
     let list = messages.as_array().ok_or_else(|| bad("messages".into(), "expected an array of messages".into()))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let m = m.as_object().ok_or_else(|| bad(format!("messages[{i}]"), "expected an object".into()))?;
         let role = match m.get("role") {
-            Some(Json::String(r)) => r.clone(),
+            Some(Json::String(r)) => r.as_str(),
             Some(_) => return Err(bad(format!("messages[{i}].role"), "expected a string".into())),
             None => return Err(bad(format!("messages[{i}]"), "missing `role`".into())),
         };
         let content = match m.get("content") {
-            None | Some(Json::Null) => String::new(),
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Array(parts)) => join_text_parts(parts, i)?,
+            None | Some(Json::Null) => Cow::Borrowed(""),
+            Some(Json::String(s)) => Cow::Borrowed(s.as_str()),
+            Some(Json::Array(parts)) => Cow::Owned(join_text_parts(parts, i)?),
             Some(_) => {
                 return Err(bad(
                     format!("messages[{i}].content"),
@@ -170,27 +208,25 @@ pub(crate) fn normalize_messages(messages: &Json) -> Result<Vec<Map<String, Json
                 ))
             }
         };
-        let mut n = Map::new();
-        n.insert("role".into(), Json::String(role.clone()));
-        n.insert("content".into(), Json::String(content));
-        if let Some(Json::String(name)) = m.get("name") {
-            n.insert("name".into(), Json::String(name.clone()));
+        let mut extra = Vec::new();
+        if let Some(name @ Json::String(_)) = m.get("name") {
+            extra.push(("name", Cow::Borrowed(name)));
         }
         for key in ["reasoning_content", "reasoning"] {
             if let Some(v @ Json::String(_)) = m.get(key) {
-                n.insert(key.into(), v.clone());
+                extra.push((key, Cow::Borrowed(v)));
             }
         }
         if role == "assistant" {
             if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
-                n.insert("tool_calls".into(), normalize_tool_calls(calls, i)?);
+                extra.push(("tool_calls", Cow::Owned(normalize_tool_calls(calls, i)?)));
             }
         } else if role == "tool" {
             if let Some(id) = m.get("tool_call_id") {
-                n.insert("tool_call_id".into(), id.clone());
+                extra.push(("tool_call_id", Cow::Borrowed(id)));
             }
         }
-        out.push(n);
+        out.push(Message { role, content, extra });
     }
     Ok(out)
 }
