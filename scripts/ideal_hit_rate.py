@@ -12,10 +12,28 @@ min(hit_blocks * BLOCK_TOKENS, input_tokens) / input_tokens, summed over request
 - pooled_lru: one LRU cache holding CAPACITY_TOKENS (the whole fleet's KV) with perfect affinity:
   what an ideal router achieves when the fleet's caches act as one (an estimate: LRU is not the
   optimal replacement policy, and real engines also hold each running request's blocks).
+
+light_load_prefill_ms: the TTFT floor of an idle engine, the mock's default prefill polynomial
+(benches/src/mock/timing.rs) of each request's uncached tokens, p50 and mean, with no cache, the
+pooled-LRU hits and the infinite-cache hits. Their ratios bound what any router can gain on TTFT
+before queueing sets in.
 """
 import json
+import statistics
 import sys
 from collections import OrderedDict
+
+# The mock's default prefill polynomial, ms of N uncached tokens (benches/src/mock/timing.rs).
+PREFILL_MS = (4.209989e-7, 0.01518344, 16.50142)
+
+
+def prefill_ms(tokens):
+    a, b, c = PREFILL_MS
+    return a * tokens * tokens + b * tokens + c
+
+
+def floor(ms):
+    return {"p50": statistics.median(ms), "mean": statistics.fmean(ms)}
 
 
 def main():
@@ -31,6 +49,7 @@ def main():
     seen = set()
     lru = OrderedDict()
     inf_hit = lru_hit = total = 0.0
+    ttft = {"no_cache": [], "pooled_lru": [], "infinite": []}
     for r in reqs:
         ids = r["hash_ids"]
         isl = r["input_length"] * scale
@@ -39,11 +58,14 @@ def main():
         while k < len(ids) and ids[k] in seen:
             k += 1
         inf_hit += min(k * block_tokens, isl)
+        ttft["infinite"].append(prefill_ms(isl - min(k * block_tokens, isl)))
+        ttft["no_cache"].append(prefill_ms(isl))
         seen.update(ids)
         k = 0
         while k < len(ids) and ids[k] in lru:
             k += 1
         lru_hit += min(k * block_tokens, isl)
+        ttft["pooled_lru"].append(prefill_ms(isl - min(k * block_tokens, isl)))
         for h in ids:
             lru[h] = None
             lru.move_to_end(h)
@@ -56,6 +78,7 @@ def main():
             "capacity_tokens": capacity_tokens,
             "infinite": inf_hit / total,
             "pooled_lru": lru_hit / total,
+            "light_load_prefill_ms": {k: floor(v) for k, v in ttft.items()},
         },
         sys.stdout,
     )
