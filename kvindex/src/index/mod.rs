@@ -25,8 +25,11 @@
 //! the least recently stored of its candidates (if all its candidates are free at capacity: the
 //! least recently stored of 8 entries sampled after a rotating hand), and an eviction is
 //! counted. Engines report their own evictions, so the table fills only when `capacity` is
-//! below the fleet's total prefix-cache blocks; size it above that. The approximate table evicts
-//! the same way, soonest expiry first.
+//! below the fleet's total prefix-cache blocks; size it above that. Measured: filled to exactly
+//! `capacity` with random chains, about 2 % of blocks are evicted because all their candidates
+//! were taken, which cuts 15–30 % of 32- to 1,024-block prompts short (see `benches/index.rs`);
+//! at half full, with thousands of conversations under one system prompt, 0.15 %
+//! (`proxy/benches/route.rs`). The approximate table evicts the same way, soonest expiry first.
 //!
 //! # A writer that dies
 //! Readers keep reading the last state (a stale index costs cache hits, never wrong answers). An
