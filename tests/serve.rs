@@ -72,6 +72,18 @@ async fn post_on(c: &mut ClientConn, path: &str, body: &Value) -> Reply {
     Reply { status: head.status, headers, body }
 }
 
+/// One admin API call with a bearer token: status and JSON body (null if not JSON).
+fn admin_call(admin: SocketAddr, method: &str, path: &str, token: &str, body: Value) -> (u16, Value) {
+    rt::block_on(Driver::Legacy, async {
+        let mut c = ClientConn::connect(admin, Duration::from_secs(5)).await.unwrap();
+        let auth = format!("Bearer {token}");
+        let (h, b) =
+            c.request(method, path, &[("authorization", auth.as_bytes())], body.to_string().as_bytes()).await.unwrap();
+        (h.status, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
+    })
+    .unwrap()
+}
+
 fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
     // A fresh runtime per request: the connection must live inside one runtime.
     rt::block_on(Driver::Legacy, async {
@@ -481,18 +493,7 @@ fn models_health_and_admin_api() {
         let models: Value = serde_json::from_slice(&get(p.addr, "/v1/models").body).unwrap();
         assert_eq!(models["data"][0]["id"], "mock-model");
         let admin = p.admin.unwrap();
-        let call = |method: &str, path: &str, token: &str, body: Value| {
-            rt::block_on(Driver::Legacy, async {
-                let mut c = ClientConn::connect(admin, Duration::from_secs(5)).await.unwrap();
-                let auth = format!("Bearer {token}");
-                let (h, b) = c
-                    .request(method, path, &[("authorization", auth.as_bytes())], body.to_string().as_bytes())
-                    .await
-                    .unwrap();
-                (h.status, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
-            })
-            .unwrap()
-        };
+        let call = |method: &str, path: &str, token: &str, body: Value| admin_call(admin, method, path, token, body);
         assert_eq!(call("GET", "/admin/engines", "wrong-token", json!({})).0, 401);
         let (s, list) = call("GET", "/admin/engines", "admin-secret", Value::Null);
         assert_eq!(s, 200);

@@ -76,4 +76,11 @@ pub trait BlockSink {
     /// Called by the subscriber's thread at least every few milliseconds while it runs, for
     /// the sink's own upkeep (approximate-mode queue, TTL expiry).
     fn maintain(&mut self) {}
+    /// The slot of the engine called `name`, taking a free one for a new name (engines added
+    /// while the subscriber runs). A sink without an engine table refuses, saying why.
+    fn register(&mut self, name: &str) -> Result<EngineSlot, String> {
+        Err(format!("this sink cannot register engine {name:?}: it has no engine table"))
+    }
+    /// Frees `slot` after dropping every block it holds (an engine that left the fleet).
+    fn release(&mut self, _slot: EngineSlot) {}
 }

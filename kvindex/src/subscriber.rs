@@ -244,6 +244,14 @@ pub enum SubscriberError {
     /// The OS refused to start the thread.
     #[error("kv-events subscriber: cannot spawn the subscriber thread: {0}")]
     Spawn(std::io::Error),
+    /// The sink refused to register an engine (e.g. every slot is taken).
+    #[error("kv-events subscriber: cannot register engine {engine:?}: {problem}")]
+    Register {
+        /// The engine's name.
+        engine: String,
+        /// Why.
+        problem: String,
+    },
     /// The subscriber thread is gone (it panicked or stopped).
     #[error("kv-events subscriber: the subscriber thread is not running")]
     Stopped,
@@ -357,6 +365,25 @@ impl Subscriber {
         let removed = rx.recv().map_err(|_| SubscriberError::Stopped)?;
         self.engines.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _, _)| *s != slot);
         Ok(removed)
+    }
+
+    /// Asks the sink, on the subscriber's thread (which owns it), for the slot of the engine
+    /// called `name` ([`BlockSink::register`]): how engines join while the subscriber runs.
+    /// Follow its events with [`Subscriber::add_engine`].
+    pub fn register(&self, name: &str) -> Result<EngineSlot, SubscriberError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.command(Command::Register(name.to_owned(), reply))?;
+        rx.recv().map_err(|_| SubscriberError::Stopped)?
+    }
+
+    /// Stops following the engine in `slot` (if it was followed), then has the sink drop its
+    /// blocks and free the slot ([`BlockSink::release`]) before returning.
+    pub fn release(&self, slot: EngineSlot) -> Result<(), SubscriberError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.command(Command::Release(slot, reply))?;
+        rx.recv().map_err(|_| SubscriberError::Stopped)?;
+        self.engines.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _, _)| *s != slot);
+        Ok(())
     }
 
     /// Current counters (lock-free reads of the thread's statistics).

@@ -281,9 +281,16 @@ fn predictions_show_up_expire_and_yield_to_real_events() {
     let dir = TempDir::new("approx");
     let o = IndexOptions { approx_capacity: 64, approx_ttl: Duration::from_secs(1), ..opts(4, 64) };
     let mut w = IndexWriter::create(dir.path(), &o).unwrap();
+    for (slot, name) in ["e0", "e1", "e2"].iter().enumerate() {
+        assert_eq!(usize::from(w.register_engine(name).unwrap()), slot);
+    }
     let reader = w.reader();
     let predictor = w.predictor();
     let mut out = reader.new_overlaps();
+    // A slot no engine holds gets nothing, even if queued.
+    assert_eq!(predictor.predict(3, &[10, 11, 12]), 3);
+    w.maintain();
+    assert_eq!(reader.overlaps(&[10, 11, 12], &mut out), 0, "slot 3 is not registered");
     assert_eq!(predictor.predict(2, &[10, 11, 12]), 3);
     assert_eq!(reader.overlaps(&[10, 11, 12], &mut out), 0, "not applied before maintain");
     w.maintain();
@@ -305,6 +312,11 @@ fn predictions_show_up_expire_and_yield_to_real_events() {
         w.maintain();
     }
     assert_eq!(out.get(1), 1, "the exact entry stays");
+    // Releasing a slot removes the predictions still queued for it as well.
+    assert_eq!(predictor.predict(0, &[20, 21]), 2);
+    w.release_engine(0);
+    w.maintain();
+    assert_eq!(reader.overlaps(&[20, 21], &mut out), 0, "queued before the release, dropped with it");
 }
 
 #[test]

@@ -540,3 +540,42 @@ fn shutdown_joins_promptly() {
     drop(sub);
     assert!(t.elapsed() < Duration::from_secs(2), "shutdown took {:?}", t.elapsed());
 }
+
+#[test]
+fn engines_join_and_leave_an_index_while_the_subscriber_runs() {
+    use gantry_kvindex::index::{IndexOptions, IndexWriter};
+    let ctx = zmq::Context::new();
+    let a = publisher(&ctx, with_replay());
+    a.publish(vec![stored(&[1, 2], None, 0)]);
+    let path = std::env::temp_dir().join(format!("gantry-kvindex-join-{}", std::process::id()));
+    let writer = IndexWriter::create(&path, &IndexOptions { engine_slots: 2, capacity: 64, ..IndexOptions::default() })
+        .expect("create segment");
+    let reader = writer.reader();
+    let sub = Subscriber::spawn_with(&ctx, SubscriberOptions::default(), Vec::new(), writer).unwrap();
+
+    let slot = sub.register("http://a").unwrap();
+    assert_eq!(sub.register("http://a").unwrap(), slot, "a known name keeps its slot");
+    assert_eq!(reader.engine_slot("http://a"), Some(slot), "the name is in the segment");
+    sub.add_engine(EngineSource { name: "http://a".into(), ..source_of(slot, &a) }).unwrap();
+    let h = chain(0, 2);
+    let mut out = reader.new_overlaps();
+    wait_nudging("engine a's blocks in the index", &[&a], || {
+        reader.overlaps(&h, &mut out);
+        out.get(slot) == 2
+    });
+
+    let b = sub.register("http://b").unwrap();
+    assert_ne!(b, slot);
+    let full = sub.register("http://c");
+    assert!(matches!(&full, Err(SubscriberError::Register { engine, .. }) if engine == "http://c"), "{full:?}");
+
+    sub.release(slot).unwrap();
+    reader.overlaps(&h, &mut out);
+    assert_eq!(out.get(slot), 0, "its blocks are gone before release returns");
+    assert_eq!(reader.engine_slot("http://a"), None);
+    assert!(sub.stats().engine(slot).is_none(), "no longer followed");
+    assert_eq!(sub.register("http://c").unwrap(), slot, "the freed slot is taken again");
+    sub.shutdown();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(format!("{}.lock", path.display()));
+}

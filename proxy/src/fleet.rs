@@ -144,7 +144,7 @@ impl Pool {
         counters: Arc<crate::metrics::PoolCounters>,
     ) -> Pool {
         let slots: Vec<Option<EngineSlot>> =
-            engines.iter().map(|e| index.as_ref().and_then(|i| i.slots.get(&e.url).copied())).collect();
+            engines.iter().map(|e| index.as_ref().and_then(|i| i.slot_of(&e.url))).collect();
         let mut by_slot = vec![None; index.as_ref().map_or(0, |i| i.engine_slots)];
         for (i, s) in slots.iter().enumerate() {
             if let Some(s) = s {
@@ -171,6 +171,25 @@ impl Pool {
     /// The same pool with its prefix index set.
     pub fn with_index(&self, index: Option<Arc<PoolIndex>>) -> Pool {
         Pool::new(&self.conf, self.engines.clone(), index, self.counters.clone())
+    }
+
+    /// The pool's engines as config entries: each engine's own entry of the pool's config when
+    /// it has one (with its event endpoints), else just its URL and model (an engine added
+    /// through the admin API: no events, routed on the proxy's predictions).
+    pub fn members(&self) -> Vec<crate::config::EngineConf> {
+        self.engines
+            .iter()
+            .map(|e| {
+                self.conf.engine.iter().find(|c| c.url.trim_end_matches('/') == e.url).cloned().unwrap_or_else(|| {
+                    crate::config::EngineConf {
+                        url: e.url.clone(),
+                        model: e.model.clone(),
+                        kv_events: None,
+                        kv_replay: None,
+                    }
+                })
+            })
+            .collect()
     }
 }
 
@@ -292,8 +311,8 @@ impl Fleet {
         self.pools.iter().find(|p| p.role == Role::Agg && p.engines.iter().any(|e| e.model == model))
     }
 
-    /// A copy where `f` may change each pool's engine list (admin edits). Engines the pool's
-    /// index does not know are routed on load alone.
+    /// A copy where `f` may change each pool's engine list (admin edits), with each pool's
+    /// prefix index following the new list ([`Fleet::sync_indexes`]).
     pub fn edit(&self, mut f: impl FnMut(&str, &mut Vec<Arc<EngineState>>)) -> Fleet {
         let pools = self
             .pools
@@ -304,7 +323,26 @@ impl Fleet {
                 Pool::new(&p.conf, engines, p.index.clone(), p.counters.clone())
             })
             .collect();
-        Fleet { pools, models: self.models.clone(), model_info: self.model_info.clone(), router: self.router.clone() }
+        let mut fleet = Fleet {
+            pools,
+            models: self.models.clone(),
+            model_info: self.model_info.clone(),
+            router: self.router.clone(),
+        };
+        fleet.sync_indexes();
+        fleet
+    }
+
+    /// Makes each pool's prefix index follow the pool's engines (newcomers registered and their
+    /// events followed, leavers released; see [`PoolIndex::sync`]) and looks their slots up
+    /// again. Call it on a fleet about to be swapped in.
+    pub fn sync_indexes(&mut self) {
+        for pool in &mut self.pools {
+            if let Some(index) = pool.index.clone() {
+                index.sync(&pool.members());
+                *pool = pool.with_index(Some(index));
+            }
+        }
     }
 }
 

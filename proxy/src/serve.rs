@@ -261,6 +261,8 @@ impl ProxyServer {
         let mut fleet =
             Fleet::build(&new, Some(&old)).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?;
         drop(old);
+        // Pools that kept their index follow their new engines; the others get a new one.
+        fleet.sync_indexes();
         attach_indexes(&mut fleet, self.addr.port());
         let engines = fleet.engines().count();
         self.fleet.store(Arc::new(fleet));

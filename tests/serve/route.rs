@@ -86,13 +86,7 @@ fn shared_prefixes_go_to_their_holder_until_it_is_loaded() {
     // wait for it, reading the same shared-memory segment the proxy reads.
     let reader =
         gantry_kvindex::index::IndexReader::open(p.fleet.load().pools[0].index.as_ref().unwrap().path.clone()).unwrap();
-    let hashes = {
-        use gantry_proxy::route::prompt::{Endpoint, PromptInput};
-        let tok = gantry_tokenizer::Tokenizer::builtin();
-        let body = shared_prefix_chat(1, 400, 1);
-        let input = PromptInput::read(&body, Endpoint::Chat, Some(&tok), &mut Default::default(), None).unwrap();
-        input.hash(16, gantry_kvindex::hash::DEFAULT_SEED).hashes
-    };
+    let hashes = prompt_hashes(&shared_prefix_chat(1, 400, 1));
     let mut overlaps = reader.new_overlaps();
     wait_until("the index to hold the first prompt", Duration::from_secs(10), || {
         reader.overlaps(&hashes, &mut overlaps) >= 400 / 16
@@ -138,6 +132,81 @@ fn shared_prefixes_go_to_their_holder_until_it_is_loaded() {
     assert!(metric(&text, "gantry_route_decisions_total{pool=\"agg-0\",outcome=\"overlap\"}") >= 6.0, "{text}");
     assert!(metric(&text, "gantry_route_index_available{pool=\"agg-0\"}") == 1.0);
     drop(m);
+}
+
+/// The proxy's block hashes of `body`'s chat prompt (built-in tokenizer, 16-token blocks).
+fn prompt_hashes(body: &Value) -> Vec<u64> {
+    use gantry_proxy::route::prompt::{Endpoint, PromptInput};
+    let tok = gantry_tokenizer::Tokenizer::builtin();
+    let input = PromptInput::read(body, Endpoint::Chat, Some(&tok), &mut Default::default(), None).unwrap();
+    input.hash(16, gantry_kvindex::hash::DEFAULT_SEED).hashes
+}
+
+#[test]
+fn engines_joining_and_leaving_on_reload_are_followed_and_released() {
+    let m = mock(&["--engines", "2", "--kv-events-port", "0", "--kv-replay-port", "0"]);
+    let dir = std::env::temp_dir().join(format!("gantry-route-join-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let index_path = dir.join("index");
+    let conf = |engines: &[usize]| {
+        let urls: Vec<String> = engines.iter().map(|&i| m.engines[i].url()).collect();
+        let mut cfg = Config::single_pool("mock-model", &urls);
+        cfg.server.listen = "127.0.0.1:0".into();
+        cfg.server.workers = 1;
+        cfg.health.interval_ms = 0;
+        cfg.model[0].tokenizer = Some("builtin".into());
+        cfg.pool[0].policy = PolicyKind::Kv;
+        cfg.pool[0].index_path = Some(index_path.clone());
+        cfg.pool[0].index_capacity = 1 << 14;
+        cfg.admin =
+            Some(gantry_proxy::config::AdminConf { listen: "127.0.0.1:0".into(), token: "admin-secret".into() });
+        for (e, &i) in cfg.pool[0].engine.iter_mut().zip(engines) {
+            e.kv_events.clone_from(&m.engines[i].kv_events);
+            e.kv_replay.clone_from(&m.engines[i].kv_replay);
+        }
+        cfg
+    };
+    let (u0, u1) = (m.engines[0].url(), m.engines[1].url());
+    let mut p = serve::spawn(conf(&[0]), None).expect("proxy starts");
+    let reader = gantry_kvindex::index::IndexReader::open(&index_path).unwrap();
+    assert!(reader.engine_slot(&u0).is_some());
+    assert_eq!(reader.engine_slot(&u1), None);
+
+    p.apply(conf(&[0, 1])).unwrap();
+    let s1 = reader.engine_slot(&u1).expect("registered by the reload");
+    // Engine 1's own KV events reach the index: prefill a prompt on it directly.
+    assert_eq!(post(m.engines[1].http, "/v1/chat/completions", &shared_prefix_chat(3, 200, 0)).status, 200);
+    let hashes = prompt_hashes(&shared_prefix_chat(3, 200, 1));
+    let mut out = reader.new_overlaps();
+    wait_until("engine 1's events in the index", Duration::from_secs(10), || {
+        reader.overlaps(&hashes, &mut out);
+        out.get(s1) >= 200 / 16
+    });
+    // Through the proxy, the prefix goes to its holder.
+    let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(3, 200, 1));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-gantry-engine"), Some(u1.as_str()), "overlap {:?}", r.header("x-gantry-overlap-blocks"));
+
+    // Engine 1 leaves: released (blocks and name) before the reload returns.
+    p.apply(conf(&[0])).unwrap();
+    assert_eq!(reader.engine_slot(&u1), None);
+    reader.overlaps(&hashes, &mut out);
+    assert_eq!(out.get(s1), 0);
+    assert_eq!(
+        post(p.addr, "/v1/chat/completions", &shared_prefix_chat(3, 200, 2)).header("x-gantry-engine"),
+        Some(u0.as_str())
+    );
+
+    // The admin API: an engine added there gets a slot (no events: routed on predictions), and
+    // loses it when deleted.
+    let admin = p.admin.unwrap();
+    let add = json!({"url": u1, "model": "mock-model", "pool": "agg-0"});
+    assert_eq!(admin_call(admin, "POST", "/admin/engines", "admin-secret", add).0, 201);
+    assert!(reader.engine_slot(&u1).is_some(), "registered by the admin edit");
+    assert_eq!(admin_call(admin, "DELETE", "/admin/engines", "admin-secret", json!({"url": u1})).0, 200);
+    assert_eq!(reader.engine_slot(&u1), None, "released by the admin edit");
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

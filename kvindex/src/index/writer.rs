@@ -166,7 +166,10 @@ impl IndexWriter {
     }
 
     /// Frees `slot` after removing every block it holds (both tiers). Returns the entries it held.
+    /// Predictions already queued for it are applied first (so they are removed too); later
+    /// ones for a free slot are dropped.
     pub fn release_engine(&mut self, slot: EngineSlot) -> usize {
+        self.apply_predictions(usize::MAX);
         let n = self.clear_engine(slot);
         self.write_engine(slot as usize, None);
         n
@@ -230,7 +233,8 @@ impl IndexWriter {
             let Some((engine, hash, pos)) = self.queue.pop() else { break };
             n += 1;
             let e = engine as usize;
-            if e >= seg.shape().engine_slots {
+            // Out of range, or a slot no engine holds (released after the prediction was made).
+            if e >= seg.shape().engine_slots || seg.engine(e)[0].load(Relaxed) & USED == 0 {
                 continue;
             }
             // Already known for real: nothing to predict.
@@ -501,6 +505,14 @@ impl BlockSink for IndexWriter {
         self.update_clock();
         self.apply_predictions(PREDICTIONS_PER_MAINTAIN);
         self.expire_predictions(EXPIRY_SCAN_PER_MAINTAIN);
+    }
+
+    fn register(&mut self, name: &str) -> Result<EngineSlot, String> {
+        self.register_engine(name).map_err(|e| e.to_string())
+    }
+
+    fn release(&mut self, slot: EngineSlot) {
+        self.release_engine(slot);
     }
 }
 

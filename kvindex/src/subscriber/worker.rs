@@ -19,6 +19,8 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) enum Command {
     Add(EngineSource, Sender<Result<Arc<SharedCounters>, SubscriberError>>),
     Remove(EngineSlot, Sender<bool>),
+    Register(String, Sender<Result<EngineSlot, SubscriberError>>),
+    Release(EngineSlot, Sender<()>),
     Shutdown,
 }
 
@@ -241,6 +243,15 @@ impl<S: BlockSink> Worker<S> {
                 }
                 Ok(Command::Remove(slot, reply)) => {
                     let _ = reply.send(self.remove_engine(slot));
+                }
+                Ok(Command::Register(name, reply)) => {
+                    let slot = self.applier.sink_mut().register(&name);
+                    let _ = reply.send(slot.map_err(|problem| SubscriberError::Register { engine: name, problem }));
+                }
+                Ok(Command::Release(slot, reply)) => {
+                    self.remove_engine(slot);
+                    self.applier.sink_mut().release(slot);
+                    let _ = reply.send(());
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,

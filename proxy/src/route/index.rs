@@ -8,15 +8,21 @@
 //! otherwise predictions are short-lived ([`APPROX_TTL_EVENTS`]) and cover a burst of sibling
 //! requests arriving before the first stored event.
 //!
-//! Not yet: engines added by a reload or the admin API after the pool's index started are routed
-//! on load alone (their events are not followed) until the proxy restarts; a pool whose index
-//! settings change on reload keeps routing on load alone until restart too.
+//! Engines join and leave while the proxy runs: a reload or an admin edit calls
+//! [`PoolIndex::sync`] with the pool's new engines, which registers newcomers (a slot, their
+//! events followed when they have `kv_events`), re-follows engines whose endpoints changed, and
+//! releases engines that left (their blocks dropped, their slot freed). An engine that cannot
+//! get a slot (all taken: a pool's index has twice its starting engines, at least 64) is routed
+//! on load alone and logged. Not yet: a pool whose index settings (`index_path`,
+//! `index_capacity`) change on reload routes on load alone until restart, because the old
+//! segment's writer holds the path until the old fleet is gone.
 //!
 //! If the segment cannot be created (another writer holds its lock, `/dev/shm` is missing), the
 //! pool routes on load alone: the error is logged and `gantry_route_index_available{pool}` is 0.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use gantry_kvindex::hash::DEFAULT_SEED;
@@ -24,7 +30,7 @@ use gantry_kvindex::index::{IndexOptions, IndexReader, IndexWriter, Overlaps, Pr
 use gantry_kvindex::sink::EngineSlot;
 use gantry_kvindex::subscriber::{EngineSource, Subscriber};
 
-use crate::config::PoolConf;
+use crate::config::{EngineConf, PoolConf};
 
 /// Prediction lifetime for pools whose engines publish no events.
 pub const APPROX_TTL_NO_EVENTS: Duration = Duration::from_secs(120);
@@ -35,20 +41,32 @@ pub const APPROX_TTL_EVENTS: Duration = Duration::from_secs(5);
 pub struct PoolIndex {
     /// Segment file.
     pub path: PathBuf,
-    /// Engine URL → slot.
-    pub slots: HashMap<String, EngineSlot>,
     /// Hash seed shared with the subscriber.
     pub seed: u64,
     /// Sends predictions to the writer.
     pub predictor: Predictor,
     /// Engine slots of the segment (to size [`Overlaps`]).
     pub engine_slots: usize,
+    /// The pool's name (for logs).
+    pool: String,
+    /// The pool's KV block size (events of another size are skipped).
+    block_size: u32,
+    /// Engine URL → its slot and the event endpoints it is followed on.
+    members: Mutex<HashMap<String, Member>>,
     subscriber: Subscriber,
+}
+
+/// An engine the index knows.
+#[derive(Debug, Clone, PartialEq)]
+struct Member {
+    slot: EngineSlot,
+    kv_events: Option<String>,
+    kv_replay: Option<String>,
 }
 
 impl std::fmt::Debug for PoolIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PoolIndex").field("path", &self.path).field("slots", &self.slots).finish_non_exhaustive()
+        f.debug_struct("PoolIndex").field("path", &self.path).field("pool", &self.pool).finish_non_exhaustive()
     }
 }
 
@@ -70,29 +88,81 @@ impl PoolIndex {
             },
             ..IndexOptions::default()
         };
-        let mut writer = IndexWriter::create(&path, &opts).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut slots = HashMap::new();
-        let mut sources = Vec::new();
-        for e in &pool.engine {
-            let url = e.url.trim_end_matches('/').to_owned();
-            let slot = writer.register_engine(&url).map_err(|e| format!("{}: {e}", path.display()))?;
-            slots.insert(url.clone(), slot);
-            if let Some(events) = &e.kv_events {
-                sources.push(EngineSource {
-                    slot,
-                    name: url,
-                    events: events.clone(),
-                    replay: e.kv_replay.clone(),
-                    block_size: pool.block_size,
-                    seed: DEFAULT_SEED,
-                    ..EngineSource::default()
-                });
+        let writer = IndexWriter::create(&path, &opts).map_err(|e| format!("{}: {e}", path.display()))?;
+        let predictor = writer.predictor();
+        let subscriber = Subscriber::spawn(Vec::new(), writer).map_err(|e| format!("pool `{}`: {e}", pool.name))?;
+        let index = PoolIndex {
+            path,
+            seed: DEFAULT_SEED,
+            predictor,
+            engine_slots,
+            pool: pool.name.clone(),
+            block_size: pool.block_size,
+            members: Mutex::new(HashMap::new()),
+            subscriber,
+        };
+        index.sync(&pool.engine);
+        tracing::info!(pool = %pool.name, path = %index.path.display(), engines = pool.engine.len(), with_events, "kv index up");
+        Ok(index)
+    }
+
+    /// The slot of the engine at `url` (None: not in the index, routed on load alone).
+    pub fn slot_of(&self, url: &str) -> Option<EngineSlot> {
+        self.lock().get(url.trim_end_matches('/')).map(|m| m.slot)
+    }
+
+    /// Makes the index follow exactly `engines`: newcomers get a slot (and their events are
+    /// followed when they have `kv_events`), engines whose event endpoints changed are
+    /// re-followed from scratch, and engines not in `engines` are released (their blocks
+    /// dropped, their slot freed) before this returns. Failures are logged per engine, which
+    /// is then routed on load alone.
+    pub fn sync(&self, engines: &[EngineConf]) {
+        let mut members = self.lock();
+        let wanted: HashMap<&str, &EngineConf> = engines.iter().map(|e| (e.url.trim_end_matches('/'), e)).collect();
+        let leaving: Vec<String> = members.keys().filter(|u| !wanted.contains_key(u.as_str())).cloned().collect();
+        for url in leaving {
+            let m = members.remove(&url).expect("listed above");
+            match self.subscriber.release(m.slot) {
+                Ok(()) => tracing::info!(pool = %self.pool, engine = %url, slot = m.slot, "kv index: engine released"),
+                Err(e) => tracing::error!(pool = %self.pool, engine = %url, error = %e, "kv index: release failed"),
             }
         }
-        let predictor = writer.predictor();
-        let subscriber = Subscriber::spawn(sources, writer).map_err(|e| format!("pool `{}`: {e}", pool.name))?;
-        tracing::info!(pool = %pool.name, path = %path.display(), engines = slots.len(), with_events, "kv index up");
-        Ok(PoolIndex { path, slots, seed: DEFAULT_SEED, predictor, engine_slots, subscriber })
+        for (url, e) in wanted {
+            let member = |slot| Member { slot, kv_events: e.kv_events.clone(), kv_replay: e.kv_replay.clone() };
+            let slot = match members.get(url) {
+                Some(m) if *m == member(m.slot) => continue,
+                Some(m) => {
+                    // New event endpoints: what was learnt from the old ones is dropped.
+                    let _ = self.subscriber.remove_engine(m.slot);
+                    m.slot
+                }
+                None => match self.subscriber.register(url) {
+                    Ok(slot) => slot,
+                    Err(err) => {
+                        tracing::warn!(pool = %self.pool, engine = %url, error = %err, "kv index: no slot; the engine is routed on load alone");
+                        continue;
+                    }
+                },
+            };
+            members.insert(url.to_owned(), member(slot));
+            let Some(events) = &e.kv_events else { continue };
+            let source = EngineSource {
+                slot,
+                name: url.to_owned(),
+                events: events.clone(),
+                replay: e.kv_replay.clone(),
+                block_size: self.block_size,
+                seed: self.seed,
+                ..EngineSource::default()
+            };
+            if let Err(err) = self.subscriber.add_engine(source) {
+                tracing::warn!(pool = %self.pool, engine = %url, error = %err, "kv index: cannot follow the engine's events; it is routed on its predictions");
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Events applied, gaps, resyncs and the like, summed over the pool's engines.
