@@ -6,7 +6,7 @@
 //! reset or timeout before the response head, or a 503). Once a stream has started, an engine
 //! failure ends it with vLLM's SSE error event and `data: [DONE]`. A client that goes away
 //! drops this future: the upstream connection is closed (the engine aborts the request) and
-//! the load charge is released by [`Charge`]'s destructor.
+//! the load charge is released by `Charge`'s destructor.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
