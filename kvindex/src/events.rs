@@ -261,6 +261,18 @@ fn write_opt_str(out: &mut Vec<u8>, v: Option<&str>) {
     }
 }
 
+/// The extra hash ([`crate::hash::extra_hash`]) of one block's extra keys, from the msgpack bytes
+/// an engine's event carries for them (`extra_keys[i]`). A router computes a request's own:
+/// vLLM keys a request's first block by its `cache_salt` as `[salt]` (after a LoRA name, if
+/// any), so `extra_keys_hash(&[ExtraKey::Str(salt)])` is what the subscriber derives from that
+/// block's event.
+pub fn extra_keys_hash(keys: &[ExtraKey]) -> u64 {
+    let mut out = Vec::with_capacity(16);
+    write_array_len(&mut out, keys.len());
+    keys.iter().for_each(|k| write_extra_key(&mut out, k));
+    crate::hash::extra_hash(&out)
+}
+
 fn write_extra_keys(out: &mut Vec<u8>, keys: &[Option<Vec<ExtraKey>>]) {
     write_array_len(out, keys.len());
     for block in keys {

@@ -42,7 +42,9 @@ mod sync;
 pub mod vllm_hash;
 
 pub use decode::{decode_batch, DecodeError, DecodedBatch, DecodedEvent};
-pub use events::{encode_batch, BlockRemoved, BlockStored, ExtraKey, KvEvent, KvEventBatch, WireFormat};
+pub use events::{
+    encode_batch, extra_keys_hash, BlockRemoved, BlockStored, ExtraKey, KvEvent, KvEventBatch, WireFormat,
+};
 pub use publisher::{Publisher, PublisherConfig, PublisherError, PublisherStats, ReplayFraming};
 pub use subscriber::{EngineSource, Subscriber, SubscriberError, SubscriberOptions, SubscriberStats};
 pub use vllm_hash::{digest_to_u64, hash_block, hash_blocks, none_hash, VllmHashAlgo};

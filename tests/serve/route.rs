@@ -48,7 +48,7 @@ fn prefix_hit_rate(m: &MockServer) -> f64 {
 
 #[test]
 fn proxy_tokens_equal_the_mock_tokenize_endpoint() {
-    use gantry_proxy::route::prompt::{Endpoint, PromptInput};
+    use gantry_proxy::route::prompt::{Endpoint, PromptContent, PromptInput};
     let m = mock(&[]);
     let tok = gantry_tokenizer::Tokenizer::builtin();
     let mut cache = gantry_tokenizer::EncodeCache::default();
@@ -65,9 +65,9 @@ fn proxy_tokens_equal_the_mock_tokenize_endpoint() {
         (Endpoint::Completions, json!({"model": "mock-model", "prompt": format!("Once upon{words}")})),
     ];
     for (ep, body) in cases {
-        let ours = match PromptInput::read(&body, ep, Some(&tok), &mut cache, None).unwrap() {
-            PromptInput::Tokens(ids) => ids,
-            PromptInput::Text(_) => panic!("a tokenizer was given"),
+        let ours = match PromptInput::read(&body, ep, Some(&tok), &mut cache, None).unwrap().content {
+            PromptContent::Tokens(ids) => ids,
+            PromptContent::Text(_) => panic!("a tokenizer was given"),
         };
         let theirs = post(m.engines[0].http, "/tokenize", &body).json()["tokens"].clone();
         let theirs: Vec<u32> = serde_json::from_value(theirs).unwrap();
@@ -244,6 +244,10 @@ fn bad_prompts_and_targets_get_a_400_naming_the_field() {
         (
             json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "extra_args": {"itl_target": "fast"}}),
             "nvext",
+        ),
+        (
+            json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "cache_salt": ""}),
+            "cache_salt",
         ),
     ];
     for (body, param) in cases {

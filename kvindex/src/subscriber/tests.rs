@@ -118,6 +118,12 @@ fn extra_keys_are_hashed_from_their_msgpack_bytes() {
     let b1 = block_hash(b0, &[4, 5, 6, 7], 0);
     assert_eq!(a.sink().of(0), set(&[b0, b1]));
     assert!(!a.sink().of(0).contains(&chain(0, 1)[0]), "an extra key changes the hash");
+    // What a router computes for a request's own extra keys matches, for short and long strings.
+    assert_eq!(crate::extra_keys_hash(&[ExtraKey::Str("lora".into())]), extra_hash(b"\x91\xa4lora"));
+    let salt = "s".repeat(40);
+    let mut bytes = vec![0x91, 0xd9, 40];
+    bytes.extend_from_slice(salt.as_bytes());
+    assert_eq!(crate::extra_keys_hash(&[ExtraKey::Str(salt)]), extra_hash(&bytes));
 }
 
 #[test]

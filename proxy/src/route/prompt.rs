@@ -10,8 +10,13 @@
 //!   [`TEXT_CHUNK_BYTES`]-byte chunks that are hashed like blocks, so requests that share a text
 //!   prefix share hashes. Such hashes only ever meet the index's predicted entries (approximate
 //!   routing); the token count is estimated as bytes / 4.
+//! - `cache_salt` (vLLM's per-request cache isolation): mixed into the first block's hash exactly
+//!   as the engine's events key it (`extra_keys[0] = [salt]`), so salted requests match only
+//!   blocks cached under the same salt. Not yet: LoRA adapters (whose name vLLM puts in every
+//!   block's extra keys) are not mixed in.
 
 use gantry_kvindex::hash::{block_hash, hash_blocks};
+use gantry_kvindex::{extra_keys_hash, ExtraKey};
 use gantry_tokenizer::{ChatTemplateInput, EncodeCache, Tokenizer};
 use serde_json::Value;
 
@@ -53,9 +58,18 @@ pub enum Endpoint {
     Completions,
 }
 
-/// A request's prompt before hashing: token ids, or text when the model has no tokenizer.
+/// A request's prompt before hashing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PromptInput {
+pub struct PromptInput {
+    /// Token ids, or text when the model has no tokenizer.
+    pub content: PromptContent,
+    /// Mixed into the first block's hash: the request's `cache_salt` (0: none).
+    pub first_extra: u64,
+}
+
+/// What a prompt is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptContent {
     /// Exact token ids.
     Tokens(Vec<u32>),
     /// Text, for approximate routing.
@@ -71,7 +85,10 @@ impl PromptInput {
         cache: &mut EncodeCache,
         max_model_len: Option<usize>,
     ) -> Result<PromptInput, BadPrompt> {
-        let Some(tok) = tokenizer else { return Ok(PromptInput::Text(text(body, endpoint)?)) };
+        let first_extra = cache_salt(body)?;
+        let Some(tok) = tokenizer else {
+            return Ok(PromptInput { content: PromptContent::Text(text(body, endpoint)?), first_extra });
+        };
         let ids = tokens(body, endpoint, tok, cache)?;
         if let Some(max) = max_model_len {
             if ids.len() > max {
@@ -84,31 +101,32 @@ impl PromptInput {
                 ));
             }
         }
-        Ok(PromptInput::Tokens(ids))
+        Ok(PromptInput { content: PromptContent::Tokens(ids), first_extra })
     }
 
     /// Prompt tokens (estimated as bytes / 4 for text).
     pub fn tokens(&self) -> usize {
-        match self {
-            PromptInput::Tokens(ids) => ids.len(),
-            PromptInput::Text(t) => t.len() / 4,
+        match &self.content {
+            PromptContent::Tokens(ids) => ids.len(),
+            PromptContent::Text(t) => t.len() / 4,
         }
     }
 
     /// Hashes the prompt in `block_size`-token blocks (text: [`TEXT_CHUNK_BYTES`] chunks).
     pub fn hash(&self, block_size: u32, seed: u64) -> Prompt {
         let mut out = Prompt { tokens: self.tokens(), ..Prompt::default() };
-        match self {
-            PromptInput::Tokens(ids) => {
+        match &self.content {
+            PromptContent::Tokens(ids) => {
                 out.exact = true;
-                hash_blocks(seed, ids, block_size as usize, 0, &mut out.hashes);
+                hash_blocks(seed, ids, block_size as usize, self.first_extra, &mut out.hashes);
             }
-            PromptInput::Text(text) => {
-                let mut parent = TEXT_SEED;
+            PromptContent::Text(text) => {
+                let (mut parent, mut extra) = (TEXT_SEED, self.first_extra);
                 for chunk in text.as_bytes().chunks_exact(TEXT_CHUNK_BYTES) {
                     let words: Vec<u32> =
                         chunk.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
-                    parent = block_hash(parent, &words, 0);
+                    parent = block_hash(parent, &words, extra);
+                    extra = 0;
                     out.hashes.push(parent);
                 }
             }
@@ -175,6 +193,16 @@ fn tokens(body: &Value, endpoint: Endpoint, tok: &Tokenizer, cache: &mut EncodeC
                 _ => Err(bad("`prompt` must be a string, a list of strings or token ids", "prompt")),
             }
         }
+    }
+}
+
+/// The first block's extra hash for the request's `cache_salt` (0 without one). vLLM refuses a
+/// salt that is not a non-empty string, with this message.
+fn cache_salt(body: &Value) -> Result<u64, BadPrompt> {
+    match body.get("cache_salt") {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::String(s)) if !s.is_empty() => Ok(extra_keys_hash(&[ExtraKey::Str(s.clone())])),
+        Some(_) => Err(bad("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")),
     }
 }
 
@@ -262,6 +290,40 @@ mod tests {
         let long =
             run(json!({"prompt": gantry_tokenizer::builtin_word_text(0, 65)}), Endpoint::Completions, Some(&tok));
         assert!(long.unwrap_err().message.contains("maximum context length is 64"));
+    }
+
+    #[test]
+    fn a_cache_salt_keys_the_first_block_as_the_engines_events_do() {
+        let tok = Tokenizer::builtin();
+        let words = gantry_tokenizer::builtin_word_text(0, 40);
+        let plain = run(json!({"prompt": words}), Endpoint::Completions, Some(&tok)).unwrap();
+        let salted =
+            run(json!({"prompt": words, "cache_salt": "tenant-a"}), Endpoint::Completions, Some(&tok)).unwrap();
+        let ids = tok.encode(&words, true).unwrap();
+        let mut want = Vec::new();
+        hash_blocks(1337, &ids, 16, extra_keys_hash(&[ExtraKey::Str("tenant-a".into())]), &mut want);
+        assert_eq!(salted.hashes, want);
+        assert_ne!(salted.hashes[0], plain.hashes[0]);
+        let other = run(json!({"prompt": words, "cache_salt": "tenant-b"}), Endpoint::Completions, Some(&tok)).unwrap();
+        assert_ne!(salted.hashes[0], other.hashes[0], "each salt has its own chain");
+        let null = run(json!({"prompt": words, "cache_salt": null}), Endpoint::Completions, Some(&tok)).unwrap();
+        assert_eq!(null.hashes, plain.hashes);
+        let text = |salt: Value| {
+            run(
+                json!({"messages": [{"role": "user", "content": "x".repeat(200)}], "cache_salt": salt}),
+                Endpoint::Chat,
+                None,
+            )
+            .unwrap()
+            .hashes
+        };
+        assert_ne!(text(json!("a"))[0], text(Value::Null)[0], "text chunks are salted too");
+        for bad_salt in [json!(""), json!(5), json!(["a"])] {
+            let e =
+                run(json!({"prompt": words, "cache_salt": bad_salt}), Endpoint::Completions, Some(&tok)).unwrap_err();
+            assert_eq!(e.param, Some("cache_salt"));
+            assert_eq!(e.message, "Parameter 'cache_salt' must be a non-empty string if provided.");
+        }
     }
 
     #[test]
