@@ -4,9 +4,10 @@
 //! of the first block is `NONE_HASH = SHA-256(serialize("vllm-none-hash"))` and `serialize` is
 //! Python's `pickle.dumps(.., protocol=5)` ([`VllmHashAlgo::Sha256`], vLLM's default) or
 //! `cbor2.dumps(.., canonical=True)` ([`VllmHashAlgo::Sha256Cbor`]). Events carry
-//! [`digest_to_u64`] of each digest. Only blocks without extra keys (no LoRA, multimodal,
-//! cache salt or prompt embeds) are covered, and the seed assumes `PYTHONHASHSEED` is unset on
-//! vLLM >= 0.33.
+//! [`digest_to_u64`] of each digest. Of the extra keys, only a request's `cache_salt` is covered
+//! (its first block hashes `(parent, tokens, (("cache_salt", salt),))`, [`hash_block_salted`]);
+//! LoRA, multimodal and prompt-embeds blocks are not, and the seed assumes `PYTHONHASHSEED` is
+//! unset on vLLM >= 0.33.
 
 mod cbor;
 mod pickle;
@@ -37,7 +38,18 @@ pub fn none_hash(algo: VllmHashAlgo) -> [u8; 32] {
 
 /// Digest of one full block: `H((parent, tuple(token_ids), None))` (no extra keys).
 pub fn hash_block(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32]) -> [u8; 32] {
-    Sha256::digest(serialize_block(algo, parent, token_ids)).into()
+    hash_block_salted(algo, parent, token_ids, None)
+}
+
+/// Digest of one full block with the request's cache salt as its extra keys (vLLM passes the salt
+/// for a request's first block only): `H((parent, tuple(token_ids), (("cache_salt", salt),)))`.
+/// `None` is [`hash_block`].
+pub fn hash_block_salted(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> [u8; 32] {
+    let bytes = match algo {
+        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids, salt),
+        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids, salt),
+    };
+    Sha256::digest(bytes).into()
 }
 
 /// Chained digests of every *full* block of `token_ids` (a trailing partial block is not hashed,
@@ -67,8 +79,8 @@ pub fn digest_to_u64(d: &[u8; 32]) -> u64 {
 /// The exact bytes vLLM hashes for a block (exposed for tests and debugging).
 pub fn serialize_block(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
     match algo {
-        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids),
-        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids),
+        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids, None),
+        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids, None),
     }
 }
 

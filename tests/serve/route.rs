@@ -210,6 +210,46 @@ fn engines_joining_and_leaving_on_reload_are_followed_and_released() {
 }
 
 #[test]
+fn a_cache_salt_is_routed_on_its_own_chain() {
+    let (m, p) = kv_stack(&[], PolicyKind::Kv);
+    let salted = |salt: Option<&str>, tail: usize| {
+        let mut b = shared_prefix_chat(5, 300, tail);
+        if let Some(s) = salt {
+            b["cache_salt"] = json!(s);
+        }
+        b
+    };
+    // Engine 2 caches a salted prompt (sent to it directly: no prediction of the proxy's is
+    // involved), and its events, which carry the salt as the first block's extra key, reach
+    // the index under the same hashes the proxy computes for that salt.
+    let e2 = &m.engines[2];
+    assert_eq!(post(e2.http, "/v1/chat/completions", &salted(Some("tenant-a"), 0)).status, 200);
+    let reader =
+        gantry_kvindex::index::IndexReader::open(p.fleet.load().pools[0].index.as_ref().unwrap().path.clone()).unwrap();
+    let slot = reader.engine_slot(&e2.url()).expect("engine 2 is registered");
+    let hashes = prompt_hashes(&salted(Some("tenant-a"), 1));
+    let mut out = reader.new_overlaps();
+    wait_until("engine 2's salted blocks in the index", Duration::from_secs(10), || {
+        reader.overlaps(&hashes, &mut out);
+        out.get(slot) >= 300 / 16
+    });
+    reader.overlaps(&prompt_hashes(&salted(None, 1)), &mut out);
+    assert_eq!(out.get(slot), 0, "the unsalted prompt has another chain");
+
+    // Through the proxy: the same salt goes to engine 2; no salt, or another, overlaps nothing.
+    let r = post(p.addr, "/v1/chat/completions", &salted(Some("tenant-a"), 1));
+    assert_eq!(r.header("x-gantry-engine"), Some(e2.url().as_str()));
+    let overlap = |r: &Reply| r.header("x-gantry-overlap-blocks").unwrap().parse::<u32>().unwrap();
+    assert!(overlap(&r) >= 300 / 16, "overlap {}", overlap(&r));
+    assert_eq!(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().map(|t| t >= 300), Some(true));
+    for other in [salted(None, 2), salted(Some("tenant-b"), 2)] {
+        let r = post(p.addr, "/v1/chat/completions", &other);
+        assert_eq!(r.status, 200);
+        assert_eq!(overlap(&r), 0, "{}", other["cache_salt"]);
+    }
+}
+
+#[test]
 fn kv_beats_round_robin_on_the_engines_prefix_hit_rate() {
     let run = |policy: PolicyKind| {
         let (m, p) = kv_stack(&[], policy);

@@ -89,6 +89,7 @@ struct GenRequest {
     echo: Option<bool>,
     return_token_strs: Option<bool>,
     tokens: Option<Value>,
+    cache_salt: Option<Value>,
 }
 
 impl GenRequest {
@@ -203,6 +204,7 @@ struct Prepared {
     lease: bool,
     remote: Option<RemotePrefill>,
     echo_prompt: Option<String>,
+    cache_salt: Option<String>,
 }
 
 impl Api {
@@ -295,6 +297,11 @@ impl Api {
         };
         let so = r.stream_options.unwrap_or_default();
         let (lease, remote) = self.kv_transfer(r.kv_transfer_params.as_ref())?;
+        let cache_salt = match r.cache_salt {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if !s.is_empty() => Some(s),
+            Some(_) => return Err(ApiError::bad("Parameter 'cache_salt' must be a non-empty string if provided.")),
+        };
         let mut seed = r.seed.unwrap_or(0) as u64;
         for &t in &prompt {
             seed = splitmix(seed ^ u64::from(t));
@@ -310,6 +317,7 @@ impl Api {
             lease,
             remote,
             echo_prompt,
+            cache_salt,
         })
     }
 
@@ -440,6 +448,7 @@ impl Api {
                 seed: p.seed,
                 lease_id: lease_id.clone(),
                 remote_prefill: p.remote,
+                cache_salt: p.cache_salt,
             },
             Instant::now(),
         );

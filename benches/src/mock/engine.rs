@@ -177,6 +177,9 @@ pub struct NewRequest {
     pub lease_id: Option<String>,
     /// Decode side of P/D: load the prompt KV from a prefill engine first.
     pub remote_prefill: Option<RemotePrefill>,
+    /// vLLM's `cache_salt`: keys the first block, so only requests with the same salt share
+    /// cached blocks.
+    pub cache_salt: Option<String>,
 }
 
 /// Why a request was not admitted.
@@ -230,6 +233,7 @@ struct Req {
     max_tokens: usize,
     ignore_eos: bool,
     seed: u64,
+    cache_salt: Option<String>,
     hashes: Vec<BlockHash>,
     blocks: Vec<BlockId>,
     num_computed: usize,
@@ -355,6 +359,7 @@ impl EngineCore {
             max_tokens: req.max_tokens.max(1),
             ignore_eos: req.ignore_eos,
             seed: req.seed,
+            cache_salt: req.cache_salt,
             hashes: Vec::new(),
             blocks: Vec::new(),
             num_computed: 0,
@@ -380,7 +385,8 @@ impl EngineCore {
         while r.hashes.len() < full {
             let i = r.hashes.len();
             let parent = r.hashes.last().map_or(none_hash, |h| &h.digest);
-            let digest = vllm_hash::hash_block(cfg.hash_algo, parent, &r.tokens[i * bs..(i + 1) * bs]);
+            let salt = if i == 0 { r.cache_salt.as_deref() } else { None };
+            let digest = vllm_hash::hash_block_salted(cfg.hash_algo, parent, &r.tokens[i * bs..(i + 1) * bs], salt);
             r.hashes.push(BlockHash { digest, external: vllm_hash::digest_to_u64(&digest) });
         }
     }
@@ -632,7 +638,8 @@ impl EngineCore {
         }
         let a = r.num_cached_blocks;
         let parent = a.checked_sub(1).map(|p| r.hashes[p].external);
-        kv.cache_blocks(&r.blocks[a..full], &r.hashes[a..full], parent, &r.tokens[a * bs..full * bs]);
+        let tokens = &r.tokens[a * bs..full * bs];
+        kv.cache_blocks(&r.blocks[a..full], &r.hashes[a..full], parent, tokens, r.cache_salt.as_deref());
         r.num_cached_blocks = full;
     }
 

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use gantry_kvindex::events::{BlockRemoved, BlockStored, KvEvent};
+use gantry_kvindex::events::{BlockRemoved, BlockStored, ExtraKey, KvEvent};
 
 /// Index of a block in the pool.
 pub type BlockId = u32;
@@ -196,9 +196,17 @@ impl KvCache {
 
     /// Registers newly full blocks: `blocks[i]` holds the block hashed `hashes[i]`; `parent` is
     /// the hash of the block before `blocks[0]` (None at token 0) and `tokens` their tokens,
-    /// concatenated. Emits one `BlockStored` for them, as vLLM's `cache_full_blocks` does.
-    /// Does nothing if prefix caching is off.
-    pub fn cache_blocks(&mut self, blocks: &[BlockId], hashes: &[BlockHash], parent: Option<u64>, tokens: &[u32]) {
+    /// concatenated; `salt` is the request's cache salt, which vLLM reports as the first block's
+    /// extra keys (`[salt]`). Emits one `BlockStored` for them, as vLLM's `cache_full_blocks`
+    /// does. Does nothing if prefix caching is off.
+    pub fn cache_blocks(
+        &mut self,
+        blocks: &[BlockId],
+        hashes: &[BlockHash],
+        parent: Option<u64>,
+        tokens: &[u32],
+        salt: Option<&str>,
+    ) {
         debug_assert_eq!(blocks.len(), hashes.len());
         debug_assert_eq!(tokens.len(), blocks.len() * self.block_size);
         if !self.prefix_caching || blocks.is_empty() {
@@ -232,7 +240,13 @@ impl KvCache {
                 lora_id: None,
                 medium: Some("GPU".into()),
                 lora_name: None,
-                extra_keys: Some(vec![None; blocks.len()]),
+                extra_keys: Some({
+                    let mut keys = vec![None; blocks.len()];
+                    if let (None, Some(salt)) = (parent, salt) {
+                        keys[0] = Some(vec![ExtraKey::Str(salt.to_owned())]);
+                    }
+                    keys
+                }),
                 group_idx: Some(0),
                 kv_cache_spec_kind: Some("full_attention".into()),
                 kv_cache_spec_sliding_window: None,

@@ -8,8 +8,9 @@ pub(super) fn dumps_str(s: &str) -> Vec<u8> {
     out
 }
 
-/// CBOR of `(parent: bytes, tuple(token_ids), None)`: `83 58 20 <32 bytes> <array> f6`.
-pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
+/// CBOR of `(parent: bytes, tuple(token_ids), extra)`: `83 58 20 <32 bytes> <array> <extra>`,
+/// `extra` being `f6` (None) or, with a cache salt, `[["cache_salt", salt]]`.
+pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> Vec<u8> {
     let mut out = Vec::with_capacity(36 + 9 + 5 * token_ids.len() + 1);
     write_head(&mut out, 4, 3);
     write_head(&mut out, 2, parent.len() as u64);
@@ -18,7 +19,15 @@ pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
     for &t in token_ids {
         write_head(&mut out, 0, u64::from(t));
     }
-    out.push(0xf6); // None
+    match salt {
+        None => out.push(0xf6),
+        Some(salt) => {
+            write_head(&mut out, 4, 1);
+            write_head(&mut out, 4, 2);
+            out.extend_from_slice(&dumps_str("cache_salt"));
+            out.extend_from_slice(&dumps_str(salt));
+        }
+    }
     out
 }
 

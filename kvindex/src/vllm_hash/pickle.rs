@@ -9,6 +9,7 @@
 const PROTO: u8 = 0x80;
 const FRAME: u8 = 0x95;
 const SHORT_BINUNICODE: u8 = 0x8c;
+const BINUNICODE: u8 = 0x58;
 const SHORT_BINBYTES: u8 = 0x43;
 const MEMOIZE: u8 = 0x94;
 const MARK: u8 = 0x28;
@@ -40,8 +41,9 @@ pub(super) fn dumps_str(s: &str) -> Vec<u8> {
     p.finish()
 }
 
-/// Pickle of `(parent: bytes, tuple(token_ids), None)`.
-pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
+/// Pickle of `(parent: bytes, tuple(token_ids), extra)`, `extra` being `None` or, with a cache
+/// salt, `(("cache_salt", salt),)`.
+pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> Vec<u8> {
     let mut p = Pickler::new();
     p.boundary(); // save(outer tuple)
     p.boundary(); // save(parent)
@@ -66,8 +68,17 @@ pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
             p.frame.extend_from_slice(&[TUPLE, MEMOIZE]);
         }
     }
-    p.boundary(); // save(None)
-    p.frame.push(NONE);
+    p.boundary(); // save(extra keys)
+    match salt {
+        None => p.frame.push(NONE),
+        Some(salt) => {
+            p.boundary(); // save(("cache_salt", salt))
+            p.save_str("cache_salt");
+            p.save_str(salt);
+            p.frame.extend_from_slice(&[TUPLE2, MEMOIZE]);
+            p.frame.extend_from_slice(&[TUPLE1, MEMOIZE]);
+        }
+    }
     p.frame.extend_from_slice(&[TUPLE3, MEMOIZE]);
     p.finish()
 }
@@ -95,6 +106,32 @@ impl Pickler {
             self.out.extend_from_slice(&(self.frame.len() as u64).to_le_bytes());
         }
         self.out.append(&mut self.frame);
+    }
+
+    /// `save_str` (protocol 5), then its memoization. Strings of 64 KiB and more go outside the
+    /// frame, as `_write_large_bytes` writes them; over 4 GiB (`BINUNICODE8`) is not supported.
+    /// (A salt equal to `"cache_salt"` may be the same interned object in CPython and be
+    /// pickled as a memo reference instead; that case is not reproduced.)
+    fn save_str(&mut self, s: &str) {
+        self.boundary();
+        let n = s.len();
+        if n <= 0xff {
+            self.frame.extend_from_slice(&[SHORT_BINUNICODE, n as u8]);
+            self.frame.extend_from_slice(s.as_bytes());
+        } else {
+            let len = u32::try_from(n).expect("pickle::save_str: strings over 4 GiB are not supported");
+            let mut head = vec![BINUNICODE];
+            head.extend_from_slice(&len.to_le_bytes());
+            if n >= FRAME_SIZE_TARGET {
+                self.commit();
+                self.out.extend_from_slice(&head);
+                self.out.extend_from_slice(s.as_bytes());
+            } else {
+                self.frame.extend_from_slice(&head);
+                self.frame.extend_from_slice(s.as_bytes());
+            }
+        }
+        self.frame.push(MEMOIZE);
     }
 
     /// `save_long` for a non-negative int below 2^32.

@@ -143,3 +143,50 @@ fn digest_to_u64_reads_last_eight_bytes_big_endian() {
     d[24..].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
     assert_eq!(digest_to_u64(&d), 0x0102_0304_0506_0708);
 }
+
+/// A first block keyed by a cache salt, against CPython 3.11.7's `pickle.dumps(.., protocol=5)`
+/// and cbor2 5.x `dumps(.., canonical=True)` of `(bytes(range(32)), (1, 2, 3, 4),
+/// (("cache_salt", salt),))`, SHA-256: a short salt, one over 255 bytes (`BINUNICODE`) and one
+/// over 64 KiB (written outside the pickle frame).
+#[test]
+fn salted_blocks_match_cpython_and_cbor2() {
+    let parent: [u8; 32] = std::array::from_fn(|i| i as u8);
+    let cases = [
+        (
+            "tenant-a".to_owned(),
+            "a1bec86cf7c39b2cc4ff28c4cd642331b7523ad41e1d9c98474ac134be828242",
+            "1e59f777432caf9d833962b74ad37f7ba9b6b9b69eb487030e3bd0de12414082",
+        ),
+        (
+            "x".repeat(300),
+            "145c7729fe486a10490274d8accbf8f91931f782c0c31042fbda43b15346bef8",
+            "e84458a23efeda36837d1b1f55f9c584dbfdb47f1a22a2555346acbd2523d555",
+        ),
+        (
+            "y".repeat(70_000),
+            "9264557474303e9ab32c07b4c4f685c3d2bcb97c113a5bbb89d37553beb88d82",
+            "615777aee776187f837db9735c7dcc7540051fc9a1ed7b5639516091ba588a29",
+        ),
+    ];
+    for (salt, pickled, cbor) in cases {
+        let n = salt.len();
+        assert_eq!(
+            hash_block_salted(VllmHashAlgo::Sha256, &parent, &[1, 2, 3, 4], Some(&salt)),
+            digest(pickled),
+            "pickle, {n}-byte salt"
+        );
+        assert_eq!(
+            hash_block_salted(VllmHashAlgo::Sha256Cbor, &parent, &[1, 2, 3, 4], Some(&salt)),
+            digest(cbor),
+            "cbor, {n}-byte salt"
+        );
+    }
+    assert_eq!(
+        cbor::dumps_block(&parent, &[1, 2, 3, 4], Some("tenant-a")),
+        unhex("835820 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f 8401020304 81826a63616368655f73616c746874656e616e742d61")
+    );
+    assert_eq!(
+        hash_block_salted(VllmHashAlgo::Sha256, &parent, &[1, 2, 3, 4], None),
+        hash_block(VllmHashAlgo::Sha256, &parent, &[1, 2, 3, 4])
+    );
+}

@@ -25,7 +25,7 @@ fn cfg(blocks: usize, bs: usize) -> EngineConfig {
 }
 
 fn req(prompt: Vec<u32>, max_tokens: usize) -> NewRequest {
-    NewRequest { prompt, max_tokens, ignore_eos: true, seed: 1, lease_id: None, remote_prefill: None }
+    NewRequest { prompt, max_tokens, ignore_eos: true, seed: 1, lease_id: None, remote_prefill: None, cache_salt: None }
 }
 
 /// Steps until no work is left (bounded), returning the number of steps.
@@ -100,6 +100,36 @@ fn second_request_hits_the_prefix_and_events_describe_it() {
     assert_eq!(b.borrow().cached_tokens, 12);
     assert_eq!(e.metrics.prefix_queries, 26);
     assert_eq!(e.metrics.prefix_hits, 12);
+}
+
+#[test]
+fn a_cache_salt_keys_the_first_block_and_isolates_the_cache() {
+    let mut e = EngineCore::new(cfg(64, 4), vec![100], None);
+    let prompt: Vec<u32> = (0..13).collect();
+    let salted = |salt: &str| NewRequest { cache_salt: Some(salt.into()), ..req(prompt.clone(), 1) };
+    let (_, a) = e.submit(salted("tenant-a"), Instant::now()).unwrap();
+    run(&mut e);
+    let ev = e.take_events();
+    let Some(KvEvent::BlockStored(stored)) = ev.iter().find(|x| matches!(x, KvEvent::BlockStored(_))) else {
+        panic!("no BlockStored in {ev:?}")
+    };
+    // vLLM's event form: the salt as the first block's only extra key, nothing on the others.
+    let keys = stored.extra_keys.as_ref().expect("extra_keys present");
+    assert_eq!(keys[0], Some(vec![gantry_kvindex::events::ExtraKey::Str("tenant-a".into())]));
+    assert!(keys[1..].iter().all(Option::is_none));
+    // vLLM's hash: the first block keyed by the salt, the chain continuing from it.
+    let none = gantry_kvindex::vllm_hash::none_hash(VllmHashAlgo::Sha256);
+    let b0 = gantry_kvindex::vllm_hash::hash_block_salted(VllmHashAlgo::Sha256, &none, &prompt[..4], Some("tenant-a"));
+    let b1 = gantry_kvindex::vllm_hash::hash_block(VllmHashAlgo::Sha256, &b0, &prompt[4..8]);
+    let digests = [b0, b1].map(|d| gantry_kvindex::vllm_hash::digest_to_u64(&d));
+    assert_eq!(stored.block_hashes[..2], digests);
+    assert_eq!(a.borrow().cached_tokens, 0);
+    // Another salt and no salt miss; the same salt hits.
+    for (req, want) in [(salted("tenant-b"), 0), (req(prompt.clone(), 1), 0), (salted("tenant-a"), 12)] {
+        let (_, out) = e.submit(req, Instant::now()).unwrap();
+        run(&mut e);
+        assert_eq!(out.borrow().cached_tokens, want);
+    }
 }
 
 #[test]
