@@ -169,11 +169,12 @@ fn engines_joining_and_leaving_on_reload_are_followed_and_released() {
     let (u0, u1) = (m.engines[0].url(), m.engines[1].url());
     let mut p = serve::spawn(conf(&[0]), None).expect("proxy starts");
     let reader = gantry_kvindex::index::IndexReader::open(&index_path).unwrap();
-    assert!(reader.engine_slot(&u0).is_some());
+    let s0 = reader.engine_slot(&u0).expect("registered at start");
     assert_eq!(reader.engine_slot(&u1), None);
 
     p.apply(conf(&[0, 1])).unwrap();
     let s1 = reader.engine_slot(&u1).expect("registered by the reload");
+    assert_eq!(reader.engine_slot(&u0), Some(s0), "an engine that stays keeps its slot");
     // Engine 1's own KV events reach the index: prefill a prompt on it directly.
     assert_eq!(post(m.engines[1].http, "/v1/chat/completions", &shared_prefix_chat(3, 200, 0)).status, 200);
     let hashes = prompt_hashes(&shared_prefix_chat(3, 200, 1));

@@ -20,7 +20,7 @@
 //! If the segment cannot be created (another writer holds its lock, `/dev/shm` is missing), the
 //! pool routes on load alone: the error is logged and `gantry_route_index_available{pool}` is 0.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -118,8 +118,8 @@ impl PoolIndex {
     /// is then routed on load alone.
     pub fn sync(&self, engines: &[EngineConf]) {
         let mut members = self.lock();
-        let wanted: HashMap<&str, &EngineConf> = engines.iter().map(|e| (e.url.trim_end_matches('/'), e)).collect();
-        let leaving: Vec<String> = members.keys().filter(|u| !wanted.contains_key(u.as_str())).cloned().collect();
+        let wanted: HashSet<&str> = engines.iter().map(|e| e.url.trim_end_matches('/')).collect();
+        let leaving: Vec<String> = members.keys().filter(|u| !wanted.contains(u.as_str())).cloned().collect();
         for url in leaving {
             let m = members.remove(&url).expect("listed above");
             match self.subscriber.release(m.slot) {
@@ -127,7 +127,9 @@ impl PoolIndex {
                 Err(e) => tracing::error!(pool = %self.pool, engine = %url, error = %e, "kv index: release failed"),
             }
         }
-        for (url, e) in wanted {
+        // In the given order, so slots follow the config's order at startup.
+        for e in engines {
+            let url = e.url.trim_end_matches('/');
             let member = |slot| Member { slot, kv_events: e.kv_events.clone(), kv_replay: e.kv_replay.clone() };
             let slot = match members.get(url) {
                 Some(m) if *m == member(m.slot) => continue,
