@@ -222,6 +222,19 @@ fn engines_get_stable_slots_and_names() {
 }
 
 #[test]
+fn a_released_slot_is_taken_again_only_after_the_other_free_ones() {
+    let dir = TempDir::new("slot-hand");
+    let mut w = IndexWriter::create(dir.path(), &opts(4, 16)).unwrap();
+    let [a, b] = ["a", "b"].map(|n| w.register_engine(n).unwrap());
+    assert_eq!((a, b), (0, 1));
+    w.release_engine(a);
+    // Predictions for `a` still in flight then find slot 0 unused rather than a newcomer's.
+    let [c, d, e] = ["c", "d", "e"].map(|n| w.register_engine(n).unwrap());
+    assert_eq!((c, d, e), (2, 3, 0), "round the table, slot 0 last");
+    assert_eq!(w.release_engine(200), 0, "an out-of-range slot is refused, not a panic");
+}
+
+#[test]
 fn one_writer_at_a_time_and_a_new_writer_resets_the_segment() {
     let dir = TempDir::new("lock");
     let mut w = IndexWriter::create(dir.path(), &opts(4, 64)).unwrap();

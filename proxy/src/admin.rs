@@ -66,6 +66,7 @@ impl Admin {
             Err(e) => return error_response(400, &format!("invalid body: {e}"), None),
         };
         let url = b.url.trim_end_matches('/').to_owned();
+        let _changing = crate::fleet::change_lock();
         let fleet = self.fleet.load_full();
         let exists = fleet.engines().any(|(_, e)| e.url == url);
         match (method, path) {

@@ -245,7 +245,11 @@ impl Fleet {
             let old_pool = old.and_then(|o| o.pools.iter().find(|op| op.name == p.name));
             let counters = old_pool.map_or_else(Default::default, |op| op.counters.clone());
             let index = old_pool
-                .filter(|op| op.conf.index_path == p.index_path && op.conf.index_capacity == p.index_capacity)
+                .filter(|op| {
+                    op.conf.index_path == p.index_path
+                        && op.conf.index_capacity == p.index_capacity
+                        && op.conf.block_size == p.block_size
+                })
                 .and_then(|op| op.index.clone())
                 .filter(|_| p.policy == PolicyKind::Kv);
             pools.push(Pool::new(p, engines, index, counters));
@@ -357,3 +361,13 @@ pub fn load_tokenizer(src: &std::path::Path) -> Result<Tokenizer, gantry_tokeniz
 
 /// The shared, swappable fleet.
 pub type SharedFleet = Arc<ArcSwap<Fleet>>;
+
+/// Held by every change of a shared fleet (a reload, an admin edit) from loading the current
+/// fleet to storing the new one: the changes also move the pools' prefix indexes
+/// ([`Fleet::sync_indexes`]), so two of them interleaving could leave the stored fleet and an
+/// index disagreeing about which engine holds which slot. Process-wide, since such changes are
+/// rare.
+pub fn change_lock() -> std::sync::MutexGuard<'static, ()> {
+    static CHANGES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CHANGES.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -257,6 +257,7 @@ impl ProxyServer {
         if new.server.listen != self.config.server.listen {
             tracing::warn!("server.listen changed: a restart is needed for it to take effect");
         }
+        let _changing = crate::fleet::change_lock();
         let old = self.fleet.load();
         let mut fleet =
             Fleet::build(&new, Some(&old)).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?;

@@ -57,6 +57,10 @@ pub struct IndexWriter {
     core: Core,
     queue: Arc<ArrayQueue<Prediction>>,
     started: Instant,
+    /// Where [`IndexWriter::register_engine`] looks for a free slot next: slots are handed out
+    /// round the table, so a slot just released is taken again only after every other free one
+    /// (predictions made for its old engine, still in flight, then find it unused).
+    slot_hand: usize,
 }
 
 /// A predicted (engine, block at chain position) triple.
@@ -124,6 +128,7 @@ impl IndexWriter {
             core,
             queue: Arc::new(ArrayQueue::new(opts.approx_queue.max(1))),
             started: Instant::now(),
+            slot_hand: 0,
         };
         w.update_clock();
         Ok(w)
@@ -157,10 +162,12 @@ impl IndexWriter {
             return Ok(slot);
         }
         let slots = self.seg.shape().engine_slots;
-        let free = (0..slots).find(|&s| self.seg.engine(s)[0].load(Relaxed) & USED == 0);
+        let free =
+            (0..slots).map(|k| (self.slot_hand + k) % slots).find(|&s| self.seg.engine(s)[0].load(Relaxed) & USED == 0);
         let Some(slot) = free else {
             return Err(IndexError::NoEngineSlot { name: name.into(), slots });
         };
+        self.slot_hand = slot + 1;
         self.write_engine(slot, Some(name));
         Ok(slot as EngineSlot)
     }
@@ -169,7 +176,11 @@ impl IndexWriter {
     /// Predictions already queued for it are applied first (so they are removed too); later
     /// ones for a free slot are dropped.
     pub fn release_engine(&mut self, slot: EngineSlot) -> usize {
-        self.apply_predictions(usize::MAX);
+        if usize::from(slot) >= self.seg.shape().engine_slots {
+            return 0;
+        }
+        // What is queued now, not what the cores keep adding meanwhile.
+        self.apply_predictions(self.queue.len());
         let n = self.clear_engine(slot);
         self.write_engine(slot as usize, None);
         n
@@ -178,6 +189,9 @@ impl IndexWriter {
     /// Removes every block `slot` holds, in both tiers (a full scan: for engine restarts and
     /// removals, not for the event path). Returns how many exact entries it held.
     pub fn clear_engine(&mut self, slot: EngineSlot) -> usize {
+        if usize::from(slot) >= self.seg.shape().engine_slots {
+            return 0;
+        }
         let seg = &*self.seg;
         let (held, deleted) = clear_bit(&seg.exact(), slot as usize);
         sub(seg, WriterCounter::Live, deleted as u64);

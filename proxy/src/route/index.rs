@@ -13,9 +13,13 @@
 //! events followed when they have `kv_events`), re-follows engines whose endpoints changed, and
 //! releases engines that left (their blocks dropped, their slot freed). An engine that cannot
 //! get a slot (all taken: a pool's index has twice its starting engines, at least 64) is routed
-//! on load alone and logged. Not yet: a pool whose index settings (`index_path`,
-//! `index_capacity`) change on reload routes on load alone until restart, because the old
-//! segment's writer holds the path until the old fleet is gone.
+//! on load alone and logged; one whose events cannot be followed is retried on the next sync.
+//! Freed slots are handed out again last (see `IndexWriter::register_engine`), so predictions
+//! still in flight for a departed engine do not land on a newcomer. Not yet: a pool whose index
+//! settings (`index_path`, `index_capacity`, `block_size`) change on reload routes on load alone
+//! until restart, because the old segment's writer holds the path until the old fleet is gone;
+//! and the prediction lifetime is chosen at start (5 s when every engine then had events), so
+//! engines added later without events keep that shorter lifetime.
 //!
 //! If the segment cannot be created (another writer holds its lock, `/dev/shm` is missing), the
 //! pool routes on load alone: the error is logged and `gantry_route_index_available{pool}` is 0.
@@ -146,8 +150,10 @@ impl PoolIndex {
                     }
                 },
             };
-            members.insert(url.to_owned(), member(slot));
-            let Some(events) = &e.kv_events else { continue };
+            let Some(events) = &e.kv_events else {
+                members.insert(url.to_owned(), member(slot));
+                continue;
+            };
             let source = EngineSource {
                 slot,
                 name: url.to_owned(),
@@ -157,8 +163,15 @@ impl PoolIndex {
                 seed: self.seed,
                 ..EngineSource::default()
             };
-            if let Err(err) = self.subscriber.add_engine(source) {
-                tracing::warn!(pool = %self.pool, engine = %url, error = %err, "kv index: cannot follow the engine's events; it is routed on its predictions");
+            match self.subscriber.add_engine(source) {
+                Ok(()) => {
+                    members.insert(url.to_owned(), member(slot));
+                }
+                Err(err) => {
+                    tracing::warn!(pool = %self.pool, engine = %url, error = %err, "kv index: cannot follow the engine's events; it is routed on its predictions");
+                    // Remembered as not followed, so the next sync tries again.
+                    members.insert(url.to_owned(), Member { slot, kv_events: None, kv_replay: None });
+                }
             }
         }
     }
