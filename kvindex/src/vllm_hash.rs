@@ -45,11 +45,7 @@ pub fn hash_block(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32]) -> [
 /// for a request's first block only): `H((parent, tuple(token_ids), (("cache_salt", salt),)))`.
 /// `None` is [`hash_block`].
 pub fn hash_block_salted(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> [u8; 32] {
-    let bytes = match algo {
-        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids, salt),
-        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids, salt),
-    };
-    Sha256::digest(bytes).into()
+    Sha256::digest(serialize(algo, parent, token_ids, salt)).into()
 }
 
 /// Chained digests of every *full* block of `token_ids` (a trailing partial block is not hashed,
@@ -78,9 +74,13 @@ pub fn digest_to_u64(d: &[u8; 32]) -> u64 {
 
 /// The exact bytes vLLM hashes for a block (exposed for tests and debugging).
 pub fn serialize_block(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
+    serialize(algo, parent, token_ids, None)
+}
+
+fn serialize(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> Vec<u8> {
     match algo {
-        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids, None),
-        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids, None),
+        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids, salt),
+        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids, salt),
     }
 }
 

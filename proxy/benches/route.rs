@@ -33,10 +33,10 @@
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, Criterion};
 use gantry_kvindex::hash::DEFAULT_SEED;
-use gantry_kvindex::index::{IndexOptions, IndexReader, IndexWriter, Overlaps};
+use gantry_kvindex::index::{IndexOptions, IndexReader, IndexWriter, Overlap, Overlaps};
 use gantry_kvindex::sink::EngineSlot;
 use gantry_proxy::fleet::{now_ms, EngineState};
-use gantry_proxy::route::kv::{choose, Candidate, Weights};
+use gantry_proxy::route::kv::{choose, fill_candidates, Candidate, Weights};
 use gantry_proxy::route::prompt::{prompt, Endpoint};
 use gantry_tokenizer::{builtin_words, EncodeCache, Tokenizer};
 use serde_json::{json, Value};
@@ -397,8 +397,8 @@ impl<'a> Requests<'a> {
 /// One pool: its engines (with their load atomics), its index and the baseline's map.
 struct Pool {
     engines: Vec<EngineState>,
-    /// Engine `i`'s slot in the index (and in the baseline).
-    slots: Vec<EngineSlot>,
+    /// Engine position by slot in the index (and in the baseline), as `fleet::Pool::by_slot`.
+    by_slot: Vec<Option<u32>>,
     engine_slots: usize,
     writer: IndexWriter,
     path: PathBuf,
@@ -451,7 +451,11 @@ impl Pool {
             v.sort_unstable();
             v.dedup();
         }
-        Pool { engines, slots, engine_slots, writer, path, naive: RwLock::new(naive) }
+        let mut by_slot = vec![None; engine_slots];
+        for (i, &slot) in slots.iter().enumerate() {
+            by_slot[usize::from(slot)] = Some(i as u32);
+        }
+        Pool { engines, by_slot, engine_slots, writer, path, naive: RwLock::new(naive) }
     }
 }
 
@@ -484,8 +488,9 @@ struct Worker<'a> {
     lookup: Lookup,
     reader: IndexReader,
     overlaps: Overlaps,
-    /// Overlap per engine slot (zero but for the last lookup's engines).
+    /// The baseline's overlap per engine slot, and the same as the index reports it.
     depth: Vec<u32>,
+    naive_overlaps: Vec<Overlap>,
     candidates: Vec<Candidate>,
     costs: Vec<f64>,
     weights: Weights,
@@ -502,6 +507,7 @@ impl<'a> Worker<'a> {
             reader,
             overlaps,
             depth: vec![0; pool.engine_slots],
+            naive_overlaps: Vec::new(),
             candidates: Vec::with_capacity(pool.engines.len()),
             costs: Vec::with_capacity(pool.engines.len()),
             weights: Weights::default(),
@@ -526,18 +532,14 @@ impl<'a> Worker<'a> {
         if STAGED {
             marks[1] = Instant::now();
         }
-        match self.lookup {
+        let overlaps = match self.lookup {
             Lookup::Index => {
-                for o in self.overlaps.as_slice() {
-                    self.depth[o.engine as usize] = 0;
-                }
                 self.reader.overlaps(&p.hashes, &mut self.overlaps);
-                for o in self.overlaps.as_slice() {
-                    self.depth[o.engine as usize] = o.blocks;
-                }
+                self.overlaps.as_slice()
             }
             Lookup::Naive => {
                 self.depth.fill(0);
+                self.naive_overlaps.clear();
                 let map = self.pool.naive.read().expect("not poisoned");
                 for (i, h) in p.hashes.iter().enumerate() {
                     let Some(holders) = map.get(h) else { break };
@@ -553,22 +555,20 @@ impl<'a> Worker<'a> {
                         break;
                     }
                 }
+                // Only the first block's holders can hold any prefix.
+                if let Some(first) = p.hashes.first().and_then(|h| map.get(h)) {
+                    self.naive_overlaps
+                        .extend(first.iter().map(|&e| Overlap { engine: e, blocks: self.depth[e as usize] }));
+                }
+                &self.naive_overlaps
             }
-        }
+        };
         if STAGED {
             marks[2] = Instant::now();
         }
         let now = now_ms();
-        let depth = &self.depth;
-        self.candidates.clear();
-        self.candidates.extend(self.pool.engines.iter().zip(&self.pool.slots).map(|(e, &slot)| Candidate {
-            overlap_blocks: depth[slot as usize],
-            pending_prefill_tokens: e.pending_prefill.load(Relaxed),
-            active_blocks: e.active_blocks.load(Relaxed),
-            in_flight: e.in_flight.load(Relaxed),
-            waiting: e.waiting.load(Relaxed) as f64,
-            kv_usage: e.kv_usage_ppm.load(Relaxed) as f64 / 1e6,
-        }));
+        // The proxy's own step from lookup to candidates (`forward`'s `plan` calls it too).
+        fill_candidates(&self.pool.engines, &self.pool.by_slot, overlaps, &mut self.candidates);
         let blocks = p.tokens.div_ceil(BLOCK_SIZE as usize) as u32;
         let engines = &self.pool.engines;
         let chosen = choose(
@@ -593,7 +593,7 @@ impl<'a> Worker<'a> {
         self.decide::<false>(body, tok, &mut cache, &mut []);
         let v: Value = serde_json::from_slice(body).expect("valid JSON body");
         let p = prompt(&v, Endpoint::Chat, Some(tok), &mut cache, BLOCK_SIZE, DEFAULT_SEED, None).expect("routable");
-        let hit = self.depth.iter().copied().max().unwrap_or(0);
+        let hit = self.candidates.iter().map(|c| c.overlap_blocks).max().unwrap_or(0);
         (p.tokens, p.hashes.len(), hit)
     }
 

@@ -483,8 +483,7 @@ impl Proxy {
     fn plan(&self, pool: &Pool, input: &PromptInput) -> KvPlan {
         let seed = pool.index.as_ref().map_or(gantry_kvindex::hash::DEFAULT_SEED, |i| i.seed);
         let prompt = input.hash(pool.block_size, seed);
-        let n = pool.engines.len();
-        let mut overlap = vec![0u32; n];
+        let mut candidates = Vec::with_capacity(pool.engines.len());
         let mut indexed = false;
         if let Some(index) = &pool.index {
             let mut routing = self.routing.borrow_mut();
@@ -505,27 +504,18 @@ impl Proxy {
             if let Some(at) = at {
                 let w = &mut routing.indexes[at];
                 w.reader.overlaps(&prompt.hashes, &mut w.overlaps);
-                for o in w.overlaps.as_slice() {
-                    if let Some(Some(i)) = pool.by_slot.get(usize::from(o.engine)) {
-                        overlap[*i as usize] = o.blocks;
-                    }
-                }
+                kv::fill_candidates(
+                    pool.engines.iter().map(|e| &**e),
+                    &pool.by_slot,
+                    w.overlaps.as_slice(),
+                    &mut candidates,
+                );
                 indexed = true;
             }
         }
-        let candidates = pool
-            .engines
-            .iter()
-            .zip(&overlap)
-            .map(|(e, &o)| Candidate {
-                overlap_blocks: o,
-                pending_prefill_tokens: e.pending_prefill.load(Ordering::Relaxed),
-                active_blocks: e.active_blocks.load(Ordering::Relaxed),
-                in_flight: e.load(),
-                waiting: e.waiting.load(Ordering::Relaxed) as f64,
-                kv_usage: e.kv_usage_ppm.load(Ordering::Relaxed) as f64 / 1e6,
-            })
-            .collect();
+        if !indexed {
+            kv::fill_candidates(pool.engines.iter().map(|e| &**e), &pool.by_slot, &[], &mut candidates);
+        }
         let bs = u64::from(pool.block_size.max(1));
         let tokens = prompt.tokens as u64;
         KvPlan {

@@ -15,13 +15,7 @@ use super::trace::TraceRecord;
 /// Tokens (built-in words) one Mooncake block expands to at `--token-scale 1`.
 pub const DEFAULT_BLOCK_TOKENS: usize = 512;
 
-/// The splitmix64 finaliser: a cheap, well-mixed hash of one word.
-pub fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
+use crate::mock::engine::splitmix;
 
 /// Appends `n` words of the stream named by `key`: word `k` is `splitmix(key + k)`'s pick.
 fn push_words(out: &mut String, key: u64, n: usize) {

@@ -216,15 +216,19 @@ impl IndexReader {
                 }
             }
             let local = exact.step_local(&mut cursor, h);
-            let mut found = exact.read_local(h, local, &mut bits[..bw]).is_some()
-                || match exact.read(h, Some(local), &mut bits[..bw]) {
-                    Probe::Hit { .. } => true,
-                    Probe::Miss => false,
-                    Probe::Unknown => {
-                        unstable += 1;
-                        false
-                    }
-                };
+            let probe = match exact.read_local(h, local, &mut bits[..bw]) {
+                hit @ Probe::Hit { .. } => hit,
+                Probe::Miss => exact.read_rest(h, local, &mut bits[..bw]),
+                Probe::Unknown => exact.read(h, Some(local), &mut bits[..bw]),
+            };
+            let mut found = match probe {
+                Probe::Hit { .. } => true,
+                Probe::Miss => false,
+                Probe::Unknown => {
+                    unstable += 1;
+                    false
+                }
+            };
             if let Some(a) = &approx {
                 match a.read(h, None, &mut predicted[..bw]) {
                     Probe::Hit { tick } if alive(tick, now) => {

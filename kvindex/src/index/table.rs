@@ -248,12 +248,25 @@ impl<'a> Table<'a> {
     /// entry that holds `hash` throughout the lookup always shows it); only a matching entry is
     /// read under its seqlock.
     pub(crate) fn read(&self, hash: u64, local: Option<usize>, bits: &mut [u64]) -> Probe {
+        self.read_from(hash, local, 0, bits)
+    }
+
+    /// [`Table::read`] after [`Table::read_local`] found `hash` absent from bucket `local`: the
+    /// same probe without scanning that bucket again (unless a retry starts over).
+    pub(crate) fn read_rest(&self, hash: u64, local: usize, bits: &mut [u64]) -> Probe {
+        self.read_from(hash, Some(local), 1, bits)
+    }
+
+    /// [`Table::read`], its first attempt skipping the first `skip` local buckets.
+    fn read_from(&self, hash: u64, local: Option<usize>, mut skip: usize, bits: &mut [u64]) -> Probe {
         'attempt: for _ in 0..MAX_ATTEMPTS {
+            // Only the first attempt skips; a retry starts over.
+            let from = std::mem::take(&mut skip);
             // Local buckets first; the global ones (computed only when needed) after.
             if let Some(l) = local {
                 let nb = self.buckets();
-                let mut b = l;
-                for _ in 0..LOCAL_BUCKETS {
+                let mut b = (l + from) % nb;
+                for _ in from..LOCAL_BUCKETS {
                     match self.scan(b, hash, bits) {
                         Scan::Hit(tick) => return Probe::Hit { tick },
                         Scan::Retry => continue 'attempt,
@@ -280,13 +293,14 @@ impl<'a> Table<'a> {
 
     /// The common case of [`Table::read`], kept small enough to inline into a lookup loop:
     /// `hash` in its own local bucket `b` (where the writer puts a block whenever it can).
-    /// None when this does not settle it (absent from `b`, or a write in progress): then call
-    /// [`Table::read`], which looks everywhere and retries.
+    /// Otherwise [`Table::read_rest`] (absent from `b`) or [`Table::read`] (a write in
+    /// progress) settles it, looking everywhere else and retrying.
     #[inline(always)]
-    pub(crate) fn read_local(&self, hash: u64, b: usize, bits: &mut [u64]) -> Option<u32> {
+    pub(crate) fn read_local(&self, hash: u64, b: usize, bits: &mut [u64]) -> Probe {
         match self.scan(b, hash, bits) {
-            Scan::Hit(tick) => Some(tick),
-            Scan::Absent | Scan::Retry => None,
+            Scan::Hit(tick) => Probe::Hit { tick },
+            Scan::Absent => Probe::Miss,
+            Scan::Retry => Probe::Unknown,
         }
     }
 

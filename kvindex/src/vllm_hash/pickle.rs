@@ -30,14 +30,10 @@ const FRAME_SIZE_TARGET: usize = 64 * 1024;
 /// `pickle._Framer._FRAME_SIZE_MIN`.
 const FRAME_SIZE_MIN: usize = 4;
 
-/// Pickle of a `str` (shorter than 256 UTF-8 bytes, as the seed is).
+/// Pickle of a `str`.
 pub(super) fn dumps_str(s: &str) -> Vec<u8> {
     let mut p = Pickler::new();
-    p.boundary();
-    let len = u8::try_from(s.len()).expect("pickle::dumps_str: only short strings are supported");
-    p.frame.extend_from_slice(&[SHORT_BINUNICODE, len]);
-    p.frame.extend_from_slice(s.as_bytes());
-    p.frame.push(MEMOIZE);
+    p.save_str(s);
     p.finish()
 }
 

@@ -23,6 +23,12 @@
 //! under the bound (bounded load), and exact ties are broken at random. With `temperature > 0`
 //! the choice is sampled, `p ∝ exp(−(cost − min) / ((max − min) · T))`.
 
+use std::sync::atomic::Ordering::Relaxed;
+
+use gantry_kvindex::index::Overlap;
+
+use crate::fleet::EngineState;
+
 /// One candidate engine's view: what the index and the load view say about it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Candidate {
@@ -38,6 +44,33 @@ pub struct Candidate {
     pub waiting: f64,
     /// Its KV cache use, 0..1 (`vllm:kv_cache_usage_perc`, scraped).
     pub kv_usage: f64,
+}
+
+/// One [`Candidate`] per engine, in `engines`' order, into `out`: the load view read from each
+/// engine's atomics, and the overlap of an index lookup (`overlaps`, by engine slot; `by_slot`
+/// maps a slot to its engine's position, as [`crate::fleet::Pool::by_slot`] does). Engines the
+/// lookup does not name hold none of the prompt. This is the per-request step between the lookup
+/// and [`choose`]; the routing-decision bench times this same function.
+pub fn fill_candidates<'a>(
+    engines: impl IntoIterator<Item = &'a EngineState>,
+    by_slot: &[Option<u32>],
+    overlaps: &[Overlap],
+    out: &mut Vec<Candidate>,
+) {
+    out.clear();
+    out.extend(engines.into_iter().map(|e| Candidate {
+        overlap_blocks: 0,
+        pending_prefill_tokens: e.pending_prefill.load(Relaxed),
+        active_blocks: e.active_blocks.load(Relaxed),
+        in_flight: e.load(),
+        waiting: e.waiting.load(Relaxed) as f64,
+        kv_usage: e.kv_usage_ppm.load(Relaxed) as f64 / 1e6,
+    }));
+    for o in overlaps {
+        if let Some(c) = by_slot.get(usize::from(o.engine)).copied().flatten().and_then(|i| out.get_mut(i as usize)) {
+            c.overlap_blocks = o.blocks;
+        }
+    }
 }
 
 /// The cost function's weights (`pool[].kv` in the config).
