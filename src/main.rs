@@ -13,9 +13,10 @@ use gantry_proxy::config::Config;
 use gantry_proxy::serve;
 
 /// mimalloc: the request paths allocate small, short-lived buffers on every worker thread,
-/// which glibc's allocator serves measurably slower (see the benchmark notes).
+/// which glibc's allocator serves measurably slower (see the benchmark notes); freed memory stays
+/// committed (`gantry_proxy::alloc`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: gantry_proxy::alloc::MiMalloc = gantry_proxy::alloc::MiMalloc;
 
 /// Gantry: a data plane for LLM inference fleets.
 #[derive(Debug, Parser)]
@@ -128,6 +129,7 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    gantry_proxy::alloc::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")

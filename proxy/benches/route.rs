@@ -78,11 +78,13 @@ struct Size {
 const SIZES: [Size; 2] =
     [Size { label: "2k", tokens: 2048, stored: 4096 }, Size { label: "16k", tokens: 16384, stored: 800 }];
 
-/// The allocator of the `gantry` binary (src/main.rs), so decisions allocate as they do there.
+/// The allocator of the `gantry` binary (src/main.rs), set up the same way, so decisions allocate
+/// as they do there.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: gantry_proxy::alloc::MiMalloc = gantry_proxy::alloc::MiMalloc;
 
 fn main() {
+    gantry_proxy::alloc::keep_freed_memory();
     let quick = std::env::args().any(|a| a == "--test");
     // Like criterion's: `cargo bench --bench route -- 256e/gantry/warm/2k` runs matching lines only
     // (and then writes no report).

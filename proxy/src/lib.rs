@@ -8,14 +8,17 @@
 //!   atomically), [`policy`] (engine choice), [`forward`] (the request path: route, forward,
 //!   retry, relay, measure), [`health`] (active probes), [`admin`] (the admin API),
 //!   [`metrics`] (`gantry_*`), [`serve`] (threads, reload, drain).
+//! - [`alloc`]: the allocator the proxy runs on, and its settings.
 //! - [`route`]: request routing; today [`route::grid`], pool choice by NVIDIA Dynamo's
 //!   GlobalRouter grid (its JSON config read unchanged).
 //!
 //! Read `proxy/tests/http.rs` (the HTTP layer) and `proxy/tests/serve.rs` (the proxy in front
 //! of mock engines) first.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed in `alloc` only (one mimalloc option call)
 
 pub mod admin;
+#[allow(unsafe_code)]
+pub mod alloc;
 pub mod config;
 pub mod fleet;
 pub mod forward;

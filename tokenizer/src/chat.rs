@@ -2,9 +2,10 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use minijinja::value::{Kwargs, Value};
+use minijinja::value::{Enumerator, Kwargs, Object, ObjectExt, Value};
 use minijinja::{Environment, Error, ErrorKind};
 use serde_json::{Map, Value as Json};
 
@@ -102,20 +103,20 @@ impl ChatTemplate {
         // The context is built as minijinja values directly (each string copied once), in the
         // order transformers gives it: special tokens, tools, documents, add_generation_prompt,
         // then the kwargs (overriding any of those), then messages.
-        let mut ctx: Vec<(&str, Value)> = Vec::with_capacity(self.specials.len() + 4 + kwargs.map_or(0, Map::len));
+        let mut ctx = SmallMap::with_capacity(self.specials.len() + 4 + kwargs.map_or(0, Map::len));
         for (k, v) in &self.specials {
-            ctx.push((k, Value::from(v.as_str())));
+            ctx.insert(Cow::Borrowed(k), Value::from(v.as_str()));
         }
-        ctx.push(("tools", req.tools.map_or(Value::from(()), Value::from_serialize)));
-        ctx.push(("documents", Value::from(())));
-        ctx.push(("add_generation_prompt", Value::from(add_generation_prompt)));
+        ctx.insert(Cow::Borrowed("tools"), req.tools.map_or(Value::from(()), Value::from_serialize));
+        ctx.insert(Cow::Borrowed("documents"), Value::from(()));
+        ctx.insert(Cow::Borrowed("add_generation_prompt"), Value::from(add_generation_prompt));
         if let Some(kwargs) = kwargs {
             for (k, v) in kwargs {
-                ctx.push((k, Value::from_serialize(v)));
+                ctx.insert(Cow::Owned(k.clone()), Value::from_serialize(v));
             }
         }
-        ctx.push(("messages", messages.iter().map(Message::to_value).collect()));
-        let ctx: Value = ctx.into_iter().collect();
+        ctx.insert(Cow::Borrowed("messages"), messages.iter().map(Message::to_value).collect());
+        let ctx = Value::from_object(ctx);
         let tmpl = self.env.get_template("chat_template").map_err(|e| template_err(&format!("{e:#}")))?;
         let rendered = tmpl.render(ctx).map_err(|e| template_err(&render_error_message(&e)))?;
         if !continue_final {
@@ -149,6 +150,46 @@ fn render_error_message(e: &Error) -> String {
     }
 }
 
+/// A template map with a few string keys, in insertion order: the render context and each
+/// message. Lookups scan the keys: for a dozen keys that is cheaper than minijinja's own maps,
+/// which hash every key (SipHash) on insert and on every lookup. To a template it is a mapping
+/// like any other (`is mapping`, iteration, `items()`, `tojson` all see the keys in order).
+#[derive(Debug, Default)]
+struct SmallMap(Vec<(Cow<'static, str>, Value)>);
+
+impl SmallMap {
+    fn with_capacity(n: usize) -> Self {
+        SmallMap(Vec::with_capacity(n))
+    }
+
+    /// Sets `key`; a key already present keeps its place and takes the new value (as a map
+    /// built from a list of pairs does).
+    fn insert(&mut self, key: Cow<'static, str>, value: Value) {
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => *v = value,
+            None => self.0.push((key, value)),
+        }
+    }
+}
+
+impl Object for SmallMap {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        self.mapped_enumerator(|this| Box::new(this.0.iter().map(|(k, _)| Value::from(k.as_ref()))))
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        Some(self.0.len())
+    }
+}
+
 /// One message after vLLM's normalisation, borrowing the request where it can.
 #[derive(Debug, Clone)]
 pub(crate) struct Message<'a> {
@@ -162,13 +203,13 @@ pub(crate) struct Message<'a> {
 impl Message<'_> {
     /// The message as the template sees it (a map, keys in vLLM's order).
     fn to_value(&self) -> Value {
-        let mut pairs = Vec::with_capacity(2 + self.extra.len());
-        pairs.push(("role", Value::from(self.role)));
-        pairs.push(("content", Value::from(self.content.as_ref())));
+        let mut map = SmallMap::with_capacity(2 + self.extra.len());
+        map.insert(Cow::Borrowed("role"), Value::from(self.role));
+        map.insert(Cow::Borrowed("content"), Value::from(self.content.as_ref()));
         for (k, v) in &self.extra {
-            pairs.push((k, Value::from_serialize(v.as_ref())));
+            map.insert(Cow::Borrowed(k), Value::from_serialize(v.as_ref()));
         }
-        pairs.into_iter().collect()
+        Value::from_object(map)
     }
 
     /// The message as JSON (same keys, same order).

@@ -177,13 +177,32 @@ pub fn choose(
     }
     let bound = if w.load_factor > 0.0 { w.load_factor * (in_flight as f64 / n as f64) + 1.0 } else { f64::INFINITY };
     let under = |i: usize| candidates[i].in_flight as f64 <= bound;
-    let any_under = (0..candidates.len()).any(|i| !costs[i].is_nan() && under(i));
-    let eligible = |i: usize| !costs[i].is_nan() && (!any_under || under(i));
-    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-    for i in (0..candidates.len()).filter(|&i| eligible(i)) {
-        min = min.min(costs[i]);
-        max = max.max(costs[i]);
+    // One pass finds the lowest cost and its ties among the engines under the bound, and among
+    // all usable ones (used when none is under the bound).
+    let (mut lo_under, mut ties_under, mut lo_all, mut ties_all) = (f64::INFINITY, 0usize, f64::INFINITY, 0usize);
+    let (mut max_under, mut max_all) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for (i, &c) in costs.iter().enumerate() {
+        if c.is_nan() {
+            continue;
+        }
+        if c < lo_all {
+            (lo_all, ties_all) = (c, 1);
+        } else if c == lo_all {
+            ties_all += 1;
+        }
+        max_all = max_all.max(c);
+        if under(i) {
+            if c < lo_under {
+                (lo_under, ties_under) = (c, 1);
+            } else if c == lo_under {
+                ties_under += 1;
+            }
+            max_under = max_under.max(c);
+        }
     }
+    let any_under = ties_under > 0;
+    let (min, max, ties) = if any_under { (lo_under, max_under, ties_under) } else { (lo_all, max_all, ties_all) };
+    let eligible = |i: usize| !costs[i].is_nan() && (!any_under || under(i));
     if w.temperature > 0.0 && max > min {
         let scale = (max - min) * w.temperature;
         let weight = |i: usize| if eligible(i) { (-(costs[i] - min) / scale).exp() } else { 0.0 };
@@ -196,10 +215,10 @@ pub fn choose(
             }
         }
     }
-    let ties = (0..candidates.len()).filter(|&i| eligible(i) && costs[i] == min).count();
+    // The k-th of the ties, k uniform.
     let mut k = rng.usize(..ties);
     (0..candidates.len()).find(|&i| {
-        let hit = eligible(i) && costs[i] == min;
+        let hit = costs[i] == min && eligible(i);
         if hit {
             if k == 0 {
                 return true;

@@ -117,6 +117,14 @@ fn template_features() {
         ("{%- for m in messages %}\n  {{ m.role }}\n{%- endfor %}", "  user"),
         ("{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}", "3"),
         ("{{ strftime_now('%Y') | length }}", "4"),
+        // A message is a mapping like any other, keys in vLLM's order.
+        ("{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}", "role=user;content=  Hi There  ;"),
+        ("{{ messages[0] | tojson }}", "{\"role\": \"user\", \"content\": \"  Hi There  \"}"),
+        ("{{ 'content' in messages[0] }} {{ 'name' in messages[0] }}", "True False"),
+        ("{{ messages[0] is mapping }} {{ messages[0] | length }}", "True 2"),
+        ("{{ messages[0].get('name', 'none') }} {{ messages[0].keys() | join(',') }}", "none role,content"),
+        ("{% if messages[0].tool_calls is defined %}y{% else %}n{% endif %}{{ messages[0]['role'] }}", "nuser"),
+        ("{{ messages | map(attribute='role') | join }}", "user"),
     ];
     for (tmpl, want) in cases {
         let got =
