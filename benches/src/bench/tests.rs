@@ -66,6 +66,22 @@ fn mooncake_lines_and_timestamps_parse() {
     assert_eq!(parse_mooncake("{\"timestamp\":-1,\"input_length\":3,\"output_length\":1}", 10).unwrap_err().0, 1);
     assert_eq!(parse_datetime_ms("1970-01-02 00:00:01.5"), Some(86_401_500.0));
     assert_eq!(parse_datetime_ms("2023-13-01 00:00:00"), None);
+    assert_eq!(parse_datetime_ms("2023-11-16 18:15:46.6805900"), Some(1_700_158_546_680.59));
+    assert_eq!(parse_datetime_ms("0000-03-01 00:00:00"), Some(-62_162_035_200_000.0));
+    // Signs, overlong fields and out-of-range values are refused, not overflowed.
+    for bad in [
+        "9223372036854775807-01-01 00:00:00",
+        "-1-01-01 00:00:00",
+        "2023-+1-01 00:00:00",
+        "2023-01-01 -1:00:00",
+        "2023-01-01 24:00:00",
+        "2023-01-00 00:00:00",
+        "2023-01-01 00:00:61",
+        "2023-01-01 00:00:00.",
+        "10000-01-01 00:00:00",
+    ] {
+        assert_eq!(parse_datetime_ms(bad), None, "{bad}");
+    }
 }
 
 #[test]

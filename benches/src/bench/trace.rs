@@ -158,21 +158,28 @@ pub fn parse_azure(text: &str, limit: usize) -> Result<Vec<TraceRecord>, (usize,
     Ok(out)
 }
 
-/// `YYYY-MM-DD HH:MM:SS[.fraction]` as ms since 1970-01-01 (UTC, proleptic Gregorian).
+/// `YYYY-MM-DD HH:MM:SS[.fraction]` as ms since 1970-01-01 (UTC, proleptic Gregorian); years
+/// 0000–9999, fields as unsigned decimal digits (so no arithmetic below can overflow).
 pub fn parse_datetime_ms(s: &str) -> Option<f64> {
+    fn field(p: &str, max: i64) -> Option<i64> {
+        if p.is_empty() || p.len() > 4 || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        p.parse::<i64>().ok().filter(|v| *v <= max)
+    }
     let (date, time) = s.split_once([' ', 'T'])?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    let mut d = date.split('-');
+    let (y, m, day) = (field(d.next()?, 9999)?, field(d.next()?, 12)?, field(d.next()?, 31)?);
+    if d.next().is_some() || m == 0 || day == 0 {
         return None;
     }
     let (hms, frac) = match time.split_once('.') {
         Some((a, b)) => (a, Some(b)),
         None => (time, None),
     };
-    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    if t.next().is_some() || hh > 23 || mm > 59 || ss > 60 {
+    let mut t = hms.split(':');
+    let (hh, mm, ss) = (field(t.next()?, 23)?, field(t.next()?, 59)?, field(t.next()?, 60)?);
+    if t.next().is_some() {
         return None;
     }
     let frac_s = match frac {
