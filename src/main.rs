@@ -129,7 +129,8 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    gantry_proxy::alloc::keep_freed_memory();
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    unsafe { gantry_proxy::alloc::keep_freed_memory() };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")

@@ -84,7 +84,8 @@ const SIZES: [Size; 2] =
 static GLOBAL: gantry_proxy::alloc::MiMalloc = gantry_proxy::alloc::MiMalloc;
 
 fn main() {
-    gantry_proxy::alloc::keep_freed_memory();
+    // SAFETY: the first statement of `main`: no other thread exists yet.
+    unsafe { gantry_proxy::alloc::keep_freed_memory() };
     let quick = std::env::args().any(|a| a == "--test");
     // Like criterion's: `cargo bench --bench route -- 256e/gantry/warm/2k` runs matching lines only
     // (and then writes no report).

@@ -8,7 +8,8 @@
 //! against 32–42 µs with purging off, same build, runs alternated. So the proxy keeps freed
 //! memory committed: its resident size stays at its peak instead of shrinking a second after a
 //! burst, which suits a long-running service whose memory is bounded by its connections.
-//! `MIMALLOC_PURGE_DELAY` in the environment still overrides this (milliseconds; `-1` never).
+//! `MIMALLOC_PURGE_DELAY` (or its old name `MIMALLOC_RESET_DELAY`) in the environment still
+//! decides (milliseconds; `-1` never).
 
 pub use mimalloc::MiMalloc;
 
@@ -16,16 +17,30 @@ pub use mimalloc::MiMalloc;
 /// the options older releases had). `tests::purge_delay_is_option_15` checks it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Makes mimalloc keep freed memory committed (see the module docs), unless
-/// `MIMALLOC_PURGE_DELAY` is set (mimalloc read it when the process loaded). Call it first thing
-/// in `main`.
-pub fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+/// Whether the environment sets the purge delay: mimalloc read it when the process loaded, and
+/// matches these names without regard to case.
+fn purge_delay_in_env() -> bool {
+    std::env::vars_os().any(|(k, _)| {
+        k.to_str().is_some_and(|k| {
+            k.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY") || k.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY")
+        })
+    })
+}
+
+/// Makes mimalloc keep freed memory committed (see the module docs), unless the environment sets
+/// the purge delay.
+///
+/// # Safety
+/// Call it first thing in `main`, before any other thread exists: it writes mimalloc's option
+/// table with a plain store, which threads allocating through mimalloc read without
+/// synchronisation.
+pub unsafe fn keep_freed_memory() {
+    if purge_delay_in_env() {
         return;
     }
-    // SAFETY: `mi_option_set` writes one entry of mimalloc's option table (a plain store, read on
-    // each later purge decision), and 15 is an option index of the linked mimalloc 3 (the test
-    // below reads its documented default there).
+    // SAFETY: `mi_option_set` stores one entry of mimalloc's option table; 15 is an option index
+    // of the linked mimalloc 3 (the test below reads its documented default there), and the
+    // caller guarantees no other thread is reading the table.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
 
@@ -35,14 +50,18 @@ mod tests {
 
     #[test]
     fn purge_delay_is_option_15() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        if purge_delay_in_env() {
             eprintln!("skipped: MIMALLOC_PURGE_DELAY is set, so option 15 holds that, not the default");
             return;
         }
         // SAFETY: reading an option index the linked mimalloc defines.
-        let default = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        // mimalloc 3's `purge_delay` default; its neighbours (a deprecated 0 and `use_numa_nodes`
-        // 0) would read differently.
-        assert_eq!(default, 1000, "option {MI_OPTION_PURGE_DELAY} is not purge_delay in the linked mimalloc");
+        let read = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        // mimalloc 3's `purge_delay` default; its neighbours (a deprecated 1 and `use_numa_nodes`
+        // 0) and mimalloc 2's default (10) read differently.
+        assert_eq!(read(), 1000, "option {MI_OPTION_PURGE_DELAY} is not purge_delay in the linked mimalloc");
+        // SAFETY: this test binary allocates through the system allocator: no thread reads
+        // mimalloc's option table meanwhile.
+        unsafe { keep_freed_memory() };
+        assert_eq!(read(), -1, "the purge delay was not set");
     }
 }

@@ -151,9 +151,10 @@ fn render_error_message(e: &Error) -> String {
 }
 
 /// A template map with a few string keys, in insertion order: the render context and each
-/// message. Lookups scan the keys: for a dozen keys that is cheaper than minijinja's own maps,
-/// which hash every key (SipHash) on insert and on every lookup. To a template it is a mapping
-/// like any other (`is mapping`, iteration, `items()`, `tojson` all see the keys in order).
+/// message. Inserts and lookups scan the keys: for a dozen keys that is cheaper than building
+/// minijinja's own maps, which hash (SipHash) every key on insert and on item lookups. To a
+/// template it is a mapping like any other (`is mapping`, iteration, `items()`, `tojson` all see
+/// the keys in order; `reverse` reverses them, as Jinja2 does).
 #[derive(Debug, Default)]
 struct SmallMap(Vec<(Cow<'static, str>, Value)>);
 

@@ -125,6 +125,8 @@ fn template_features() {
         ("{{ messages[0].get('name', 'none') }} {{ messages[0].keys() | join(',') }}", "none role,content"),
         ("{% if messages[0].tool_calls is defined %}y{% else %}n{% endif %}{{ messages[0]['role'] }}", "nuser"),
         ("{{ messages | map(attribute='role') | join }}", "user"),
+        // Python's reversed(dict) (Jinja2's `reverse`): the keys, last first.
+        ("{{ messages[0] | reverse | join(',') }}", "content,role"),
     ];
     for (tmpl, want) in cases {
         let got =
