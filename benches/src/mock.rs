@@ -193,6 +193,7 @@ pub fn spawn(args: &MockArgs) -> Result<MockServer, MockError> {
         let info = EngineInfo {
             index: i,
             model: args.model.clone(),
+            lora_modules: args.lora_modules.clone(),
             http,
             kv_events: publisher.as_ref().map(|p| p.endpoint().to_owned()),
             kv_replay: publisher.as_ref().and_then(|p| p.replay_endpoint().map(str::to_owned)),

@@ -70,16 +70,32 @@ pub fn chain_pos(parent_pos: Option<u64>, hash: u64) -> u64 {
 }
 
 /// Appends the chain hashes of every full block of `tokens` to `out`, starting from `parent`
-/// (`seed` for a prompt). `first_extra` is mixed into the first block only (a request's cache
-/// salt or LoRA identity, see [`extra_hash`]); pass 0 for none. Returns the last hash (or
+/// (`seed` for a prompt). `first_extra` is mixed into the first block only (a request's extra
+/// keys, see [`extra_hash`]); pass 0 for none. Returns the last hash (or
 /// `parent` when `tokens` holds no full block), to continue a chain.
 pub fn hash_blocks(parent: u64, tokens: &[u32], block_size: usize, first_extra: u64, out: &mut Vec<u64>) -> u64 {
+    hash_blocks_keyed(parent, tokens, block_size, first_extra, 0, out)
+}
+
+/// [`hash_blocks`] with `rest_extra` mixed into every block after the first (a LoRA adapter's
+/// key, which vLLM puts in every block of its requests).
+///
+/// # Panics
+/// If `block_size` is 0.
+pub fn hash_blocks_keyed(
+    parent: u64,
+    tokens: &[u32],
+    block_size: usize,
+    first_extra: u64,
+    rest_extra: u64,
+    out: &mut Vec<u64>,
+) -> u64 {
     assert!(block_size > 0, "block_size must be positive");
     let mut h = parent;
     let mut extra = first_extra;
     for block in tokens.chunks_exact(block_size) {
         h = block_hash(h, block, extra);
-        extra = 0;
+        extra = rest_extra;
         out.push(h);
     }
     h

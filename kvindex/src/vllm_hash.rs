@@ -4,10 +4,10 @@
 //! of the first block is `NONE_HASH = SHA-256(serialize("vllm-none-hash"))` and `serialize` is
 //! Python's `pickle.dumps(.., protocol=5)` ([`VllmHashAlgo::Sha256`], vLLM's default) or
 //! `cbor2.dumps(.., canonical=True)` ([`VllmHashAlgo::Sha256Cbor`]). Events carry
-//! [`digest_to_u64`] of each digest. Of the extra keys, only a request's `cache_salt` is covered
-//! (its first block hashes `(parent, tokens, (("cache_salt", salt),))`, [`hash_block_salted`]);
-//! LoRA, multimodal and prompt-embeds blocks are not, and the seed assumes `PYTHONHASHSEED` is
-//! unset on vLLM >= 0.33.
+//! [`digest_to_u64`] of each digest. Of the extra keys, a LoRA adapter (`("lora", name, path)`,
+//! every block) and a request's `cache_salt` (`("cache_salt", salt)`, first block only) are
+//! covered, in vLLM's order ([`hash_block_keyed`]); multimodal and prompt-embeds blocks are not,
+//! and the seed assumes `PYTHONHASHSEED` is unset on vLLM >= 0.33.
 
 mod cbor;
 mod pickle;
@@ -25,6 +25,21 @@ pub enum VllmHashAlgo {
     Sha256,
     /// `sha256_cbor`: canonical CBOR, then SHA-256.
     Sha256Cbor,
+}
+
+/// One of a block's extra hash keys, as vLLM's `generate_block_hash_extra_keys` builds them (a
+/// block's keys go in this order: the adapter, then the salt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VllmExtraKey<'a> {
+    /// `("lora", lora_name, lora_path)`: every block of a LoRA request.
+    Lora {
+        /// The adapter's name (`--lora-modules NAME=PATH`).
+        name: &'a str,
+        /// Its path.
+        path: &'a str,
+    },
+    /// `("cache_salt", salt)`: a salted request's first block.
+    CacheSalt(&'a str),
 }
 
 /// `NONE_HASH`: the digest used as parent of a sequence's first block.
@@ -45,7 +60,21 @@ pub fn hash_block(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32]) -> [
 /// for a request's first block only): `H((parent, tuple(token_ids), (("cache_salt", salt),)))`.
 /// `None` is [`hash_block`].
 pub fn hash_block_salted(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> [u8; 32] {
-    Sha256::digest(serialize(algo, parent, token_ids, salt)).into()
+    match salt {
+        Some(salt) => hash_block_keyed(algo, parent, token_ids, &[VllmExtraKey::CacheSalt(salt)]),
+        None => hash_block_keyed(algo, parent, token_ids, &[]),
+    }
+}
+
+/// Digest of one full block with its extra keys: `H((parent, tuple(token_ids), tuple(keys)))`,
+/// or `H((parent, tuple(token_ids), None))` without any.
+pub fn hash_block_keyed(
+    algo: VllmHashAlgo,
+    parent: &[u8; 32],
+    token_ids: &[u32],
+    keys: &[VllmExtraKey<'_>],
+) -> [u8; 32] {
+    Sha256::digest(serialize(algo, parent, token_ids, keys)).into()
 }
 
 /// Chained digests of every *full* block of `token_ids` (a trailing partial block is not hashed,
@@ -74,13 +103,13 @@ pub fn digest_to_u64(d: &[u8; 32]) -> u64 {
 
 /// The exact bytes vLLM hashes for a block (exposed for tests and debugging).
 pub fn serialize_block(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32]) -> Vec<u8> {
-    serialize(algo, parent, token_ids, None)
+    serialize(algo, parent, token_ids, &[])
 }
 
-fn serialize(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> Vec<u8> {
+fn serialize(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32], keys: &[VllmExtraKey<'_>]) -> Vec<u8> {
     match algo {
-        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids, salt),
-        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids, salt),
+        VllmHashAlgo::Sha256 => pickle::dumps_block(parent, token_ids, keys),
+        VllmHashAlgo::Sha256Cbor => cbor::dumps_block(parent, token_ids, keys),
     }
 }
 

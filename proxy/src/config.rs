@@ -24,7 +24,8 @@
 //! | `health.eject_ms` | 5000 | first passive ejection; doubles per repeat, up to 60 s |
 //! | `model[].name` | — | a served model name |
 //! | `model[].tokenizer` | none | `builtin` or an HF model directory: exact KV-aware routing (none: approximate, over text) |
-//! | `model[].max_model_len` | none | longest prompt in tokens (longer: 400) |
+//! | `model[].max_model_len` | none | longest prompt in tokens (longer: 400); an adapter's defaults to its base's |
+//! | `model[].base` | none | this model is a LoRA adapter of that `[[model]]`: served by its engines (started with `--lora-modules NAME=PATH`), tokenized by its tokenizer, its KV blocks keyed by the adapter's name as vLLM keys them |
 //! | `server.global_router` | none | Dynamo global-router JSON config: pool choice by grid (`--global-router-config`) |
 //! | `routing.engine_metrics_interval_ms` | 1000 | scrape of engines' `/metrics` for the `kv` cost (0: off) |
 //! | `routing.default_ttft_target_ms` / `default_itl_target_ms` | none | grid target for requests without one (Dynamo's `--default-ttft-target` / `--default-itl-target`; none: the grid's midpoint) |
@@ -288,6 +289,9 @@ pub struct ModelConf {
     /// Longest prompt, tokens.
     #[serde(default)]
     pub max_model_len: Option<usize>,
+    /// A LoRA adapter of this model (its `[[model]]` name): served by that model's engines.
+    #[serde(default)]
+    pub base: Option<String>,
 }
 
 /// Engine role in P/D.
@@ -477,7 +481,7 @@ impl Config {
     /// One aggregated pool of `engines` serving `model` (the `--engine URL` shortcut).
     pub fn single_pool(model: &str, engines: &[String]) -> Config {
         Config {
-            model: vec![ModelConf { name: model.into(), tokenizer: None, max_model_len: None }],
+            model: vec![ModelConf { name: model.into(), tokenizer: None, max_model_len: None, base: None }],
             pool: vec![PoolConf {
                 name: "agg-0".into(),
                 role: Role::Agg,
@@ -547,6 +551,29 @@ impl Config {
             if self.model[..i].iter().any(|o| o.name == m.name) {
                 return Err(invalid(format!("model[{i}].name"), format!("`{}` is listed twice", m.name)));
             }
+            if let Some(base) = &m.base {
+                match self.model.iter().find(|o| &o.name == base) {
+                    Some(b) if b.base.is_none() && b.name != m.name => {}
+                    Some(_) => {
+                        return Err(invalid(
+                            format!("model[{i}].base"),
+                            format!("`{base}` is itself an adapter; name the model it adapts"),
+                        ))
+                    }
+                    None => {
+                        return Err(invalid(
+                            format!("model[{i}].base"),
+                            format!("`{base}` is not a configured [[model]]"),
+                        ))
+                    }
+                }
+                if m.tokenizer.is_some() {
+                    return Err(invalid(
+                        format!("model[{i}].tokenizer"),
+                        "a LoRA adapter is tokenized by its base model's tokenizer; drop it",
+                    ));
+                }
+            }
         }
         if self.pool.is_empty() {
             return Err(invalid("pool", "at least one [[pool]] is required"));
@@ -585,11 +612,23 @@ impl Config {
             }
             for (j, e) in p.engine.iter().enumerate() {
                 parse_engine_url(&e.url).map_err(|m| invalid(format!("pool[{i}].engine[{j}].url"), m))?;
-                if !self.model.iter().any(|m| m.name == e.model) {
-                    return Err(invalid(
-                        format!("pool[{i}].engine[{j}].model"),
-                        format!("`{}` is not a configured [[model]]", e.model),
-                    ));
+                match self.model.iter().find(|m| m.name == e.model) {
+                    None => {
+                        return Err(invalid(
+                            format!("pool[{i}].engine[{j}].model"),
+                            format!("`{}` is not a configured [[model]]", e.model),
+                        ))
+                    }
+                    Some(ModelConf { base: Some(base), .. }) => {
+                        return Err(invalid(
+                            format!("pool[{i}].engine[{j}].model"),
+                            format!(
+                                "`{}` is a LoRA adapter: list its base model `{base}`, whose engines serve it",
+                                e.model
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
                 }
             }
         }

@@ -212,6 +212,10 @@ pub struct ModelInfo {
     pub tokenizer_source: Option<std::path::PathBuf>,
     /// Longest prompt in tokens (longer ones get a 400).
     pub max_model_len: Option<usize>,
+    /// The model its engines serve: its own name, or for a LoRA adapter its base's.
+    pub served_by: String,
+    /// For a LoRA adapter, its name: vLLM keys every block of its requests with it.
+    pub lora: Option<String>,
 }
 
 /// An immutable view of all pools.
@@ -221,7 +225,7 @@ pub struct Fleet {
     pub pools: Vec<Pool>,
     /// Configured model names, in order.
     pub models: Vec<String>,
-    /// Configured models with their tokenizers, in the same order.
+    /// Configured models with their tokenizers (base models first, then LoRA adapters).
     pub model_info: Vec<ModelInfo>,
     /// Pool choice by Dynamo's global-router grid (`server.global_router`); None: the first
     /// aggregated pool serving the model.
@@ -262,8 +266,25 @@ impl Fleet {
                 .filter(|_| p.policy == PolicyKind::Kv);
             pools.push(Pool::new(p, engines, index, counters));
         }
-        let mut model_info = Vec::with_capacity(cfg.model.len());
-        for (i, m) in cfg.model.iter().enumerate() {
+        let mut model_info: Vec<ModelInfo> = Vec::with_capacity(cfg.model.len());
+        // Base models first: an adapter takes its base's tokenizer.
+        let order = cfg.model.iter().enumerate().filter(|(_, m)| m.base.is_none());
+        for (i, m) in order.chain(cfg.model.iter().enumerate().filter(|(_, m)| m.base.is_some())) {
+            if let Some(base) = &m.base {
+                let b = model_info
+                    .iter()
+                    .find(|x| &x.name == base)
+                    .ok_or_else(|| format!("model[{i}].base: `{base}` is not a configured base model"))?;
+                model_info.push(ModelInfo {
+                    name: m.name.clone(),
+                    tokenizer: b.tokenizer.clone(),
+                    tokenizer_source: b.tokenizer_source.clone(),
+                    max_model_len: m.max_model_len.or(b.max_model_len),
+                    served_by: base.clone(),
+                    lora: Some(m.name.clone()),
+                });
+                continue;
+            }
             let reused = old
                 .and_then(|o| o.model_info.iter().find(|x| x.name == m.name && x.tokenizer_source == m.tokenizer))
                 .and_then(|x| x.tokenizer.clone());
@@ -279,6 +300,8 @@ impl Fleet {
                 tokenizer,
                 tokenizer_source: m.tokenizer.clone(),
                 max_model_len: m.max_model_len,
+                served_by: m.name.clone(),
+                lora: None,
             });
         }
         let router = match &cfg.server.global_router {

@@ -426,14 +426,22 @@ impl Proxy {
                         caches.len() - 1
                     }
                 };
-                PromptInput::read(body, ep, info.tokenizer.as_deref(), &mut caches[at].1, info.max_model_len)
+                PromptInput::read(
+                    body,
+                    ep,
+                    info.tokenizer.as_deref(),
+                    &mut caches[at].1,
+                    info.max_model_len,
+                    info.lora.as_deref(),
+                )
             };
             match read {
                 Ok(p) => input = Some(p),
                 Err(bad) => return self.refuse(resp, 400, &bad.message, bad.param).await,
             }
         }
-        let chosen = Self::choose_pools(&fleet, model, input.as_ref(), &targets);
+        // A LoRA adapter is served by its base model's engines.
+        let chosen = Self::choose_pools(&fleet, &info.served_by, input.as_ref(), &targets);
         let pools = chosen.as_slice();
         if pools.is_empty() {
             return self.refuse(resp, 503, &format!("no engine serves model `{model}`"), None).await;
@@ -848,7 +856,10 @@ impl Proxy {
         let missing: Vec<&str> = fleet
             .models
             .iter()
-            .filter(|m| !fleet.engines().any(|(_, e)| &e.model == *m && e.healthy(now)))
+            .filter(|m| {
+                let served_by = fleet.model(m).map_or(m.as_str(), |i| i.served_by.as_str());
+                !fleet.engines().any(|(_, e)| e.model == served_by && e.healthy(now))
+            })
             .map(String::as_str)
             .collect();
         if missing.is_empty() {

@@ -6,6 +6,15 @@ use gantry_proxy::config::PolicyKind;
 
 /// Four mock engines with events and replay, and a `kv` proxy following them.
 fn kv_stack(extra_mock: &[&str], policy: PolicyKind) -> (MockServer, ProxyServer) {
+    kv_stack_with(extra_mock, policy, |_| {})
+}
+
+/// [`kv_stack`], with `edit` applied to the proxy's config last.
+fn kv_stack_with(
+    extra_mock: &[&str],
+    policy: PolicyKind,
+    edit: impl FnOnce(&mut gantry_proxy::config::Config),
+) -> (MockServer, ProxyServer) {
     let mut flags = vec!["--engines", "4", "--kv-events-port", "0", "--kv-replay-port", "0"];
     flags.extend_from_slice(extra_mock);
     let m = mock(&flags);
@@ -21,6 +30,7 @@ fn kv_stack(extra_mock: &[&str], policy: PolicyKind) -> (MockServer, ProxyServer
             e.kv_events.clone_from(&a.kv_events);
             e.kv_replay.clone_from(&a.kv_replay);
         }
+        edit(cfg);
     });
     (m, p)
 }
@@ -65,7 +75,7 @@ fn proxy_tokens_equal_the_mock_tokenize_endpoint() {
         (Endpoint::Completions, json!({"model": "mock-model", "prompt": format!("Once upon{words}")})),
     ];
     for (ep, body) in cases {
-        let ours = match PromptInput::read(&body, ep, Some(&tok), &mut cache, None).unwrap().content {
+        let ours = match PromptInput::read(&body, ep, Some(&tok), &mut cache, None, None).unwrap().content {
             PromptContent::Tokens(ids) => ids,
             PromptContent::Text(_) => panic!("a tokenizer was given"),
         };
@@ -136,9 +146,14 @@ fn shared_prefixes_go_to_their_holder_until_it_is_loaded() {
 
 /// The proxy's block hashes of `body`'s chat prompt (built-in tokenizer, 16-token blocks).
 fn prompt_hashes(body: &Value) -> Vec<u64> {
+    adapter_prompt_hashes(body, None)
+}
+
+/// [`prompt_hashes`] of a request to LoRA adapter `lora` (None: the base model).
+fn adapter_prompt_hashes(body: &Value, lora: Option<&str>) -> Vec<u64> {
     use gantry_proxy::route::prompt::{Endpoint, PromptInput};
     let tok = gantry_tokenizer::Tokenizer::builtin();
-    let input = PromptInput::read(body, Endpoint::Chat, Some(&tok), &mut Default::default(), None).unwrap();
+    let input = PromptInput::read(body, Endpoint::Chat, Some(&tok), &mut Default::default(), None, lora).unwrap();
     input.hash(16, gantry_kvindex::hash::DEFAULT_SEED).hashes
 }
 
@@ -248,6 +263,51 @@ fn a_cache_salt_is_routed_on_its_own_chain() {
         assert_eq!(r.status, 200);
         assert_eq!(overlap(&r), 0, "{}", other["cache_salt"]);
     }
+}
+
+#[test]
+fn a_lora_adapter_is_routed_on_its_own_chain() {
+    let (m, p) = kv_stack_with(&["--lora-modules", "sql-lora=/adapters/sql"], PolicyKind::Kv, |cfg| {
+        cfg.model.push(gantry_proxy::config::ModelConf {
+            name: "sql-lora".into(),
+            tokenizer: None,
+            max_model_len: None,
+            base: Some("mock-model".into()),
+        });
+    });
+    let chat = |model: &str, tail: usize| {
+        let mut b = shared_prefix_chat(6, 300, tail);
+        b["model"] = json!(model);
+        b
+    };
+    // Engine 1 caches a prompt under the adapter (sent to it directly); its events name the
+    // adapter on every block, and reach the index under the hashes the proxy computes for it.
+    let e1 = &m.engines[1];
+    assert_eq!(post(e1.http, "/v1/chat/completions", &chat("sql-lora", 0)).status, 200);
+    let reader =
+        gantry_kvindex::index::IndexReader::open(p.fleet.load().pools[0].index.as_ref().unwrap().path.clone()).unwrap();
+    let slot = reader.engine_slot(&e1.url()).expect("engine 1 is registered");
+    let mut out = reader.new_overlaps();
+    let hashes = adapter_prompt_hashes(&chat("sql-lora", 1), Some("sql-lora"));
+    wait_until("engine 1's adapter blocks in the index", Duration::from_secs(10), || {
+        reader.overlaps(&hashes, &mut out);
+        out.get(slot) >= 300 / 16
+    });
+    reader.overlaps(&prompt_hashes(&chat("mock-model", 1)), &mut out);
+    assert_eq!(out.get(slot), 0, "the base model's prompt has another chain");
+
+    // Through the proxy: the adapter's request goes to engine 1 (the base model's engines serve
+    // it) and answers as the adapter; the base model's same prompt overlaps nothing.
+    let r = post(p.addr, "/v1/chat/completions", &chat("sql-lora", 1));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-gantry-engine"), Some(e1.url().as_str()));
+    let overlap = |r: &Reply| r.header("x-gantry-overlap-blocks").unwrap().parse::<u32>().unwrap();
+    assert!(overlap(&r) >= 300 / 16, "overlap {}", overlap(&r));
+    assert_eq!(r.json()["model"], "sql-lora");
+    assert_eq!(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().map(|t| t >= 300), Some(true));
+    let base = post(p.addr, "/v1/chat/completions", &chat("mock-model", 2));
+    assert_eq!((base.status, overlap(&base)), (200, 0));
+    assert_eq!(get(p.addr, "/health").status, 200, "the adapter is served by the base model's engines");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::config::{Role, VLLM_VERSION};
-use super::engine::{splitmix, FinishReason, NewRequest, OutputRef, RemotePrefill, SubmitError};
+use super::engine::{splitmix, FinishReason, LoraModule, NewRequest, OutputRef, RemotePrefill, SubmitError};
 use super::faults::FaultsUpdate;
 use super::metrics::{self, CacheInfo, Gauges};
 use super::runner::Engine;
@@ -205,15 +205,20 @@ struct Prepared {
     remote: Option<RemotePrefill>,
     echo_prompt: Option<String>,
     cache_salt: Option<String>,
+    lora: Option<LoraModule>,
 }
 
 impl Api {
-    fn info_model_ok(&self, model: Option<&str>, required: bool) -> Result<(), ApiError> {
+    /// Checks the request's model: the served one, or one of its LoRA adapters (returned).
+    fn info_model_ok(&self, model: Option<&str>, required: bool) -> Result<Option<&LoraModule>, ApiError> {
         match model {
             None if required => Err(ApiError::bad("Field required: `model`").param("model")),
-            None => Ok(()),
-            Some(m) if m == self.engine.info.model => Ok(()),
-            Some(m) => Err(ApiError::new(404, format!("The model `{m}` does not exist.")).param("model")),
+            None => Ok(None),
+            Some(m) if m == self.engine.info.model => Ok(None),
+            Some(m) => match self.engine.info.lora_modules.iter().find(|l| l.name == m) {
+                Some(l) => Ok(Some(l)),
+                None => Err(ApiError::new(404, format!("The model `{m}` does not exist.")).param("model")),
+            },
         }
     }
 
@@ -229,7 +234,7 @@ impl Api {
     fn prepare(&self, kind: Kind, body: &[u8]) -> Result<Prepared, ApiError> {
         let r: GenRequest =
             serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid request body: {e}")))?;
-        self.info_model_ok(r.model.as_deref(), true)?;
+        let lora = self.info_model_ok(r.model.as_deref(), true)?.cloned();
         let tok = &self.engine.tokenizer;
         let mut echo_prompt = None;
         let prompt = match kind {
@@ -318,6 +323,7 @@ impl Api {
             remote,
             echo_prompt,
             cache_salt,
+            lora,
         })
     }
 
@@ -449,6 +455,7 @@ impl Api {
                 lease_id: lease_id.clone(),
                 remote_prefill: p.remote,
                 cache_salt: p.cache_salt,
+                lora: p.lora.clone(),
             },
             Instant::now(),
         );
@@ -463,7 +470,9 @@ impl Api {
         };
         engine.wake.notify();
         let guard = AbortGuard { out: out.clone(), engine: engine.clone() };
-        let ctx = Ctx { id, kind, created: unix_now(), prompt_len, lease_id, echo: p.echo_prompt };
+        // vLLM answers with the model the request named (an adapter's name, for LoRA).
+        let model = p.lora.map_or_else(|| self.engine.info.model.clone(), |l| l.name);
+        let ctx = Ctx { id, kind, created: unix_now(), prompt_len, lease_id, echo: p.echo_prompt, model };
         if p.stream {
             self.stream(&ctx, &out, resp, p.include_usage, p.continuous_usage).await;
         } else {
@@ -529,7 +538,7 @@ impl Api {
         match ctx.kind {
             Kind::Chat => {
                 let _ = write!(b, r#","object":"chat.completion","created":{},"model":"#, ctx.created);
-                push_json_str(&mut b, &self.engine.info.model);
+                push_json_str(&mut b, &ctx.model);
                 b.push_str(r#","choices":[{"index":0,"message":{"role":"assistant","content":"#);
                 push_json_str(&mut b, &text);
                 let _ = write!(
@@ -542,7 +551,7 @@ impl Api {
             }
             Kind::Text => {
                 let _ = write!(b, r#","object":"text_completion","created":{},"model":"#, ctx.created);
-                push_json_str(&mut b, &self.engine.info.model);
+                push_json_str(&mut b, &ctx.model);
                 b.push_str(r#","choices":[{"index":0,"text":"#);
                 push_json_str(&mut b, &text);
                 let _ = write!(
@@ -563,7 +572,7 @@ impl Api {
         if resp.start_stream(200, &headers).await.is_err() {
             return;
         }
-        let model = &self.engine.info.model;
+        let model = &ctx.model;
         let mut head = String::new();
         head.push_str(r#"{"id":"#);
         push_json_str(&mut head, &ctx.id);
@@ -684,14 +693,20 @@ impl Api {
         let info = &self.engine.info;
         let created = self.engine.started;
         let max_len = self.engine.core.borrow().config().max_model_len;
-        let body = json!({"object": "list", "data": [{
-            "id": info.model, "object": "model", "created": created, "owned_by": "vllm",
-            "root": info.model, "parent": null, "max_model_len": max_len,
-            "permission": [{"id": format!("modelperm-{:016x}", splitmix(created)), "object": "model_permission",
-                "created": created, "allow_create_engine": false, "allow_sampling": true, "allow_logprobs": true,
-                "allow_search_indices": false, "allow_view": true, "allow_fine_tuning": false,
-                "organization": "*", "group": null, "is_blocking": false}]
-        }]});
+        // The served model, then each LoRA adapter (vLLM: `root` its path, `parent` the model).
+        let entry = |id: &str, root: &str, parent: Option<&str>| {
+            json!({
+                "id": id, "object": "model", "created": created, "owned_by": "vllm",
+                "root": root, "parent": parent, "max_model_len": max_len,
+                "permission": [{"id": format!("modelperm-{:016x}", splitmix(created ^ u64::from(parent.is_some()))), "object": "model_permission",
+                    "created": created, "allow_create_engine": false, "allow_sampling": true, "allow_logprobs": true,
+                    "allow_search_indices": false, "allow_view": true, "allow_fine_tuning": false,
+                    "organization": "*", "group": null, "is_blocking": false}]
+            })
+        };
+        let mut data = vec![entry(&info.model, &info.model, None)];
+        data.extend(info.lora_modules.iter().map(|l| entry(&l.name, &l.path, Some(&info.model))));
+        let body = json!({"object": "list", "data": data});
         Response::json(200, body.to_string())
     }
 
@@ -790,6 +805,8 @@ struct Ctx {
     prompt_len: usize,
     lease_id: Option<String>,
     echo: Option<String>,
+    /// The model the response names.
+    model: String,
 }
 
 const ROUTES: &[(&str, &[&str])] = &[

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use gantry_kvindex::vllm_hash::VllmHashAlgo;
 use gantry_kvindex::WireFormat;
 
-use super::engine::EngineConfig;
+use super::engine::{EngineConfig, LoraModule};
 use super::timing::{TimingModel, DEFAULT_KV_BANDWIDTH, DEFAULT_KV_BYTES_PER_TOKEN};
 
 /// The vLLM release whose surface the mock reproduces (reported by `/version`).
@@ -67,6 +67,10 @@ pub struct MockArgs {
     /// Served model name.
     #[arg(long, default_value = "mock-model")]
     pub model: String,
+    /// LoRA adapters served beside the model, vLLM's `NAME=PATH` (repeatable): requests name
+    /// them as their model; their KV blocks are keyed by the adapter, as vLLM keys them.
+    #[arg(long = "lora-modules", value_name = "NAME=PATH", value_parser = parse_lora_module, num_args = 1..)]
+    pub lora_modules: Vec<LoraModule>,
     /// HF model directory (tokenizer.json, tokenizer_config.json); default: the built-in tokenizer.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -304,6 +308,16 @@ impl MockArgs {
             HashAlgo::Sha256 => "sha256",
             HashAlgo::Sha256Cbor => "sha256_cbor",
         }
+    }
+}
+
+/// `--lora-modules NAME=PATH`: both parts non-empty, the name not containing `=`.
+fn parse_lora_module(s: &str) -> Result<LoraModule, String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.trim().is_empty() && !path.trim().is_empty() => {
+            Ok(LoraModule { name: name.trim().to_owned(), path: path.trim().to_owned() })
+        }
+        _ => Err(format!("`{s}` is not NAME=PATH")),
     }
 }
 

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use gantry_kvindex::vllm_hash::{self, VllmHashAlgo};
+use gantry_kvindex::vllm_hash::{self, VllmExtraKey, VllmHashAlgo};
 
 use super::kv_cache::{BlockHash, BlockId, KvCache};
 use super::metrics::EngineMetrics;
@@ -180,6 +180,19 @@ pub struct NewRequest {
     /// vLLM's `cache_salt`: keys the first block, so only requests with the same salt share
     /// cached blocks.
     pub cache_salt: Option<String>,
+    /// The LoRA adapter the request names as its model: keys every block.
+    pub lora: Option<LoraModule>,
+}
+
+/// A LoRA adapter the engine serves (`--lora-modules NAME=PATH`). The mock computes nothing with
+/// it; like vLLM it keys the request's KV blocks, so adapters and the base model never share
+/// cached blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraModule {
+    /// The model name requests use.
+    pub name: String,
+    /// Where it was loaded from (hashed, not published).
+    pub path: String,
 }
 
 /// Why a request was not admitted.
@@ -234,6 +247,7 @@ struct Req {
     ignore_eos: bool,
     seed: u64,
     cache_salt: Option<String>,
+    lora: Option<LoraModule>,
     hashes: Vec<BlockHash>,
     blocks: Vec<BlockId>,
     num_computed: usize,
@@ -360,6 +374,7 @@ impl EngineCore {
             ignore_eos: req.ignore_eos,
             seed: req.seed,
             cache_salt: req.cache_salt,
+            lora: req.lora,
             hashes: Vec::new(),
             blocks: Vec::new(),
             num_computed: 0,
@@ -385,8 +400,15 @@ impl EngineCore {
         while r.hashes.len() < full {
             let i = r.hashes.len();
             let parent = r.hashes.last().map_or(none_hash, |h| &h.digest);
-            let salt = if i == 0 { r.cache_salt.as_deref() } else { None };
-            let digest = vllm_hash::hash_block_salted(cfg.hash_algo, parent, &r.tokens[i * bs..(i + 1) * bs], salt);
+            // vLLM's order: the adapter on every block, then the salt on the first.
+            let mut keys = Vec::with_capacity(2);
+            if let Some(l) = &r.lora {
+                keys.push(VllmExtraKey::Lora { name: &l.name, path: &l.path });
+            }
+            if let (0, Some(salt)) = (i, r.cache_salt.as_deref()) {
+                keys.push(VllmExtraKey::CacheSalt(salt));
+            }
+            let digest = vllm_hash::hash_block_keyed(cfg.hash_algo, parent, &r.tokens[i * bs..(i + 1) * bs], &keys);
             r.hashes.push(BlockHash { digest, external: vllm_hash::digest_to_u64(&digest) });
         }
     }
@@ -639,7 +661,8 @@ impl EngineCore {
         let a = r.num_cached_blocks;
         let parent = a.checked_sub(1).map(|p| r.hashes[p].external);
         let tokens = &r.tokens[a * bs..full * bs];
-        kv.cache_blocks(&r.blocks[a..full], &r.hashes[a..full], parent, tokens, r.cache_salt.as_deref());
+        let lora = r.lora.as_ref().map(|l| l.name.as_str());
+        kv.cache_blocks(&r.blocks[a..full], &r.hashes[a..full], parent, tokens, r.cache_salt.as_deref(), lora);
         r.num_cached_blocks = full;
     }
 

@@ -196,9 +196,10 @@ impl KvCache {
 
     /// Registers newly full blocks: `blocks[i]` holds the block hashed `hashes[i]`; `parent` is
     /// the hash of the block before `blocks[0]` (None at token 0) and `tokens` their tokens,
-    /// concatenated; `salt` is the request's cache salt, which vLLM reports as the first block's
-    /// extra keys (`[salt]`). Emits one `BlockStored` for them, as vLLM's `cache_full_blocks`
-    /// does. Does nothing if prefix caching is off.
+    /// concatenated; `salt` is the request's cache salt and `lora` its adapter, which vLLM
+    /// reports as each block's extra keys (`[lora]` on every block, `[lora, salt]` or `[salt]` on
+    /// the first) and the adapter as `lora_name`. Emits one `BlockStored` for them, as vLLM's
+    /// `cache_full_blocks` does. Does nothing if prefix caching is off.
     pub fn cache_blocks(
         &mut self,
         blocks: &[BlockId],
@@ -206,6 +207,7 @@ impl KvCache {
         parent: Option<u64>,
         tokens: &[u32],
         salt: Option<&str>,
+        lora: Option<&str>,
     ) {
         debug_assert_eq!(blocks.len(), hashes.len());
         debug_assert_eq!(tokens.len(), blocks.len() * self.block_size);
@@ -239,14 +241,19 @@ impl KvCache {
                 block_size: self.block_size as u32,
                 lora_id: None,
                 medium: Some("GPU".into()),
-                lora_name: None,
-                extra_keys: Some({
-                    let mut keys = vec![None; blocks.len()];
-                    if let (None, Some(salt)) = (parent, salt) {
-                        keys[0] = Some(vec![ExtraKey::Str(salt.to_owned())]);
-                    }
-                    keys
-                }),
+                lora_name: lora.map(str::to_owned),
+                extra_keys: Some(
+                    (0..blocks.len())
+                        .map(|i| {
+                            let mut keys: Vec<ExtraKey> =
+                                lora.map(|l| ExtraKey::Str(l.to_owned())).into_iter().collect();
+                            if let (0, None, Some(salt)) = (i, parent, salt) {
+                                keys.push(ExtraKey::Str(salt.to_owned()));
+                            }
+                            (!keys.is_empty()).then_some(keys)
+                        })
+                        .collect(),
+                ),
                 group_idx: Some(0),
                 kv_cache_spec_kind: Some("full_attention".into()),
                 kv_cache_spec_sliding_window: None,

@@ -24,6 +24,8 @@ pub struct EngineInfo {
     pub index: usize,
     /// Served model name.
     pub model: String,
+    /// LoRA adapters it also serves (`--lora-modules`).
+    pub lora_modules: Vec<super::engine::LoraModule>,
     /// Where its HTTP server listens.
     pub http: SocketAddr,
     /// KV event PUB endpoint, if events are on.

@@ -362,8 +362,14 @@ impl EngineState {
             },
         };
         let bit = tiers.bit_for_store(e.medium);
+        // Engines from before `extra_keys` (vLLM PR #33304) name a LoRA adapter only in
+        // `lora_name`; every block of it carried `[lora_name]` in its hash, as later events say.
+        let lora_extra = match (&e.extra_keys, e.lora_name) {
+            (None, Some(name)) => crate::events::extra_keys_hash(&[crate::events::ExtraKey::Str(name.to_owned())]),
+            _ => 0,
+        };
         for (i, (&vllm, tokens)) in e.block_hashes.iter().zip(e.token_ids.chunks_exact(bs)).enumerate() {
-            let extra = e.extra_keys.as_ref().and_then(|k| k[i]).map_or(0, extra_hash);
+            let extra = e.extra_keys.as_ref().and_then(|k| k[i]).map_or(lora_extra, extra_hash);
             let hash = block_hash(parent, tokens, extra);
             let pos = chain_pos(parent_pos, hash);
             self.insert(out, Key { vllm, rank }, Block { hash, pos }, bit);

@@ -127,6 +127,28 @@ fn extra_keys_are_hashed_from_their_msgpack_bytes() {
 }
 
 #[test]
+fn a_lora_name_without_extra_keys_keys_every_block() {
+    // Events from before `extra_keys`: the adapter is named once, and keyed every block.
+    let mut a = applier(&[source(0)]);
+    let mut e = stored(&[1, 2], None, 0);
+    e.lora_name = Some("sql-lora".into());
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(e)]);
+    let lora = crate::extra_keys_hash(&[ExtraKey::Str("sql-lora".into())]);
+    let b0 = block_hash(DEFAULT_SEED, &[0, 1, 2, 3], lora);
+    let b1 = block_hash(b0, &[4, 5, 6, 7], lora);
+    assert_eq!(a.sink().of(0), set(&[b0, b1]));
+    // With `extra_keys` present they alone count, as the engine computed them.
+    let mut e = stored(&[3, 4], None, 0);
+    e.lora_name = Some("sql-lora".into());
+    e.extra_keys = Some(vec![Some(vec![ExtraKey::Str("sql-lora".into())]), None]);
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(e)]);
+    let c0 = block_hash(DEFAULT_SEED, &[0, 1, 2, 3], lora);
+    let c1 = block_hash(c0, &[4, 5, 6, 7], 0);
+    assert_eq!(c0, b0, "same tokens, same adapter, same first block");
+    assert!(a.sink().of(0).contains(&c1) && a.sink().of(0).len() == 3);
+}
+
+#[test]
 fn skips_what_cannot_be_indexed() {
     let mut a = applier(&[source(0)]);
     let mut wrong_size = stored(&[1], None, 0);

@@ -1,5 +1,7 @@
 //! Canonical CBOR (`cbor2.dumps(.., canonical=True)`) of vLLM's hash inputs: str, bytes, tuple of ints, None.
 
+use super::VllmExtraKey;
+
 /// CBOR of a text string.
 pub(super) fn dumps_str(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len() + 9);
@@ -9,8 +11,8 @@ pub(super) fn dumps_str(s: &str) -> Vec<u8> {
 }
 
 /// CBOR of `(parent: bytes, tuple(token_ids), extra)`: `83 58 20 <32 bytes> <array> <extra>`,
-/// `extra` being `f6` (None) or, with a cache salt, `[["cache_salt", salt]]`.
-pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> Vec<u8> {
+/// `extra` being `f6` (None) or the keys, e.g. `[["lora", name, path], ["cache_salt", salt]]`.
+pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], keys: &[VllmExtraKey<'_>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(36 + 9 + 5 * token_ids.len() + 1);
     write_head(&mut out, 4, 3);
     write_head(&mut out, 2, parent.len() as u64);
@@ -19,13 +21,19 @@ pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], salt: Option<&st
     for &t in token_ids {
         write_head(&mut out, 0, u64::from(t));
     }
-    match salt {
-        None => out.push(0xf6),
-        Some(salt) => {
-            write_head(&mut out, 4, 1);
-            write_head(&mut out, 4, 2);
-            out.extend_from_slice(&dumps_str("cache_salt"));
-            out.extend_from_slice(&dumps_str(salt));
+    if keys.is_empty() {
+        out.push(0xf6);
+        return out;
+    }
+    write_head(&mut out, 4, keys.len() as u64);
+    for key in keys {
+        let fields: &[&str] = match key {
+            VllmExtraKey::Lora { name, path } => &["lora", name, path],
+            VllmExtraKey::CacheSalt(salt) => &["cache_salt", salt],
+        };
+        write_head(&mut out, 4, fields.len() as u64);
+        for f in fields {
+            out.extend_from_slice(&dumps_str(f));
         }
     }
     out

@@ -30,6 +30,8 @@ const FRAME_SIZE_TARGET: usize = 64 * 1024;
 /// `pickle._Framer._FRAME_SIZE_MIN`.
 const FRAME_SIZE_MIN: usize = 4;
 
+use super::VllmExtraKey;
+
 /// Pickle of a `str`.
 pub(super) fn dumps_str(s: &str) -> Vec<u8> {
     let mut p = Pickler::new();
@@ -37,9 +39,11 @@ pub(super) fn dumps_str(s: &str) -> Vec<u8> {
     p.finish()
 }
 
-/// Pickle of `(parent: bytes, tuple(token_ids), extra)`, `extra` being `None` or, with a cache
-/// salt, `(("cache_salt", salt),)`.
-pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], salt: Option<&str>) -> Vec<u8> {
+/// Pickle of `(parent: bytes, tuple(token_ids), extra)`, `extra` being `None` or the keys, e.g.
+/// `(("lora", name, path), ("cache_salt", salt))`. Each string is written on its own, as
+/// CPython does for distinct objects (an adapter whose name and path are one interned object
+/// would be memoized there instead).
+pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], keys: &[VllmExtraKey<'_>]) -> Vec<u8> {
     let mut p = Pickler::new();
     p.boundary(); // save(outer tuple)
     p.boundary(); // save(parent)
@@ -65,15 +69,33 @@ pub(super) fn dumps_block(parent: &[u8; 32], token_ids: &[u32], salt: Option<&st
         }
     }
     p.boundary(); // save(extra keys)
-    match salt {
-        None => p.frame.push(NONE),
-        Some(salt) => {
-            p.boundary(); // save(("cache_salt", salt))
-            p.save_str("cache_salt");
-            p.save_str(salt);
-            p.frame.extend_from_slice(&[TUPLE2, MEMOIZE]);
-            p.frame.extend_from_slice(&[TUPLE1, MEMOIZE]);
+    if keys.is_empty() {
+        p.frame.push(NONE);
+    } else {
+        if keys.len() > 3 {
+            p.frame.push(MARK);
         }
+        for key in keys {
+            p.boundary(); // save(("lora", name, path)) or save(("cache_salt", salt))
+            match key {
+                VllmExtraKey::Lora { name, path } => {
+                    p.save_str("lora");
+                    p.save_str(name);
+                    p.save_str(path);
+                    p.frame.extend_from_slice(&[TUPLE3, MEMOIZE]);
+                }
+                VllmExtraKey::CacheSalt(salt) => {
+                    p.save_str("cache_salt");
+                    p.save_str(salt);
+                    p.frame.extend_from_slice(&[TUPLE2, MEMOIZE]);
+                }
+            }
+        }
+        let end = match keys.len() {
+            n @ 1..=3 => [TUPLE1, TUPLE2, TUPLE3][n - 1],
+            _ => TUPLE,
+        };
+        p.frame.extend_from_slice(&[end, MEMOIZE]);
     }
     p.frame.extend_from_slice(&[TUPLE3, MEMOIZE]);
     p.finish()

@@ -182,11 +182,46 @@ fn salted_blocks_match_cpython_and_cbor2() {
         );
     }
     assert_eq!(
-        cbor::dumps_block(&parent, &[1, 2, 3, 4], Some("tenant-a")),
+        cbor::dumps_block(&parent, &[1, 2, 3, 4], &[VllmExtraKey::CacheSalt("tenant-a")]),
         unhex("835820 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f 8401020304 81826a63616368655f73616c746874656e616e742d61")
     );
     assert_eq!(
         hash_block_salted(VllmHashAlgo::Sha256, &parent, &[1, 2, 3, 4], None),
         hash_block(VllmHashAlgo::Sha256, &parent, &[1, 2, 3, 4])
+    );
+}
+
+#[test]
+fn lora_blocks_match_cpython_and_cbor2() {
+    // Digests from CPython 3.11 pickle (protocol 5) and cbor2 (canonical) of
+    // (bytes(range(32)), (1, 2, 3, 4), extra), the strings distinct objects as in vLLM.
+    let parent: [u8; 32] = std::array::from_fn(|i| i as u8);
+    let lora = VllmExtraKey::Lora { name: "sql-lora", path: "/adapters/sql" };
+    let salt = VllmExtraKey::CacheSalt("tenant-a");
+    let cases: [(&[VllmExtraKey<'_>], &str, &str); 2] = [
+        (
+            &[lora],
+            "dfb94b112590d8fbd767cc4642e366d142b65267f1b0c06cc6406a6a9a3743d8",
+            "fa7474ecc0dc79773e99c83ad0026d856135b5ad0f3606f82c5060395ec11121",
+        ),
+        (
+            &[lora, salt],
+            "7c889d556d144af64943cfe781a6c9a565e3b64aecbbb69438ea67fa001a8533",
+            "bd98bfb6833792294ebbf3697349e54929419bc3eaf5726171140ae62a84bc6f",
+        ),
+    ];
+    for (keys, pickled, cbor) in cases {
+        assert_eq!(hash_block_keyed(VllmHashAlgo::Sha256, &parent, &[1, 2, 3, 4], keys), digest(pickled), "{keys:?}");
+        assert_eq!(hash_block_keyed(VllmHashAlgo::Sha256Cbor, &parent, &[1, 2, 3, 4], keys), digest(cbor), "{keys:?}");
+    }
+    assert_eq!(
+        pickle::dumps_block(&parent, &[1, 2, 3, 4], &[lora, salt]),
+        unhex(
+            "80059571000000000000004320000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f94284b014b024b034b0474948c046c6f7261948c0873716c2d6c6f7261948c0d2f61646170746572732f73716c9487948c0a63616368655f73616c74948c0874656e616e742d61948694869487942e"
+        )
+    );
+    assert_eq!(
+        cbor::dumps_block(&parent, &[1, 2, 3, 4], &[lora, salt]),
+        unhex("835820 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f 8401020304 82 83646c6f72616873716c2d6c6f72616d2f61646170746572732f73716c 826a63616368655f73616c746874656e616e742d61")
     );
 }

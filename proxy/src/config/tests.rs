@@ -53,6 +53,26 @@ fn bad_values_name_their_key() {
         (EXAMPLE.replace("[server]", "[server]\nbogus = 1"), "bogus"),
         (format!("{EXAMPLE}\n[retry]\nattempts = 0\n"), "retry.attempts"),
         (format!("{EXAMPLE}\n[admin]\nlisten = \"127.0.0.1:9000\"\ntoken = \"short\"\n"), "admin.token"),
+        // LoRA adapters: of a configured base model, which is not itself an adapter; tokenized
+        // by the base; never an engine's model.
+        (EXAMPLE.replace("name = \"mock-model\"\n", "name = \"mock-model\"\n[[model]]\nname = \"a\"\nbase = \"nope\"\n"), "model[1].base"),
+        (
+            EXAMPLE.replace(
+                "name = \"mock-model\"\n",
+                "name = \"mock-model\"\n[[model]]\nname = \"a\"\nbase = \"mock-model\"\n[[model]]\nname = \"b\"\nbase = \"a\"\n",
+            ),
+            "model[2].base",
+        ),
+        (
+            EXAMPLE.replace("name = \"mock-model\"\n", "name = \"mock-model\"\n[[model]]\nname = \"a\"\nbase = \"mock-model\"\ntokenizer = \"builtin\"\n"),
+            "model[1].tokenizer",
+        ),
+        (
+            EXAMPLE
+                .replace("name = \"mock-model\"\n", "name = \"mock-model\"\n[[model]]\nname = \"a\"\nbase = \"mock-model\"\n")
+                .replace("model = \"mock-model\"\nkv_events", "model = \"a\"\nkv_events"),
+            "pool[0].engine[0].model",
+        ),
     ];
     for (text, key) in cases {
         let err = parse(&text).unwrap_err().to_string();
@@ -68,4 +88,14 @@ fn engine_urls() {
     assert_eq!(u.addr.port(), 8101);
     assert!(parse_engine_url("http://127.0.0.1:8101/v1").is_err());
     assert!(parse_engine_url("ftp://x").is_err());
+}
+
+#[test]
+fn a_lora_adapter_names_its_base_model() {
+    let text = EXAMPLE.replace(
+        "name = \"mock-model\"\n",
+        "name = \"mock-model\"\n[[model]]\nname = \"sql-lora\"\nbase = \"mock-model\"\n",
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(cfg.model[1].base.as_deref(), Some("mock-model"));
 }

@@ -10,12 +10,12 @@
 //!   [`TEXT_CHUNK_BYTES`]-byte chunks that are hashed like blocks, so requests that share a text
 //!   prefix share hashes. Such hashes only ever meet the index's predicted entries (approximate
 //!   routing); the token count is estimated as bytes / 4.
-//! - `cache_salt` (vLLM's per-request cache isolation): mixed into the first block's hash exactly
-//!   as the engine's events key it (`extra_keys[0] = [salt]`), so salted requests match only
-//!   blocks cached under the same salt. Not yet: LoRA adapters (whose name vLLM puts in every
-//!   block's extra keys) are not mixed in.
+//! - Extra keys, mixed in exactly as the engine's events key blocks: a LoRA adapter's name in
+//!   every block (`extra_keys[i] = [lora]`), and `cache_salt` (vLLM's per-request cache
+//!   isolation) in the first (`[lora, salt]`, or `[salt]`). So adapter and salted requests match
+//!   only blocks cached under the same adapter and salt.
 
-use gantry_kvindex::hash::{block_hash, hash_blocks};
+use gantry_kvindex::hash::{block_hash, hash_blocks_keyed};
 use gantry_kvindex::{extra_keys_hash, ExtraKey};
 use gantry_tokenizer::{ChatTemplateInput, EncodeCache, Tokenizer};
 use serde_json::Value;
@@ -63,8 +63,11 @@ pub enum Endpoint {
 pub struct PromptInput {
     /// Token ids, or text when the model has no tokenizer.
     pub content: PromptContent,
-    /// Mixed into the first block's hash: the request's `cache_salt` (0: none).
+    /// Mixed into the first block's hash: its extra keys, the adapter and the request's
+    /// `cache_salt` (0: none).
     pub first_extra: u64,
+    /// Mixed into every later block's hash: the LoRA adapter (0: none).
+    pub rest_extra: u64,
 }
 
 /// What a prompt is made of.
@@ -77,17 +80,24 @@ pub enum PromptContent {
 }
 
 impl PromptInput {
-    /// Reads the prompt of `body` (already parsed), refusing bad or over-long prompts.
+    /// Reads the prompt of `body` (already parsed), refusing bad or over-long prompts; `lora` is
+    /// the adapter the request's model names, if it is one.
     pub fn read(
         body: &Value,
         endpoint: Endpoint,
         tokenizer: Option<&Tokenizer>,
         cache: &mut EncodeCache,
         max_model_len: Option<usize>,
+        lora: Option<&str>,
     ) -> Result<PromptInput, BadPrompt> {
-        let first_extra = cache_salt(body)?;
+        let salt = cache_salt(body)?;
+        // The engine's event form of the keys, in vLLM's order (adapter, then salt).
+        let lora = lora.map(|l| ExtraKey::Str(l.to_owned()));
+        let first: Vec<ExtraKey> = lora.iter().cloned().chain(salt.map(ExtraKey::Str)).collect();
+        let first_extra = if first.is_empty() { 0 } else { extra_keys_hash(&first) };
+        let rest_extra = lora.map_or(0, |l| extra_keys_hash(&[l]));
         let Some(tok) = tokenizer else {
-            return Ok(PromptInput { content: PromptContent::Text(text(body, endpoint)?), first_extra });
+            return Ok(PromptInput { content: PromptContent::Text(text(body, endpoint)?), first_extra, rest_extra });
         };
         let ids = tokens(body, endpoint, tok, cache)?;
         if let Some(max) = max_model_len {
@@ -101,7 +111,7 @@ impl PromptInput {
                 ));
             }
         }
-        Ok(PromptInput { content: PromptContent::Tokens(ids), first_extra })
+        Ok(PromptInput { content: PromptContent::Tokens(ids), first_extra, rest_extra })
     }
 
     /// Prompt tokens (estimated as bytes / 4 for text).
@@ -118,7 +128,7 @@ impl PromptInput {
         match &self.content {
             PromptContent::Tokens(ids) => {
                 out.exact = true;
-                hash_blocks(seed, ids, block_size as usize, self.first_extra, &mut out.hashes);
+                hash_blocks_keyed(seed, ids, block_size as usize, self.first_extra, self.rest_extra, &mut out.hashes);
             }
             PromptContent::Text(text) => {
                 let (mut parent, mut extra) = (TEXT_SEED, self.first_extra);
@@ -126,7 +136,7 @@ impl PromptInput {
                     let words: Vec<u32> =
                         chunk.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
                     parent = block_hash(parent, &words, extra);
-                    extra = 0;
+                    extra = self.rest_extra;
                     out.hashes.push(parent);
                 }
             }
@@ -145,7 +155,7 @@ pub fn prompt(
     seed: u64,
     max_model_len: Option<usize>,
 ) -> Result<Prompt, BadPrompt> {
-    Ok(PromptInput::read(body, endpoint, tokenizer, cache, max_model_len)?.hash(block_size, seed))
+    Ok(PromptInput::read(body, endpoint, tokenizer, cache, max_model_len, None)?.hash(block_size, seed))
 }
 
 fn tokens(body: &Value, endpoint: Endpoint, tok: &Tokenizer, cache: &mut EncodeCache) -> Result<Vec<u32>, BadPrompt> {
@@ -198,10 +208,10 @@ fn tokens(body: &Value, endpoint: Endpoint, tok: &Tokenizer, cache: &mut EncodeC
 
 /// The first block's extra hash for the request's `cache_salt` (0 without one). vLLM refuses a
 /// salt that is not a non-empty string, with this message.
-fn cache_salt(body: &Value) -> Result<u64, BadPrompt> {
+fn cache_salt(body: &Value) -> Result<Option<String>, BadPrompt> {
     match body.get("cache_salt") {
-        None | Some(Value::Null) => Ok(0),
-        Some(Value::String(s)) if !s.is_empty() => Ok(extra_keys_hash(&[ExtraKey::Str(s.clone())])),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(_) => Err(bad("Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")),
     }
 }
@@ -248,6 +258,7 @@ fn text(body: &Value, endpoint: Endpoint) -> Result<String, BadPrompt> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gantry_kvindex::hash::hash_blocks;
     use serde_json::json;
 
     fn run(body: Value, endpoint: Endpoint, tok: Option<&Tokenizer>) -> Result<Prompt, BadPrompt> {
@@ -324,6 +335,30 @@ mod tests {
             assert_eq!(e.param, Some("cache_salt"));
             assert_eq!(e.message, "Parameter 'cache_salt' must be a non-empty string if provided.");
         }
+    }
+
+    #[test]
+    fn a_lora_adapter_keys_every_block_as_the_engines_events_do() {
+        let tok = Tokenizer::builtin();
+        let words = gantry_tokenizer::builtin_word_text(0, 40);
+        let body = json!({"prompt": words, "cache_salt": "tenant-a"});
+        let read = |body: &Value, lora| {
+            PromptInput::read(body, Endpoint::Completions, Some(&tok), &mut EncodeCache::default(), None, lora)
+                .unwrap()
+                .hash(16, 1337)
+                .hashes
+        };
+        // The events' keys: `[lora, salt]` on the first block, `[lora]` on every other.
+        let key = |k: &[&str]| extra_keys_hash(&k.iter().map(|s| ExtraKey::Str((*s).to_owned())).collect::<Vec<_>>());
+        let ids = tok.encode(&words, true).unwrap();
+        let mut want = Vec::new();
+        hash_blocks_keyed(1337, &ids, 16, key(&["sql-lora", "tenant-a"]), key(&["sql-lora"]), &mut want);
+        assert!(want.len() >= 2);
+        assert_eq!(read(&body, Some("sql-lora")), want);
+        let unsalted = read(&json!({"prompt": words}), Some("sql-lora"));
+        assert_eq!(unsalted[0], block_hash(1337, &ids[..16], key(&["sql-lora"])));
+        let base = read(&body, None);
+        assert!(base.iter().zip(&want).all(|(a, b)| a != b), "no block of the base model's chain is the adapter's");
     }
 
     #[test]

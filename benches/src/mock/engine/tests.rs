@@ -25,7 +25,16 @@ fn cfg(blocks: usize, bs: usize) -> EngineConfig {
 }
 
 fn req(prompt: Vec<u32>, max_tokens: usize) -> NewRequest {
-    NewRequest { prompt, max_tokens, ignore_eos: true, seed: 1, lease_id: None, remote_prefill: None, cache_salt: None }
+    NewRequest {
+        prompt,
+        max_tokens,
+        ignore_eos: true,
+        seed: 1,
+        lease_id: None,
+        remote_prefill: None,
+        cache_salt: None,
+        lora: None,
+    }
 }
 
 /// Steps until no work is left (bounded), returning the number of steps.
@@ -127,6 +136,51 @@ fn a_cache_salt_keys_the_first_block_and_isolates_the_cache() {
     // Another salt and no salt miss; the same salt hits.
     for (req, want) in [(salted("tenant-b"), 0), (req(prompt.clone(), 1), 0), (salted("tenant-a"), 12)] {
         let (_, out) = e.submit(req, Instant::now()).unwrap();
+        run(&mut e);
+        assert_eq!(out.borrow().cached_tokens, want);
+    }
+}
+
+#[test]
+fn a_lora_adapter_keys_every_block_and_isolates_the_cache() {
+    use gantry_kvindex::events::ExtraKey;
+    use gantry_kvindex::vllm_hash::{digest_to_u64, hash_block_keyed, none_hash, VllmExtraKey};
+    let mut e = EngineCore::new(cfg(64, 4), vec![100], None);
+    let prompt: Vec<u32> = (0..13).collect();
+    let sql = LoraModule { name: "sql-lora".into(), path: "/adapters/sql".into() };
+    let adapter = |l: &LoraModule, salt: Option<&str>| NewRequest {
+        lora: Some(l.clone()),
+        cache_salt: salt.map(str::to_owned),
+        ..req(prompt.clone(), 1)
+    };
+    e.submit(adapter(&sql, Some("tenant-a")), Instant::now()).unwrap();
+    run(&mut e);
+    let ev = e.take_events();
+    let Some(KvEvent::BlockStored(stored)) = ev.iter().find(|x| matches!(x, KvEvent::BlockStored(_))) else {
+        panic!("no BlockStored in {ev:?}")
+    };
+    // vLLM's event form: the adapter named, and keyed on every block, the salt after it on the first.
+    assert_eq!(stored.lora_name.as_deref(), Some("sql-lora"));
+    let keys = stored.extra_keys.as_ref().expect("extra_keys present");
+    let name = ExtraKey::Str("sql-lora".into());
+    assert_eq!(keys[0], Some(vec![name.clone(), ExtraKey::Str("tenant-a".into())]));
+    assert!(keys[1..].iter().all(|k| k.as_deref() == Some(std::slice::from_ref(&name))), "{keys:?}");
+    // vLLM's hash: ("lora", name, path) on every block, then ("cache_salt", salt) on the first.
+    let algo = VllmHashAlgo::Sha256;
+    let lora = VllmExtraKey::Lora { name: "sql-lora", path: "/adapters/sql" };
+    let b0 = hash_block_keyed(algo, &none_hash(algo), &prompt[..4], &[lora, VllmExtraKey::CacheSalt("tenant-a")]);
+    let b1 = hash_block_keyed(algo, &b0, &prompt[4..8], &[lora]);
+    assert_eq!(stored.block_hashes[..2], [b0, b1].map(|d| digest_to_u64(&d)));
+    // The base model, another adapter and another salt miss; the same adapter and salt hit.
+    let other = LoraModule { name: "chat-lora".into(), ..sql.clone() };
+    let cases = [
+        (req(prompt.clone(), 1), 0),
+        (adapter(&other, Some("tenant-a")), 0),
+        (adapter(&sql, None), 0),
+        (adapter(&sql, Some("tenant-a")), 12),
+    ];
+    for (r, want) in cases {
+        let (_, out) = e.submit(r, Instant::now()).unwrap();
         run(&mut e);
         assert_eq!(out.borrow().cached_tokens, want);
     }

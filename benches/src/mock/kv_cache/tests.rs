@@ -48,7 +48,7 @@ fn cached_blocks_hit_until_evicted_tail_first() {
     let mut c = KvCache::new(5, 2, true, true);
     let mut a = Vec::new();
     c.allocate(3, &mut a).unwrap();
-    c.cache_blocks(&a, &[h(1), h(2), h(3)], None, &[1, 2, 3, 4, 5, 6], None);
+    c.cache_blocks(&a, &[h(1), h(2), h(3)], None, &[1, 2, 3, 4, 5, 6], None, None);
     let ev = c.take_events();
     assert_eq!(ev.len(), 1, "one BlockStored per cache call");
     assert_eq!(stored(&ev), [1, 2, 3]);
@@ -75,8 +75,8 @@ fn duplicates_are_announced_and_removed_per_copy() {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     c.allocate(1, &mut a).unwrap();
     c.allocate(1, &mut b).unwrap();
-    c.cache_blocks(&a, &[h(7)], None, &[1], None);
-    c.cache_blocks(&b, &[h(7)], None, &[1], None);
+    c.cache_blocks(&a, &[h(7)], None, &[1], None, None);
+    c.cache_blocks(&b, &[h(7)], None, &[1], None, None);
     assert_eq!(stored(&c.take_events()), [7, 7]);
     c.free(&a);
     c.free(&b);
@@ -94,7 +94,7 @@ fn reset_needs_every_block_free() {
     let mut c = KvCache::new(4, 1, true, true);
     let mut a = Vec::new();
     c.allocate(1, &mut a).unwrap();
-    c.cache_blocks(&a, &[h(1)], None, &[9], None);
+    c.cache_blocks(&a, &[h(1)], None, &[9], None, None);
     let _ = c.take_events();
     assert_eq!(c.reset(), Err(1));
     assert!(c.take_events().is_empty());
@@ -109,7 +109,7 @@ fn prefix_caching_off_never_hits_or_announces() {
     let mut c = KvCache::new(4, 1, false, true);
     let mut a = Vec::new();
     c.allocate(1, &mut a).unwrap();
-    c.cache_blocks(&a, &[h(1)], None, &[9], None);
+    c.cache_blocks(&a, &[h(1)], None, &[9], None, None);
     assert!(c.take_events().is_empty());
     assert_eq!(c.longest_prefix(&[h(1)], 1), 0);
 }
@@ -136,7 +136,7 @@ fn random_operations_keep_accounting_consistent() {
                     })
                     .collect();
                 let tokens = vec![0u32; n];
-                c.cache_blocks(&b, &hashes, None, &tokens, None);
+                c.cache_blocks(&b, &hashes, None, &tokens, None, None);
                 held.push(b);
             }
         }
@@ -153,7 +153,7 @@ fn many_copies_of_one_hash_are_removed_in_any_order() {
     for _ in 0..8 {
         let mut b = Vec::new();
         c.allocate(1, &mut b).unwrap();
-        c.cache_blocks(&b, &[h(9)], None, &[1], None);
+        c.cache_blocks(&b, &[h(9)], None, &[1], None, None);
         held.push(b);
     }
     // Free in a scrambled order; the free queue then evicts them in that order.
