@@ -489,15 +489,28 @@ fn models_health_and_admin_api() {
         let p = proxy(&urls[..1], driver, |c| {
             c.admin =
                 Some(gantry_proxy::config::AdminConf { listen: "127.0.0.1:0".into(), token: "admin-secret".into() });
+            c.model.push(gantry_proxy::config::ModelConf {
+                name: "sql-lora".into(),
+                tokenizer: None,
+                max_model_len: None,
+                base: Some("mock-model".into()),
+            });
         });
         let models: Value = serde_json::from_slice(&get(p.addr, "/v1/models").body).unwrap();
         assert_eq!(models["data"][0]["id"], "mock-model");
+        assert_eq!(models["data"][0]["parent"], Value::Null);
+        assert_eq!(
+            (&models["data"][1]["id"], &models["data"][1]["parent"]),
+            (&json!("sql-lora"), &json!("mock-model"))
+        );
         let admin = p.admin.unwrap();
         let call = |method: &str, path: &str, token: &str, body: Value| admin_call(admin, method, path, token, body);
         assert_eq!(call("GET", "/admin/engines", "wrong-token", json!({})).0, 401);
         let (s, list) = call("GET", "/admin/engines", "admin-secret", Value::Null);
         assert_eq!(s, 200);
         assert_eq!(list["engines"].as_array().unwrap().len(), 1);
+        let (s, e) = call("POST", "/admin/engines", "admin-secret", json!({"url": urls[1], "model": "sql-lora"}));
+        assert_eq!(s, 400, "an engine serves an adapter through its base model: {e}");
         let (s, _) = call("POST", "/admin/engines", "admin-secret", json!({"url": urls[1], "model": "mock-model"}));
         assert_eq!(s, 201);
         assert_eq!(

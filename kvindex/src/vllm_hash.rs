@@ -67,13 +67,24 @@ pub fn hash_block_salted(algo: VllmHashAlgo, parent: &[u8; 32], token_ids: &[u32
 }
 
 /// Digest of one full block with its extra keys: `H((parent, tuple(token_ids), tuple(keys)))`,
-/// or `H((parent, tuple(token_ids), None))` without any.
+/// or `H((parent, tuple(token_ids), None))` without any. `keys` has vLLM's shape: at most one
+/// adapter, then at most one salt. (The pickle writes every string out; CPython would refer back
+/// to a string object it already wrote, as for a one-character adapter name equal to its path.)
 pub fn hash_block_keyed(
     algo: VllmHashAlgo,
     parent: &[u8; 32],
     token_ids: &[u32],
     keys: &[VllmExtraKey<'_>],
 ) -> [u8; 32] {
+    debug_assert!(
+        matches!(
+            keys,
+            [] | [VllmExtraKey::Lora { .. }]
+                | [VllmExtraKey::CacheSalt(_)]
+                | [VllmExtraKey::Lora { .. }, VllmExtraKey::CacheSalt(_)]
+        ),
+        "hash_block_keyed: keys are at most an adapter then a salt, got {keys:?}"
+    );
     Sha256::digest(serialize(algo, parent, token_ids, keys)).into()
 }
 

@@ -72,8 +72,15 @@ impl Admin {
         match (method, path) {
             (Method::Post, "/admin/engines") => {
                 let Some(model) = b.model else { return error_response(400, "`model` is required", Some("model")) };
-                if !fleet.has_model(&model) {
-                    return error_response(400, &format!("`{model}` is not a configured model"), Some("model"));
+                match fleet.model(&model) {
+                    None => return error_response(400, &format!("`{model}` is not a configured model"), Some("model")),
+                    Some(info) if info.lora.is_some() => {
+                        let base = &info.served_by;
+                        let msg =
+                            format!("`{model}` is a LoRA adapter: register the engine under its base model `{base}`");
+                        return error_response(400, &msg, Some("model"));
+                    }
+                    Some(_) => {}
                 }
                 let pool = b.pool.unwrap_or_else(|| fleet.pools[0].name.clone());
                 if !fleet.pools.iter().any(|p| p.name == pool) {

@@ -553,7 +553,19 @@ impl Config {
             }
             if let Some(base) = &m.base {
                 match self.model.iter().find(|o| &o.name == base) {
-                    Some(b) if b.base.is_none() && b.name != m.name => {}
+                    Some(b) if b.name == m.name => {
+                        return Err(invalid(format!("model[{i}].base"), "an adapter cannot be its own base"))
+                    }
+                    Some(b) if b.base.is_none() => {
+                        if let (Some(own), Some(of_base)) = (m.max_model_len, b.max_model_len) {
+                            if own > of_base {
+                                return Err(invalid(
+                                    format!("model[{i}].max_model_len"),
+                                    format!("{own} is more than its base model's {of_base}"),
+                                ));
+                            }
+                        }
+                    }
                     Some(_) => {
                         return Err(invalid(
                             format!("model[{i}].base"),

@@ -846,7 +846,11 @@ impl Proxy {
         let data: Vec<serde_json::Value> = fleet
             .models
             .iter()
-            .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "gantry"}))
+            .map(|m| {
+                // A LoRA adapter names its base model, as vLLM's model list does.
+                let parent = fleet.model(m).and_then(|i| i.lora.as_ref().map(|_| i.served_by.as_str()));
+                serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "gantry", "parent": parent})
+            })
             .collect();
         Response::json(200, serde_json::json!({"object": "list", "data": data}).to_string())
     }

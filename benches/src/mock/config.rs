@@ -204,6 +204,11 @@ impl MockArgs {
         if self.max_num_seqs == 0 {
             return Err(bad("max-num-seqs", "must be at least 1"));
         }
+        for (i, l) in self.lora_modules.iter().enumerate() {
+            if l.name == self.model || self.lora_modules[..i].iter().any(|o| o.name == l.name) {
+                return Err(bad("lora-modules", format!("`{}` is already a served model name", l.name)));
+            }
+        }
         if self.max_num_batched_tokens == 0 {
             return Err(bad("max-num-batched-tokens", "must be at least 1"));
         }

@@ -161,6 +161,38 @@ fn informational_endpoints() {
 }
 
 #[test]
+fn lora_modules_are_models_of_their_own() {
+    let m = start(&["--model", "m1", "--lora-modules", "sql-lora=/adapters/sql", "chat-lora=/adapters/chat"]);
+    let addr = m.engines[0].http;
+    let models = get(addr, "/v1/models").json();
+    let ids: Vec<(&str, &str, Value)> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["id"].as_str().unwrap(), d["root"].as_str().unwrap(), d["parent"].clone()))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("m1", "m1", Value::Null),
+            ("sql-lora", "/adapters/sql", json!("m1")),
+            ("chat-lora", "/adapters/chat", json!("m1"))
+        ]
+    );
+    let r = post(addr, "/v1/completions", &json!({"model": "sql-lora", "prompt": "abc", "max_tokens": 2}));
+    assert_eq!((r.status, r.json()["model"].clone()), (200, json!("sql-lora")), "answers as the adapter");
+    assert_eq!(post(addr, "/v1/completions", &json!({"model": "nope", "prompt": "abc"})).status, 404);
+    // An adapter may not take a served name.
+    for clash in [["--lora-modules", "mock-model=/x"], ["--lora-modules", "a=/x a=/y"]] {
+        let mut argv = vec!["mock", "--port", "0"];
+        argv.extend(clash.iter().flat_map(|a| a.split(' ')));
+        let cli = <crate::Cli as clap::Parser>::try_parse_from(&argv).expect("flags parse");
+        let err = gantry_bench::mock::spawn(&cli.args).err().expect("refused").to_string();
+        assert!(err.contains("lora-modules"), "{err}");
+    }
+}
+
+#[test]
 fn tokenize_and_detokenize_both_forms() {
     let m = start(&[]);
     let addr = m.engines[0].http;

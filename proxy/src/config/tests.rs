@@ -73,6 +73,14 @@ fn bad_values_name_their_key() {
                 .replace("model = \"mock-model\"\nkv_events", "model = \"a\"\nkv_events"),
             "pool[0].engine[0].model",
         ),
+        (EXAMPLE.replace("name = \"mock-model\"\n", "name = \"mock-model\"\n[[model]]\nname = \"a\"\nbase = \"a\"\n"), "model[1].base"),
+        (
+            EXAMPLE.replace(
+                "name = \"mock-model\"\n",
+                "name = \"mock-model\"\nmax_model_len = 100\n[[model]]\nname = \"a\"\nbase = \"mock-model\"\nmax_model_len = 200\n",
+            ),
+            "model[1].max_model_len",
+        ),
     ];
     for (text, key) in cases {
         let err = parse(&text).unwrap_err().to_string();
