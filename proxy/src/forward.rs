@@ -176,7 +176,8 @@ struct Routed<'a> {
     targets: &'a Targets,
 }
 
-/// A worker's routing state: tokenizer caches (by model), index readers, scratch space.
+/// A worker's routing state: tokenizer caches (by served model: adapters share their base's),
+/// index readers, scratch space.
 #[derive(Default)]
 struct RouteWorker {
     caches: Vec<(String, EncodeCache)>,
@@ -419,10 +420,11 @@ impl Proxy {
             let read = {
                 let mut routing = self.routing.borrow_mut();
                 let caches = &mut routing.caches;
-                let at = match caches.iter().position(|(m, _)| m == model) {
+                // One cache per tokenizer: a LoRA adapter shares its base model's.
+                let at = match caches.iter().position(|(m, _)| *m == info.served_by) {
                     Some(i) => i,
                     None => {
-                        caches.push((model.to_owned(), EncodeCache::default()));
+                        caches.push((info.served_by.clone(), EncodeCache::default()));
                         caches.len() - 1
                     }
                 };
