@@ -111,6 +111,23 @@ fn second_request_hits_the_prefix_and_events_describe_it() {
     assert_eq!(e.metrics.prefix_hits, 12);
 }
 
+/// The first `BlockStored` among the events emitted so far (taking them all).
+fn first_stored(e: &mut EngineCore) -> gantry_kvindex::events::BlockStored {
+    let ev = e.take_events();
+    match ev.into_iter().find(|x| matches!(x, KvEvent::BlockStored(_))) {
+        Some(KvEvent::BlockStored(stored)) => stored,
+        _ => panic!("no BlockStored among the events"),
+    }
+}
+
+/// Runs `r` to the end and returns the prompt tokens it found cached.
+fn cached_tokens(e: &mut EngineCore, r: NewRequest) -> usize {
+    let (_, out) = e.submit(r, Instant::now()).unwrap();
+    run(e);
+    let cached = out.borrow().cached_tokens;
+    cached
+}
+
 #[test]
 fn a_cache_salt_keys_the_first_block_and_isolates_the_cache() {
     let mut e = EngineCore::new(cfg(64, 4), vec![100], None);
@@ -118,10 +135,7 @@ fn a_cache_salt_keys_the_first_block_and_isolates_the_cache() {
     let salted = |salt: &str| NewRequest { cache_salt: Some(salt.into()), ..req(prompt.clone(), 1) };
     let (_, a) = e.submit(salted("tenant-a"), Instant::now()).unwrap();
     run(&mut e);
-    let ev = e.take_events();
-    let Some(KvEvent::BlockStored(stored)) = ev.iter().find(|x| matches!(x, KvEvent::BlockStored(_))) else {
-        panic!("no BlockStored in {ev:?}")
-    };
+    let stored = first_stored(&mut e);
     // vLLM's event form: the salt as the first block's only extra key, nothing on the others.
     let keys = stored.extra_keys.as_ref().expect("extra_keys present");
     assert_eq!(keys[0], Some(vec![gantry_kvindex::events::ExtraKey::Str("tenant-a".into())]));
@@ -135,9 +149,7 @@ fn a_cache_salt_keys_the_first_block_and_isolates_the_cache() {
     assert_eq!(a.borrow().cached_tokens, 0);
     // Another salt and no salt miss; the same salt hits.
     for (req, want) in [(salted("tenant-b"), 0), (req(prompt.clone(), 1), 0), (salted("tenant-a"), 12)] {
-        let (_, out) = e.submit(req, Instant::now()).unwrap();
-        run(&mut e);
-        assert_eq!(out.borrow().cached_tokens, want);
+        assert_eq!(cached_tokens(&mut e, req), want);
     }
 }
 
@@ -155,10 +167,7 @@ fn a_lora_adapter_keys_every_block_and_isolates_the_cache() {
     };
     e.submit(adapter(&sql, Some("tenant-a")), Instant::now()).unwrap();
     run(&mut e);
-    let ev = e.take_events();
-    let Some(KvEvent::BlockStored(stored)) = ev.iter().find(|x| matches!(x, KvEvent::BlockStored(_))) else {
-        panic!("no BlockStored in {ev:?}")
-    };
+    let stored = first_stored(&mut e);
     // vLLM's event form: the adapter named, and keyed on every block, the salt after it on the first.
     assert_eq!(stored.lora_name.as_deref(), Some("sql-lora"));
     let keys = stored.extra_keys.as_ref().expect("extra_keys present");
@@ -180,9 +189,7 @@ fn a_lora_adapter_keys_every_block_and_isolates_the_cache() {
         (adapter(&sql, Some("tenant-a")), 12),
     ];
     for (r, want) in cases {
-        let (_, out) = e.submit(r, Instant::now()).unwrap();
-        run(&mut e);
-        assert_eq!(out.borrow().cached_tokens, want);
+        assert_eq!(cached_tokens(&mut e, r), want);
     }
 }
 
