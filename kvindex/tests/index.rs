@@ -89,7 +89,8 @@ fn assert_overlaps(reader: &IndexReader, model: &Model, hashes: &[u64], out: &mu
 /// words; prompts share prefixes and diverge.
 #[test]
 fn random_operations_match_a_hashmap_model() {
-    for (seed, engines) in [(1u64, 3usize), (2, 70), (3, 130)] {
+    // Widths of 1, 2, 3, 4 and 16 bit words: the lookup has a copy for each power of two.
+    for (seed, engines) in [(1u64, 3usize), (2, 70), (3, 130), (4, 250), (5, 1000)] {
         let dir = TempDir::new(&format!("model-{seed}"));
         let mut w = IndexWriter::create(dir.path(), &opts(engines, 2048)).unwrap();
         let reader = w.reader();

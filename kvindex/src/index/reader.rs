@@ -2,7 +2,7 @@
 
 use super::layout::*;
 use super::segment::Segment;
-use super::table::{Probe, MAX_BIT_WORDS};
+use super::table::{LocalCursor, Probe, Table, MAX_BIT_WORDS};
 use super::writer::{alive, USED};
 use super::IndexError;
 use crate::sink::{Counter, EngineSlot};
@@ -11,11 +11,56 @@ use std::path::Path;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::Arc;
 
-/// Blocks a lookup prefetches ahead of the one it probes (local and first global bucket): far
-/// enough to cover a DRAM miss on the global bucket, which is random.
-const PREFETCH_AHEAD: usize = 32;
+/// How far ahead of the block it reads a lookup prefetches a block's local keys (stage 1), and
+/// locates it among them (stage 2: see `IndexReader::overlaps`). Stage 1 runs far enough ahead
+/// to cover a DRAM miss; stage 2 far enough to cover one on the global bucket it prefetches for
+/// a block not found locally. `LOCATE_AHEAD` is a power of two (a ring's size).
+const KEYS_AHEAD: usize = 24;
+const LOCATE_AHEAD: usize = 8;
 /// Lookups between two flushes of a reader's counters into the header.
 const FLUSH_EVERY: u32 = 256;
+
+/// One of the two look-ahead stages of a lookup's pipeline: the next block it handles, and that
+/// block's local-bucket cursor.
+#[derive(Default)]
+struct Stage {
+    next: usize,
+    cursor: Option<LocalCursor>,
+}
+
+impl Stage {
+    /// Stage 1, up to (not including) block `upto`: prefetch the keys of each block's local
+    /// buckets (and its approximate-tier buckets).
+    #[inline(always)]
+    fn prefetch_keys(&mut self, exact: &Table<'_>, approx: Option<&Table<'_>>, hashes: &[u64], upto: usize) {
+        while self.next < upto.min(hashes.len()) {
+            let h = hashes[self.next];
+            exact.prefetch_keys(exact.step_local(&mut self.cursor, h));
+            if let Some(a) = approx {
+                a.prefetch(h);
+            }
+            self.next += 1;
+        }
+    }
+
+    /// Stage 2, up to block `upto`: find each block among its local keys, noting its local
+    /// bucket and the entry found (if any) in `ring`.
+    #[inline(always)]
+    fn locate(
+        &mut self,
+        exact: &Table<'_>,
+        hashes: &[u64],
+        upto: usize,
+        ring: &mut [(usize, Option<usize>); LOCATE_AHEAD],
+    ) {
+        while self.next < upto.min(hashes.len()) {
+            let h = hashes[self.next];
+            let local = exact.step_local(&mut self.cursor, h);
+            ring[self.next % LOCATE_AHEAD] = (local, exact.locate_local(h, local));
+            self.next += 1;
+        }
+    }
+}
 
 /// One engine's overlap: how many leading blocks of the prompt it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -188,38 +233,49 @@ impl IndexReader {
     /// first block are left out. Returns the deepest overlap. Stops at the first block no engine
     /// holds, or as soon as no engine holds every block so far. Never allocates or blocks.
     pub fn overlaps(&self, hashes: &[u64], out: &mut Overlaps) -> u32 {
+        // The per-block loops run over the bit set's words: one copy of the lookup for each
+        // width of a power-of-two number of engine slots (64 to 1,024) has them unrolled.
+        match self.seg.exact().bit_words() {
+            1 => self.overlaps_with::<1>(hashes, out),
+            2 => self.overlaps_with::<2>(hashes, out),
+            4 => self.overlaps_with::<4>(hashes, out),
+            8 => self.overlaps_with::<8>(hashes, out),
+            16 => self.overlaps_with::<16>(hashes, out),
+            _ => self.overlaps_with::<0>(hashes, out),
+        }
+    }
+
+    /// [`IndexReader::overlaps`] for a segment of `BW` bit words per entry (0: any).
+    fn overlaps_with<const BW: usize>(&self, hashes: &[u64], out: &mut Overlaps) -> u32 {
         out.clear();
         let exact = self.seg.exact();
         let approx = self.seg.approx();
         let now = if approx.is_some() { self.seg.word(H_NOW_SECS).load(Relaxed) as u32 } else { 0 };
-        let bw = exact.bit_words();
+        let bw = if BW == 0 { exact.bit_words() } else { BW };
+        debug_assert_eq!(bw, exact.bit_words());
         let mut active = [0u64; MAX_BIT_WORDS];
         let mut bits = [0u64; MAX_BIT_WORDS];
         let mut predicted = [0u64; MAX_BIT_WORDS];
         let mut unstable = 0;
-        // A prompt's blocks sit in nearby local buckets (see `table.rs`): prefetch a few ahead.
-        let mut ahead = hashes.iter();
-        let mut ahead_cursor = None;
-        for &h in ahead.by_ref().take(PREFETCH_AHEAD) {
-            exact.prefetch_bucket(exact.step_local(&mut ahead_cursor, h));
-            exact.prefetch_global(h);
-        }
-        let mut cursor = None;
+        // A software pipeline over the prompt's blocks. A prompt's blocks sit in nearby local
+        // buckets (see `table.rs`), so memory is walked almost sequentially: stage 1 prefetches
+        // the keys of block `i + KEYS_AHEAD`'s local buckets; stage 2 finds block
+        // `i + LOCATE_AHEAD` among them and prefetches its entry (or, when absent, its global
+        // bucket); stage 3 reads block `i` under its seqlock. Stage 2 is only a hint: stage 3
+        // checks it and falls back to a full probe.
+        let mut keys = Stage::default();
+        let mut locate = Stage::default();
+        let mut ring = [(0usize, None::<usize>); LOCATE_AHEAD];
+        keys.prefetch_keys(&exact, approx.as_ref(), hashes, KEYS_AHEAD);
+        locate.locate(&exact, hashes, LOCATE_AHEAD, &mut ring);
         let mut depth = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
-            if let Some(&next) = ahead.next() {
-                exact.prefetch_bucket(exact.step_local(&mut ahead_cursor, next));
-                // About one block in ten of a full table sits in its first global bucket.
-                exact.prefetch_global(next);
-                if let Some(a) = &approx {
-                    a.prefetch(next);
-                }
-            }
-            let local = exact.step_local(&mut cursor, h);
-            let probe = match exact.read_local(h, local, &mut bits[..bw]) {
-                hit @ Probe::Hit { .. } => hit,
-                Probe::Miss => exact.read_rest(h, local, &mut bits[..bw]),
-                Probe::Unknown => exact.read(h, Some(local), &mut bits[..bw]),
+            keys.prefetch_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD + 1);
+            let (local, slot) = ring[i % LOCATE_AHEAD];
+            locate.locate(&exact, hashes, i + LOCATE_AHEAD + 1, &mut ring);
+            let probe = match slot {
+                Some(slot) => exact.read_at(slot, h, local, &mut bits[..bw]),
+                None => exact.read_beyond_local(h, local, &mut bits[..bw]),
             };
             let mut found = match probe {
                 Probe::Hit { .. } => true,

@@ -251,10 +251,10 @@ impl<'a> Table<'a> {
         self.read_from(hash, local, 0, bits)
     }
 
-    /// [`Table::read`] after [`Table::read_local`] found `hash` absent from bucket `local`: the
-    /// same probe without scanning that bucket again (unless a retry starts over).
-    pub(crate) fn read_rest(&self, hash: u64, local: usize, bits: &mut [u64]) -> Probe {
-        self.read_from(hash, Some(local), 1, bits)
+    /// [`Table::read`] of a block [`Table::locate_local`] did not find in its local buckets: the
+    /// same probe, its first attempt skipping them (a retry starts over).
+    pub(crate) fn read_beyond_local(&self, hash: u64, local: usize, bits: &mut [u64]) -> Probe {
+        self.read_from(hash, Some(local), LOCAL_BUCKETS, bits)
     }
 
     /// [`Table::read`], its first attempt skipping the first `skip` local buckets.
@@ -291,48 +291,103 @@ impl<'a> Table<'a> {
         Probe::Unknown
     }
 
-    /// The common case of [`Table::read`], kept small enough to inline into a lookup loop:
-    /// `hash` in its own local bucket `b` (where the writer puts a block whenever it can).
-    /// Otherwise [`Table::read_rest`] (absent from `b`) or [`Table::read`] (a write in
-    /// progress) settles it, looking everywhere else and retrying.
-    #[inline(always)]
-    pub(crate) fn read_local(&self, hash: u64, b: usize, bits: &mut [u64]) -> Probe {
-        match self.scan(b, hash, bits) {
-            Scan::Hit(tick) => Probe::Hit { tick },
-            Scan::Absent => Probe::Miss,
-            Scan::Retry => Probe::Unknown,
-        }
-    }
-
     /// Looks for `hash` in bucket `b`: keys first, then the seqlock of a matching entry.
     #[inline(always)]
     fn scan(&self, b: usize, hash: u64, bits: &mut [u64]) -> Scan {
-        let bw = self.bit_words;
-        let bucket = self.bucket(b);
-        let (keys, rest) = bucket.split_at(BUCKET);
-        let (versions, sets) = rest.split_at(BUCKET);
-        for k in 0..BUCKET {
-            if keys[k].load(Relaxed) != hash {
+        let keys = &self.bucket(b)[..BUCKET];
+        for (k, key) in keys.iter().enumerate() {
+            if key.load(Relaxed) != hash {
                 continue;
             }
-            let v1 = versions[k].load(Acquire);
-            if v1 & 1 == 1 {
-                spin();
-                return Scan::Retry;
+            match self.read_entry(b * BUCKET + k, hash, bits) {
+                Scan::Absent => {}
+                found => return found,
             }
-            if v1 & OCCUPIED == 0 || keys[k].load(Relaxed) != hash {
-                continue;
-            }
-            for (dst, w) in bits[..bw].iter_mut().zip(&sets[k * bw..(k + 1) * bw]) {
-                *dst = w.load(Relaxed);
-            }
-            fence(Acquire);
-            if versions[k].load(Relaxed) == v1 {
-                return Scan::Hit((v1 >> 32) as u32 & TICK_MASK);
-            }
-            return Scan::Retry;
         }
         Scan::Absent
+    }
+
+    /// Reads entry `i`, whose key was just seen equal to `hash`, under its seqlock.
+    #[inline(always)]
+    fn read_entry(&self, i: usize, hash: u64, bits: &mut [u64]) -> Scan {
+        let (key, version) = (self.key_word(i), self.version(i));
+        let v1 = version.load(Acquire);
+        if v1 & 1 == 1 {
+            spin();
+            return Scan::Retry;
+        }
+        if v1 & OCCUPIED == 0 || key.load(Relaxed) != hash {
+            return Scan::Absent;
+        }
+        for (dst, w) in bits.iter_mut().zip(self.bit_set(i)) {
+            *dst = w.load(Relaxed);
+        }
+        fence(Acquire);
+        if version.load(Relaxed) == v1 {
+            return Scan::Hit((v1 >> 32) as u32 & TICK_MASK);
+        }
+        Scan::Retry
+    }
+
+    // ---- the pipelined lookup of a prompt (see `IndexReader::overlaps`) ----
+
+    /// Stage 1: hints the CPU to load the keys and versions of bucket `b` and of the next (a
+    /// prompt's blocks spill into it), and nothing else: the bit sets of the other entries are
+    /// not needed, and with many engine slots they are most of a bucket.
+    #[inline]
+    pub(crate) fn prefetch_keys(&self, b: usize) {
+        let n = BUCKET * self.stride();
+        let base = self.words.as_ptr().cast::<i8>();
+        for start in [b * n, (b + 1) * n] {
+            if start < self.words.len() {
+                prefetch_read(base.wrapping_add(start * 8));
+                prefetch_read(base.wrapping_add((start + 2 * BUCKET) * 8 - 1));
+            }
+        }
+    }
+
+    /// Stage 2: the entry of `hash` among the keys of its local buckets from `local`, found
+    /// without the seqlock, so only a hint that [`Table::read_at`] confirms. When found, its
+    /// bit set is prefetched; when not, its first global bucket is (where a block goes when its
+    /// local buckets are full), so only the blocks that need a random access pay for one.
+    #[inline]
+    pub(crate) fn locate_local(&self, hash: u64, local: usize) -> Option<usize> {
+        let nb = self.buckets();
+        let mut b = local;
+        for _ in 0..LOCAL_BUCKETS {
+            let keys = &self.bucket(b)[..BUCKET];
+            if let Some(k) = keys.iter().position(|key| key.load(Relaxed) == hash) {
+                let i = b * BUCKET + k;
+                let set = self.bit_set(i);
+                let start = set.as_ptr().cast::<i8>();
+                let mut off = 0;
+                while off < set.len() * 8 {
+                    prefetch_read(start.wrapping_add(off));
+                    off += 64;
+                }
+                prefetch_read(start.wrapping_add(set.len() * 8 - 1));
+                return Some(i);
+            }
+            b += 1;
+            if b == nb {
+                b = 0;
+            }
+        }
+        self.prefetch_global(hash);
+        None
+    }
+
+    /// Stage 3: reads `hash` at entry `i` (from [`Table::locate_local`]) under its seqlock, or,
+    /// when it is no longer there or a write is in progress, looks it up everywhere
+    /// ([`Table::read`] from local bucket `local`).
+    #[inline(always)]
+    pub(crate) fn read_at(&self, i: usize, hash: u64, local: usize, bits: &mut [u64]) -> Probe {
+        if self.key_word(i).load(Relaxed) == hash {
+            if let Scan::Hit(tick) = self.read_entry(i, hash, bits) {
+                return Probe::Hit { tick };
+            }
+        }
+        self.read(hash, Some(local), bits)
     }
 
     // ---- writer side (one writer at a time; it owns every odd version it creates) ----
@@ -485,7 +540,7 @@ mod tests {
         let w = words(Table::words_for(slots, 1));
         let t = Table::new(&w, slots, 1);
         let mut bits = [0u64; 1];
-        // 12 keys all with local bucket 3: 8 fit the two local buckets, the rest go global.
+        // 12 keys all with local bucket 3: they fit its local buckets, or go global.
         let keys: Vec<u64> = (1..=12u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
         let mut local = 0;
         for (n, &k) in keys.iter().enumerate() {
@@ -507,6 +562,51 @@ mod tests {
             let r = t.read(k, Some(3), &mut bits);
             assert_eq!(r == Probe::Miss, n % 3 == 0, "key {k:#x}: {r:?}");
         }
+    }
+
+    /// The lookup pipeline's probe: a block in its local buckets is located there and read at
+    /// that entry; one that went global is not located, and is read beyond the local buckets;
+    /// a located entry that changed since is not trusted.
+    #[test]
+    fn the_pipelined_probe_finds_local_and_global_blocks() {
+        let slots = 64;
+        let w = words(Table::words_for(slots, 1));
+        let t = Table::new(&w, slots, 1);
+        let mut bits = [0u64; 1];
+        // 20 keys all with local bucket 3: 16 fit its local buckets, 4 go global.
+        let keys: Vec<u64> = (1..=20u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let local_slots = 3 * BUCKET..(3 + LOCAL_BUCKETS) * BUCKET;
+        for (n, &k) in keys.iter().enumerate() {
+            t.insert_at(t.find(k, Some(3)).unwrap_err().expect("a free candidate"), k, n, 0);
+        }
+        let mut global = 0;
+        for (n, &k) in keys.iter().enumerate() {
+            let slot = t.find(k, Some(3)).unwrap();
+            let probe = match t.locate_local(k, 3) {
+                Some(at) => {
+                    assert_eq!(at, slot, "key {k:#x} located at another entry");
+                    t.read_at(at, k, 3, &mut bits)
+                }
+                None => {
+                    assert!(!local_slots.contains(&slot), "key {k:#x} at local slot {slot} not located");
+                    global += 1;
+                    t.read_beyond_local(k, 3, &mut bits)
+                }
+            };
+            assert_eq!(probe, Probe::Hit { tick: 0 }, "key {k:#x}");
+            assert_eq!(bits[0], 1 << n);
+        }
+        assert_eq!(global, keys.len() - LOCAL_BUCKETS * BUCKET);
+        // A stale location: the entry now holds another key, so the probe looks everywhere.
+        let (a, b) = (keys[0], keys[1]);
+        let at = t.locate_local(a, 3).unwrap();
+        t.delete_at(at);
+        assert_eq!(t.read_at(at, a, 3, &mut bits), Probe::Miss);
+        t.insert_at(at, 0xdead, 40, 0);
+        assert_eq!(t.read_at(at, a, 3, &mut bits), Probe::Miss);
+        let at_b = t.locate_local(b, 3).unwrap();
+        assert_eq!(t.read_at(at, b, 3, &mut bits), Probe::Hit { tick: 0 }, "found through the full probe");
+        assert_eq!((bits[0], t.read_at(at_b, b, 3, &mut bits)), (1 << 1, Probe::Hit { tick: 0 }));
     }
 
     #[test]
@@ -624,6 +724,29 @@ mod loom_tests {
             writer.join().unwrap();
             assert!(matches!(t.read(3, None, &mut bits), Probe::Hit { .. }));
             assert_eq!(t.read(1, None, &mut bits), Probe::Miss);
+        });
+    }
+
+    /// A lookup's pipelined probe (locate by key, later read that entry) while the writer
+    /// rewrites the located entry with another key: the stale location never yields the other
+    /// key's bits. (A key that stays is found through its location as through `read`: see
+    /// `a_key_that_stays_is_never_missed`; `read_at` only adds a first look at one entry.)
+    #[test]
+    fn a_stale_location_is_never_trusted() {
+        model(|| {
+            let s = Shared::new();
+            let t = s.table();
+            t.insert_at(t.find(1, Some(0)).unwrap_err().unwrap(), 1, 0, 0);
+            let at = t.locate_local(1, 0).expect("key 1 located");
+            let w = s.clone();
+            let writer = loom::thread::spawn(move || w.table().write_entry(at, 3, 0, |w| if w == 1 { 1 } else { 0 }));
+            let mut bits = [0u64; BIT_WORDS];
+            match t.read_at(at, 1, 0, &mut bits) {
+                Probe::Hit { .. } => assert_eq!(bits, [1, 0], "key 1 read with another key's bits"),
+                Probe::Miss | Probe::Unknown => {}
+            }
+            writer.join().unwrap();
+            assert_eq!(t.read_at(at, 1, 0, &mut bits), Probe::Miss);
         });
     }
 
