@@ -68,6 +68,9 @@ fn mooncake_lines_and_timestamps_parse() {
     assert_eq!(parse_datetime_ms("2023-13-01 00:00:00"), None);
     assert_eq!(parse_datetime_ms("2023-11-16 18:15:46.6805900"), Some(1_700_158_546_680.59));
     assert_eq!(parse_datetime_ms("0000-03-01 00:00:00"), Some(-62_162_035_200_000.0));
+    // Leap days exist only in leap years (every 4th, not every 100th, every 400th).
+    assert_eq!(parse_datetime_ms("2024-02-29 00:00:00"), Some(1_709_164_800_000.0));
+    assert_eq!(parse_datetime_ms("2000-02-29 00:00:00"), Some(951_782_400_000.0));
     // Signs, overlong fields and out-of-range values are refused, not overflowed.
     for bad in [
         "9223372036854775807-01-01 00:00:00",
@@ -76,6 +79,10 @@ fn mooncake_lines_and_timestamps_parse() {
         "2023-01-01 -1:00:00",
         "2023-01-01 24:00:00",
         "2023-01-00 00:00:00",
+        "2023-02-29 00:00:00",
+        "1900-02-29 00:00:00",
+        "2023-02-31 00:00:00",
+        "2023-04-31 00:00:00",
         "2023-01-01 00:00:61",
         "2023-01-01 00:00:00.",
         "10000-01-01 00:00:00",

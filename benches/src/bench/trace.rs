@@ -170,7 +170,14 @@ pub fn parse_datetime_ms(s: &str) -> Option<f64> {
     let (date, time) = s.split_once([' ', 'T'])?;
     let mut d = date.split('-');
     let (y, m, day) = (field(d.next()?, 9999)?, field(d.next()?, 12)?, field(d.next()?, 31)?);
-    if d.next().is_some() || m == 0 || day == 0 {
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if d.next().is_some() || m == 0 || day == 0 || day > month_days {
         return None;
     }
     let (hms, frac) = match time.split_once('.') {
