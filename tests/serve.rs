@@ -421,6 +421,9 @@ fn reload_swaps_engines_without_dropping_connections() {
             assert_eq!(post_on(&mut c, "/v1/chat/completions", &chat(1)).await.status, 200, "and the old fleet stays");
         })
         .unwrap();
+        let text = String::from_utf8(get(addr, "/metrics").body).unwrap();
+        let served = "gantry_model_requests_total{model=\"mock-model\",base=\"mock-model\",status=\"200\"}";
+        assert_eq!(metric(&text, served), 3.0, "a model's counts outlive reloads: {text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,7 @@ use gantry_kvindex::sink::EngineSlot;
 use gantry_tokenizer::Tokenizer;
 
 use crate::config::{parse_engine_url, Config, PolicyKind, Role};
-use crate::metrics::EngineCounters;
+use crate::metrics::{EngineCounters, StatusCounts};
 use crate::route::grid::{GlobalRouterConfig, Topology};
 use crate::route::index::PoolIndex;
 use crate::route::kv::Weights;
@@ -216,6 +216,8 @@ pub struct ModelInfo {
     pub served_by: String,
     /// For a LoRA adapter, its name: vLLM keys every block of its requests with it.
     pub lora: Option<String>,
+    /// Requests that named this model, by the status the client got (kept across reloads).
+    pub requests: Arc<StatusCounts>,
 }
 
 /// An immutable view of all pools.
@@ -270,6 +272,8 @@ impl Fleet {
         // Base models first: an adapter takes its base's tokenizer.
         let order = cfg.model.iter().enumerate().filter(|(_, m)| m.base.is_none());
         for (i, m) in order.chain(cfg.model.iter().enumerate().filter(|(_, m)| m.base.is_some())) {
+            let requests =
+                old.and_then(|o| o.model(&m.name)).map_or_else(Default::default, |x| Arc::clone(&x.requests));
             if let Some(base) = &m.base {
                 let b = model_info
                     .iter()
@@ -282,6 +286,7 @@ impl Fleet {
                     max_model_len: m.max_model_len.or(b.max_model_len),
                     served_by: base.clone(),
                     lora: Some(m.name.clone()),
+                    requests,
                 });
                 continue;
             }
@@ -302,6 +307,7 @@ impl Fleet {
                 max_model_len: m.max_model_len,
                 served_by: m.name.clone(),
                 lora: None,
+                requests,
             });
         }
         let router = match &cfg.server.global_router {

@@ -27,7 +27,7 @@ use crate::http::client::ClientConn;
 use crate::http::server::{content_length_line, Handler, Request, Responder, Response};
 use crate::http::sse::SseScanner;
 use crate::http::{HttpError, Method, ResponseHead};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StatusCounts};
 use crate::policy::{pick, PickInput};
 use crate::route::grid::{targets_from_body, PoolQuery, Targets};
 use crate::route::index::WorkerIndex;
@@ -162,6 +162,16 @@ impl KvPlan {
     fn cached_tokens(&self, idx: usize, block_size: u32) -> u64 {
         (u64::from(self.candidates[idx].overlap_blocks) * u64::from(block_size)).min(self.tokens)
     }
+}
+
+/// One client request on its way to a pool: its prompt (when routing read it), its latency
+/// targets, when it arrived, and the counters of the model it named.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    input: Option<&'a PromptInput>,
+    targets: &'a Targets,
+    started: Instant,
+    model_requests: &'a StatusCounts,
 }
 
 /// What the relay needs to know about the routing of a request.
@@ -415,7 +425,10 @@ impl Proxy {
         if let (Some(ep), Some(body)) = (endpoint, body) {
             targets = match targets_from_body(body) {
                 Ok(t) => t,
-                Err(m) => return self.refuse(resp, 400, &m, Some("nvext")).await,
+                Err(m) => {
+                    info.requests.request(400);
+                    return self.refuse(resp, 400, &m, Some("nvext")).await;
+                }
             };
             let read = {
                 let mut routing = self.routing.borrow_mut();
@@ -439,19 +452,24 @@ impl Proxy {
             };
             match read {
                 Ok(p) => input = Some(p),
-                Err(bad) => return self.refuse(resp, 400, &bad.message, bad.param).await,
+                Err(bad) => {
+                    info.requests.request(400);
+                    return self.refuse(resp, 400, &bad.message, bad.param).await;
+                }
             }
         }
         // A LoRA adapter is served by its base model's engines.
         let chosen = Self::choose_pools(&fleet, &info.served_by, input.as_ref(), &targets);
         let pools = chosen.as_slice();
         if pools.is_empty() {
+            info.requests.request(503);
             return self.refuse(resp, 503, &format!("no engine serves model `{model}`"), None).await;
         }
         let mut watch = AbortWatch { metrics: &self.metrics, done: false };
         let mut last = (String::from("no engine available"), false);
         for pool in pools {
-            match self.serve_in_pool(req, resp, pool, input.as_ref(), &targets, started).await {
+            let job = Job { input: input.as_ref(), targets: &targets, started, model_requests: &info.requests };
+            match self.serve_in_pool(req, resp, pool, &job).await {
                 Ok(()) => {
                     watch.done = true;
                     return;
@@ -463,6 +481,7 @@ impl Proxy {
         let pool = pools[pools.len() - 1];
         let status = if last_timeout { 504 } else { 502 };
         self.metrics.rejected(status);
+        info.requests.request(status);
         let msg = format!("no engine of pool `{}` could serve the request: {last_error}", pool.name);
         let _ = resp.send(error_response(status, &msg, None).header("x-gantry-pool", pool.name.clone())).await;
         watch.done = true;
@@ -548,17 +567,16 @@ impl Proxy {
             .or_else(|| kv::choose(&plan.candidates, open, plan.blocks, bs, w, &mut rng, &mut routing.costs))
     }
 
-    /// Tries the engines of `pool` for the request; Ok once a response went to the client, else
-    /// the last error and whether it was a timeout.
+    /// Tries the engines of `pool` for the request; Ok once a response went to the client (counted
+    /// for the model it named before it goes), else the last error and whether it was a timeout.
     async fn serve_in_pool(
         &self,
         req: &Request,
         resp: &mut Responder,
         pool: &Pool,
-        input: Option<&PromptInput>,
-        targets: &Targets,
-        started: Instant,
+        job: &Job<'_>,
     ) -> Result<(), (String, bool)> {
+        let Job { input, targets, started, model_requests } = *job;
         let plan = match input {
             Some(p) if pool.policy == PolicyKind::Kv => Some(self.plan(pool, p)),
             _ => None,
@@ -625,6 +643,7 @@ impl Proxy {
                         self.passive_success(engine);
                     }
                     engine.counters.request(head.status);
+                    model_requests.request(head.status);
                     let predicted_cached = plan.as_ref().map(|plan| {
                         self.count_decision(pool, plan, idx);
                         plan.cached_tokens(idx, pool.block_size)

@@ -45,10 +45,30 @@ fn slot_label(i: usize) -> String {
     STATUSES.get(i).map_or_else(|| "other".to_owned(), u16::to_string)
 }
 
+/// Requests by the status the client got, sharded by worker.
+#[derive(Debug, Default)]
+pub struct StatusCounts([Padded<[AtomicU64; SLOTS]>; SHARDS]);
+
+impl StatusCounts {
+    /// Counts a request answered with `status`.
+    pub fn request(&self, status: u16) {
+        self.0[shard()].0[slot(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests answered with `status` so far.
+    pub fn requests(&self, status: u16) -> u64 {
+        self.slot_total(slot(status))
+    }
+
+    fn slot_total(&self, slot: usize) -> u64 {
+        self.0.iter().map(|s| s.0[slot].load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// Counters of one engine.
 #[derive(Debug, Default)]
 pub struct EngineCounters {
-    requests: [Padded<[AtomicU64; SLOTS]>; SHARDS],
+    requests: StatusCounts,
     /// Upstream failures (connect, reset, malformed or truncated responses, timeouts).
     pub upstream_errors: AtomicU64,
     /// Attempts moved from this engine to another.
@@ -58,18 +78,14 @@ pub struct EngineCounters {
 }
 
 impl EngineCounters {
-    /// Counts a request answered with `status`.
+    /// Counts an attempt the engine answered with `status`.
     pub fn request(&self, status: u16) {
-        self.requests[shard()].0[slot(status)].fetch_add(1, Ordering::Relaxed);
+        self.requests.request(status);
     }
 
-    /// Requests answered with `status` so far.
+    /// Attempts answered with `status` so far.
     pub fn requests(&self, status: u16) -> u64 {
-        self.slot_total(slot(status))
-    }
-
-    fn slot_total(&self, slot: usize) -> u64 {
-        self.requests.iter().map(|s| s.0[slot].load(Ordering::Relaxed)).sum()
+        self.requests.requests(status)
     }
 }
 
@@ -314,10 +330,10 @@ impl Metrics {
     pub fn render(&self, fleet: &Fleet) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let now = now_ms();
-        let _ = writeln!(out, "# HELP gantry_requests_total Requests by model, pool, engine and status.\n# TYPE gantry_requests_total counter");
+        let _ = writeln!(out, "# HELP gantry_requests_total Engine answers by the engine's model (a LoRA adapter's under its base), pool, engine and status; answers of the proxy itself with empty labels.\n# TYPE gantry_requests_total counter");
         for (pool, e) in fleet.engines() {
             for i in 0..SLOTS {
-                let n = e.counters.slot_total(i);
+                let n = e.counters.requests.slot_total(i);
                 if n > 0 {
                     let _ = writeln!(
                         out,
@@ -338,6 +354,24 @@ impl Metrics {
                     "gantry_requests_total{{model=\"\",pool=\"\",engine=\"\",status=\"{}\"}} {n}",
                     slot_label(i)
                 );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gantry_model_requests_total Requests by the model they named (a LoRA adapter by its own name; `base` is the model its engines serve) and the status the client got.\n# TYPE gantry_model_requests_total counter"
+        );
+        for m in &fleet.model_info {
+            for i in 0..SLOTS {
+                let n = m.requests.slot_total(i);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "gantry_model_requests_total{{model=\"{}\",base=\"{}\",status=\"{}\"}} {n}",
+                        esc(&m.name),
+                        esc(&m.served_by),
+                        slot_label(i)
+                    );
+                }
             }
         }
         let per_engine: [(&str, &str, &str, EngineGauge); 9] = [

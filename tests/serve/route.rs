@@ -308,6 +308,16 @@ fn a_lora_adapter_is_routed_on_its_own_chain() {
     let base = post(p.addr, "/v1/chat/completions", &chat("mock-model", 2));
     assert_eq!((base.status, overlap(&base)), (200, 0));
     assert_eq!(get(p.addr, "/health").status, 200, "the adapter is served by the base model's engines");
+
+    // Requests are counted by the model they named: the adapter's apart from its base's.
+    let mut bad = chat("sql-lora", 3);
+    bad["messages"] = json!([]);
+    assert_eq!(post(p.addr, "/v1/chat/completions", &bad).status, 400);
+    let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
+    let count = |labels: &str| metric(&text, &format!("gantry_model_requests_total{{{labels}}}"));
+    assert_eq!(count("model=\"sql-lora\",base=\"mock-model\",status=\"200\""), 1.0, "{text}");
+    assert_eq!(count("model=\"sql-lora\",base=\"mock-model\",status=\"400\""), 1.0, "{text}");
+    assert_eq!(count("model=\"mock-model\",base=\"mock-model\",status=\"200\""), 1.0, "{text}");
 }
 
 #[test]
