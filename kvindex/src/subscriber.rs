@@ -287,11 +287,12 @@ impl SubscriberStats {
 }
 
 /// A running subscriber: the handle of the thread that owns the sockets and the sink. `Send` and
-/// `Sync`; dropping it stops and joins the thread (as [`Subscriber::shutdown`] does).
+/// `Sync`; dropping it stops and joins the thread (as [`Subscriber::shutdown`] and
+/// [`Subscriber::close`] do).
 pub struct Subscriber {
     tx: Sender<Command>,
     wake: Mutex<zmq::Socket>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     totals: Arc<SharedCounters>,
     engines: Mutex<Vec<(EngineSlot, String, Arc<SharedCounters>)>>,
 }
@@ -343,7 +344,13 @@ impl Subscriber {
             .name("kv-events-sub".into())
             .spawn(move || worker.run())
             .map_err(SubscriberError::Spawn)?;
-        Ok(Subscriber { tx, wake: Mutex::new(wake), thread: Some(thread), totals, engines: Mutex::new(engines) })
+        Ok(Subscriber {
+            tx,
+            wake: Mutex::new(wake),
+            thread: Mutex::new(Some(thread)),
+            totals,
+            engines: Mutex::new(engines),
+        })
     }
 
     /// Starts following another engine. Returns once its sockets are connected (the engine need
@@ -403,8 +410,19 @@ impl Subscriber {
     }
 
     /// Stops the thread and waits for it. Blocks already in the sink stay there.
-    pub fn shutdown(mut self) {
-        self.stop();
+    pub fn shutdown(self) {
+        self.close();
+    }
+
+    /// [`Subscriber::shutdown`] through a shared reference: the thread stops and drops the sink
+    /// (an index writer releases its segment's lock) before this returns. Later calls, and
+    /// commands, find it stopped ([`SubscriberError::Stopped`]).
+    pub fn close(&self) {
+        let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        let _ = self.command(Command::Shutdown);
+        if thread.join().is_err() {
+            error!("kv-events subscriber thread panicked");
+        }
     }
 
     fn command(&self, cmd: Command) -> Result<(), SubscriberError> {
@@ -413,19 +431,11 @@ impl Subscriber {
         let _ = self.wake.lock().unwrap_or_else(|p| p.into_inner()).send(&[][..], zmq::DONTWAIT);
         Ok(())
     }
-
-    fn stop(&mut self) {
-        let Some(thread) = self.thread.take() else { return };
-        let _ = self.command(Command::Shutdown);
-        if thread.join().is_err() {
-            error!("kv-events subscriber thread panicked");
-        }
-    }
 }
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.stop();
+        self.close();
     }
 }
 

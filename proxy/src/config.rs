@@ -33,7 +33,7 @@
 //! | `pool[].role` | `agg` | `agg`, `prefill` or `decode` |
 //! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session`, `kv` |
 //! | `pool[].index_path` | `/dev/shm/gantry-kvindex-<port>-<pool>` | `kv`: the pool's shared-memory prefix index |
-//! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each). Changed on a reload, with `block_size`, while `index_path` stays: the old index holds the path until every worker lets go of the old fleet, so the pool routes on load alone (`gantry_route_index_available` 0) until a restart; change `index_path` too to switch at once |
+//! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each). Changing it (or `block_size`, or `index_path`) on a reload replaces the pool's index with an empty one, which fills from the engines' events from then on |
 //! | `pool[].kv.prefill_weight` … | see `route/kv.rs` | `kv` cost weights: `prefill_weight`, `decode_weight`, `waiting_weight`, `usage_weight`, `load_factor`, `temperature` |
 //! | `pool[].session_header` | `x-session-id` | header keyed by the `session` policy |
 //! | `pool[].block_size` | 16 | KV block size of the pool's engines |

@@ -261,6 +261,13 @@ impl ProxyServer {
         let old = self.fleet.load();
         let mut fleet =
             Fleet::build(&new, Some(&old)).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?;
+        // Indexes the new fleet does not keep (a pool removed, or its index settings changed) stop
+        // now: a replacement at the same path needs the old writer's lock.
+        for index in old.pools.iter().filter_map(|p| p.index.as_ref()) {
+            if !fleet.pools.iter().any(|p| p.index.as_ref().is_some_and(|kept| Arc::ptr_eq(kept, index))) {
+                index.close();
+            }
+        }
         drop(old);
         // Pools that kept their index follow their new engines; the others get a new one.
         fleet.sync_indexes();

@@ -163,24 +163,7 @@ fn engines_joining_and_leaving_on_reload_are_followed_and_released() {
     let dir = std::env::temp_dir().join(format!("gantry-route-join-{}-{}", std::process::id(), fastrand::u64(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let index_path = dir.join("index");
-    let conf = |engines: &[usize]| {
-        let urls: Vec<String> = engines.iter().map(|&i| m.engines[i].url()).collect();
-        let mut cfg = Config::single_pool("mock-model", &urls);
-        cfg.server.listen = "127.0.0.1:0".into();
-        cfg.server.workers = 1;
-        cfg.health.interval_ms = 0;
-        cfg.model[0].tokenizer = Some("builtin".into());
-        cfg.pool[0].policy = PolicyKind::Kv;
-        cfg.pool[0].index_path = Some(index_path.clone());
-        cfg.pool[0].index_capacity = 1 << 14;
-        cfg.admin =
-            Some(gantry_proxy::config::AdminConf { listen: "127.0.0.1:0".into(), token: "admin-secret".into() });
-        for (e, &i) in cfg.pool[0].engine.iter_mut().zip(engines) {
-            e.kv_events.clone_from(&m.engines[i].kv_events);
-            e.kv_replay.clone_from(&m.engines[i].kv_replay);
-        }
-        cfg
-    };
+    let conf = |engines: &[usize]| events_pool_conf(&m, engines, &index_path, 1 << 14);
     let (u0, u1) = (m.engines[0].url(), m.engines[1].url());
     let mut p = serve::spawn(conf(&[0]), None).expect("proxy starts");
     let reader = gantry_kvindex::index::IndexReader::open(&index_path).unwrap();
@@ -221,6 +204,62 @@ fn engines_joining_and_leaving_on_reload_are_followed_and_released() {
     assert!(reader.engine_slot(&u1).is_some(), "registered by the admin edit");
     assert_eq!(admin_call(admin, "DELETE", "/admin/engines", "admin-secret", json!({"url": u1})).0, 200);
     assert_eq!(reader.engine_slot(&u1), None, "released by the admin edit");
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One `kv` pool of `m`'s `engines` (their KV events followed), its index at `index_path` with
+/// `capacity` blocks, an admin API, one worker, no health probes.
+fn events_pool_conf(m: &MockServer, engines: &[usize], index_path: &std::path::Path, capacity: usize) -> Config {
+    let urls: Vec<String> = engines.iter().map(|&i| m.engines[i].url()).collect();
+    let mut cfg = Config::single_pool("mock-model", &urls);
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.server.workers = 1;
+    cfg.health.interval_ms = 0;
+    cfg.model[0].tokenizer = Some("builtin".into());
+    cfg.pool[0].policy = PolicyKind::Kv;
+    cfg.pool[0].index_path = Some(index_path.to_path_buf());
+    cfg.pool[0].index_capacity = capacity;
+    cfg.admin = Some(gantry_proxy::config::AdminConf { listen: "127.0.0.1:0".into(), token: "admin-secret".into() });
+    for (e, &i) in cfg.pool[0].engine.iter_mut().zip(engines) {
+        e.kv_events.clone_from(&m.engines[i].kv_events);
+        e.kv_replay.clone_from(&m.engines[i].kv_replay);
+    }
+    cfg
+}
+
+/// A reload that resizes a pool's index replaces it at once, at the same path: the old segment
+/// is retired, the new one has the new size and the engines, their events reach it, and routing
+/// uses it.
+#[test]
+fn a_reload_that_resizes_the_index_replaces_it_at_once() {
+    let m = mock(&["--engines", "2", "--kv-events-port", "0", "--kv-replay-port", "0"]);
+    let dir = std::env::temp_dir().join(format!("gantry-route-resize-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let index_path = dir.join("index");
+    let mut p = serve::spawn(events_pool_conf(&m, &[0, 1], &index_path, 1 << 14), None).expect("proxy starts");
+    let old = gantry_kvindex::index::IndexReader::open(&index_path).unwrap();
+    let old_capacity = old.stats().capacity;
+
+    p.apply(events_pool_conf(&m, &[0, 1], &index_path, 1 << 15)).unwrap();
+    assert!(old.is_retired(), "the old segment is retired by its replacement");
+    let new = gantry_kvindex::index::IndexReader::open(&index_path).unwrap();
+    assert!(new.stats().capacity > old_capacity, "{} blocks, was {old_capacity}", new.stats().capacity);
+    let u1 = m.engines[1].url();
+    let s1 = new.engine_slot(&u1).expect("the engines are registered in the new index");
+    let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
+    assert_eq!(metric(&text, "gantry_route_index_available{pool=\"agg-0\"}"), 1.0, "{text}");
+
+    // Engine 1's events reach the new index, and the proxy routes the prefix to it.
+    assert_eq!(post(m.engines[1].http, "/v1/chat/completions", &shared_prefix_chat(4, 200, 0)).status, 200);
+    let hashes = prompt_hashes(&shared_prefix_chat(4, 200, 1));
+    let mut out = new.new_overlaps();
+    wait_until("engine 1's events in the new index", Duration::from_secs(10), || {
+        new.overlaps(&hashes, &mut out);
+        out.get(s1) >= 200 / 16
+    });
+    let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(4, 200, 1));
+    assert_eq!(r.header("x-gantry-engine"), Some(u1.as_str()), "overlap {:?}", r.header("x-gantry-overlap-blocks"));
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,10 +15,11 @@
 //! get a slot (all taken: a pool's index has twice its starting engines, at least 64) is routed
 //! on load alone and logged; one whose events cannot be followed is retried on the next sync.
 //! Freed slots are handed out again last (see `IndexWriter::register_engine`), so predictions
-//! still in flight for a departed engine do not land on a newcomer. Not yet: a pool whose index
-//! settings (`index_path`, `index_capacity`, `block_size`) change on reload routes on load alone
-//! until restart, because the old segment's writer holds the path until the old fleet is gone;
-//! and the prediction lifetime is chosen at start (5 s when every engine then had events), so
+//! still in flight for a departed engine do not land on a newcomer. A pool whose index settings
+//! (`index_path`, `index_capacity`, `block_size`) change on reload gets a new index: the old one
+//! is closed first ([`PoolIndex::close`]), so the new segment can take the same path; it starts
+//! empty and fills from the engines' events from then on (and the proxy's predictions). Not
+//! yet: the prediction lifetime is chosen at start (5 s when every engine then had events), so
 //! engines added later without events keep that shorter lifetime.
 //!
 //! If the segment cannot be created (another writer holds its lock, `/dev/shm` is missing), the
@@ -108,6 +109,13 @@ impl PoolIndex {
         index.sync(&pool.engine);
         tracing::info!(pool = %pool.name, path = %index.path.display(), engines = pool.engine.len(), with_events, "kv index up");
         Ok(index)
+    }
+
+    /// Stops following events and releases the segment (its writer lock), so a replacement can
+    /// be created at the same path. Readers of the segment keep answering from what it holds.
+    pub fn close(&self) {
+        self.subscriber.close();
+        tracing::info!(pool = %self.pool, path = %self.path.display(), "kv index closed");
     }
 
     /// The slot of the engine at `url` (None: not in the index, routed on load alone).
