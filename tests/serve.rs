@@ -448,6 +448,9 @@ fn bad_requests_on(driver: &str) {
         ("/v1/chat/completions", br#"{"model":"other","messages":[]}"#.to_vec(), 404),
         ("/v1/chat/completions", vec![b'x'; 2000], 413),
         ("/v2/unknown", b"{}".to_vec(), 404),
+        // Fleet-wide changes that one engine must not get alone.
+        ("/v1/load_lora_adapter", br#"{"lora_name":"a","lora_path":"/x"}"#.to_vec(), 501),
+        ("/v1/unload_lora_adapter", br#"{"lora_name":"a"}"#.to_vec(), 501),
     ];
     for (path, body, status) in cases {
         let r = rt::block_on(Driver::Legacy, async {

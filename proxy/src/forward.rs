@@ -960,6 +960,16 @@ impl Handler for Proxy {
                 let v = serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "name": "gantry"});
                 let _ = resp.send(Response::json(200, v.to_string())).await;
             }
+            "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" => {
+                // Sent on, it would reach one engine of the fleet, which would then disagree with
+                // the others and with the proxy's models.
+                self.metrics.rejected(501);
+                let msg = format!(
+                    "{path}: runtime LoRA changes through the proxy are not supported; declare the adapter as a \
+                     [[model]] with `base` and start the base model's engines with --lora-modules"
+                );
+                let _ = resp.send(error_response(501, &msg, None)).await;
+            }
             p if post && (ROUTED.contains(&p) || p.starts_with("/v1/") || p == "/tokenize" || p == "/detokenize") => {
                 let endpoint = match p {
                     "/v1/chat/completions" => Some(Endpoint::Chat),
