@@ -333,6 +333,36 @@ fn predictions_show_up_expire_and_yield_to_real_events() {
     assert_eq!(reader.overlaps(&[20, 21], &mut out), 0, "queued before the release, dropped with it");
 }
 
+/// Each prediction lives as long as it asks (`predict_for`), the segment's lifetime otherwise;
+/// an entry two engines predicted lives as long as the longer asked.
+#[test]
+fn a_prediction_lives_as_long_as_it_asks() {
+    let dir = TempDir::new("approx-ttl");
+    let o = IndexOptions { approx_capacity: 64, approx_ttl: Duration::from_secs(1), ..opts(4, 64) };
+    let mut w = IndexWriter::create(dir.path(), &o).unwrap();
+    for name in ["e0", "e1"] {
+        w.register_engine(name).unwrap();
+    }
+    let (reader, predictor) = (w.reader(), w.predictor());
+    let mut out = reader.new_overlaps();
+    let hour = Duration::from_secs(3600);
+    assert_eq!(predictor.predict_for(1, &[40, 41], hour), 2);
+    assert_eq!(predictor.predict_for(1, &[30], hour), 1);
+    // Engine 0, for the segment's second, on block 30 (which engine 1 holds for an hour) and 31.
+    assert_eq!(predictor.predict(0, &[30, 31]), 2);
+    w.maintain();
+    reader.overlaps(&[30, 31], &mut out);
+    assert_eq!((out.get(0), out.get(1)), (2, 1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reader.overlaps(&[30, 31], &mut out) > 1 {
+        assert!(Instant::now() < deadline, "engine 0's block 31 did not expire");
+        std::thread::yield_now();
+        w.maintain();
+    }
+    assert_eq!((out.get(0), out.get(1)), (1, 1), "block 30 keeps the hour it was predicted for");
+    assert_eq!(reader.overlaps(&[40, 41], &mut out), 2, "engine 1's own prompt lives on");
+}
+
 #[test]
 fn predictions_are_dropped_when_approximate_mode_is_off() {
     let dir = TempDir::new("noapprox");

@@ -133,6 +133,9 @@ pub struct Pool {
     pub index: Option<Arc<PoolIndex>>,
     /// Each engine's slot in `index` (None for an engine the index does not know).
     pub slots: Vec<Option<EngineSlot>>,
+    /// Whether the config names KV events for each engine (as `engines`): its predictions then
+    /// need to live only until its events confirm them.
+    pub events: Vec<bool>,
     /// The inverse: engine index by slot.
     pub by_slot: Vec<Option<u32>>,
     /// `kv` policy: cost weights.
@@ -153,6 +156,10 @@ impl Pool {
     ) -> Pool {
         let slots: Vec<Option<EngineSlot>> =
             engines.iter().map(|e| index.as_ref().and_then(|i| i.slot_of(&e.url))).collect();
+        let events = engines
+            .iter()
+            .map(|e| conf.engine.iter().any(|c| c.url.trim_end_matches('/') == e.url && c.kv_events.is_some()))
+            .collect();
         let mut by_slot = vec![None; index.as_ref().map_or(0, |i| i.engine_slots)];
         for (i, s) in slots.iter().enumerate() {
             if let Some(s) = s {
@@ -169,6 +176,7 @@ impl Pool {
             rr: AtomicUsize::new(0),
             index,
             slots,
+            events,
             by_slot,
             kv: conf.kv.weights(),
             conf: conf.clone(),

@@ -30,9 +30,9 @@ use crate::http::{HttpError, Method, ResponseHead};
 use crate::metrics::{Metrics, StatusCounts};
 use crate::policy::{pick, PickInput};
 use crate::route::grid::{targets_from_body, PoolQuery, Targets};
-use crate::route::index::WorkerIndex;
+use crate::route::index::{prediction_ttl, WorkerIndex};
 use crate::route::kv::{self, Candidate, Cost};
-use crate::route::prompt::{Endpoint, PromptInput};
+use crate::route::prompt::{Endpoint, PromptContent, PromptInput};
 
 /// Longest ejection after repeated passive failures.
 const MAX_EJECT_MS: u64 = 60_000;
@@ -606,7 +606,9 @@ impl Proxy {
                     let o = plan.candidates[idx].overlap_blocks;
                     let cached = plan.cached_tokens(idx, pool.block_size);
                     if let (Some(index), Some(slot)) = (&pool.index, pool.slots[idx]) {
-                        index.predictor.predict(slot, &plan.hashes);
+                        let tokens = input.is_some_and(|p| matches!(p.content, PromptContent::Tokens(_)));
+                        let ttl = prediction_ttl(pool.events[idx], tokens);
+                        index.predictor.predict_for(slot, &plan.hashes, ttl);
                     }
                     // Active blocks: the request's whole KV footprint while it runs (what its
                     // decode steps read), cached prefix included.

@@ -77,9 +77,7 @@ fn attach_indexes(fleet: &mut Fleet, port: u16) {
             continue;
         }
         let path = pool.conf.index_path.clone().unwrap_or_else(|| default_index_path(port, &pool.name));
-        let tokenized =
-            pool.engines.iter().all(|e| fleet.model_info.iter().any(|m| m.name == e.model && m.tokenizer.is_some()));
-        match crate::route::index::PoolIndex::start(&pool.conf, path, tokenized) {
+        match crate::route::index::PoolIndex::start(&pool.conf, path) {
             Ok(index) => *pool = pool.with_index(Some(Arc::new(index))),
             Err(e) => {
                 tracing::error!(pool = %pool.name, error = %e, "kv index unavailable: the pool routes on load alone")

@@ -63,8 +63,8 @@ pub struct IndexWriter {
     slot_hand: usize,
 }
 
-/// A predicted (engine, block at chain position) triple.
-type Prediction = (EngineSlot, u64, u64);
+/// A prediction: engine, its lifetime in seconds (0: the segment's), block hash, chain position.
+type Prediction = (EngineSlot, u32, u64, u64);
 
 /// The writer's private state; its methods take the segment separately so a table view and this
 /// state can be borrowed together.
@@ -241,11 +241,13 @@ impl IndexWriter {
         };
         let exact = seg.exact();
         let core = &mut self.core;
-        let expiry = now_secs(seg).wrapping_add(core.ttl_secs) & TICK_MASK;
+        let now = now_secs(seg);
         let mut n = 0;
         while n < max {
-            let Some((engine, hash, pos)) = self.queue.pop() else { break };
+            let Some((engine, ttl_secs, hash, pos)) = self.queue.pop() else { break };
             n += 1;
+            let ttl_secs = if ttl_secs == 0 { core.ttl_secs } else { ttl_secs };
+            let expiry = now.wrapping_add(ttl_secs) & TICK_MASK;
             let e = engine as usize;
             // Out of range, or a slot no engine holds (released after the prediction was made).
             if e >= seg.shape().engine_slots || seg.engine(e)[0].load(Relaxed) & USED == 0 {
@@ -262,7 +264,11 @@ impl IndexWriter {
             let local = None;
             match approx.find(hash, local) {
                 Ok(i) => {
-                    approx.set_bit(i, e, true, expiry);
+                    // One expiry per entry: the later of the two, so a short-lived prediction
+                    // does not cut another engine's longer one short.
+                    let held = approx.tick_at(i);
+                    let later = if alive(held, expiry) { held } else { expiry };
+                    approx.set_bit(i, e, true, later);
                 }
                 Err(free) => {
                     let slot = core.make_room(seg, &approx, hash, local, free, true);
@@ -546,8 +552,21 @@ pub struct Predictor {
 
 impl Predictor {
     /// Predicts that `engine` will hold the prompt whose chained block hashes are `hashes`
-    /// (first block first; a request just routed there). Returns how many were queued.
+    /// (first block first; a request just routed there), for the segment's prediction lifetime
+    /// ([`IndexOptions::approx_ttl`]). Returns how many were queued.
     pub fn predict(&self, engine: EngineSlot, hashes: &[u64]) -> usize {
+        self.push(engine, 0, hashes)
+    }
+
+    /// [`Predictor::predict`] for `ttl` instead (at least a second): an engine whose events will
+    /// soon confirm the blocks needs predictions only until then; one without events needs
+    /// them for as long as its cache likely keeps the blocks.
+    pub fn predict_for(&self, engine: EngineSlot, hashes: &[u64], ttl: Duration) -> usize {
+        let secs = ttl.as_secs_f64().ceil().clamp(1.0, f64::from(TICK_MASK / 4)) as u32;
+        self.push(engine, secs, hashes)
+    }
+
+    fn push(&self, engine: EngineSlot, ttl_secs: u32, hashes: &[u64]) -> usize {
         if self.seg.approx().is_none() {
             return 0;
         }
@@ -555,7 +574,7 @@ impl Predictor {
         for (n, &h) in hashes.iter().enumerate() {
             let p = chain_pos(pos, h);
             pos = Some(p);
-            if self.queue.push((engine, h, p)).is_err() {
+            if self.queue.push((engine, ttl_secs, h, p)).is_err() {
                 let dropped = (hashes.len() - n) as u64;
                 self.seg.word(WriterCounter::ApproxDropped.word()).fetch_add(dropped, Relaxed);
                 return n;

@@ -6,7 +6,8 @@
 //! their URL. The approximate tier is always on: engines without `kv_events` (or models without
 //! a tokenizer) are routed on the proxy's own predictions (TTL [`APPROX_TTL_NO_EVENTS`]);
 //! otherwise predictions are short-lived ([`APPROX_TTL_EVENTS`]) and cover a burst of sibling
-//! requests arriving before the first stored event.
+//! requests arriving before the first stored event. The lifetime is chosen per prediction
+//! ([`prediction_ttl`]), so it follows engines as they join and leave.
 //!
 //! Engines join and leave while the proxy runs: a reload or an admin edit calls
 //! [`PoolIndex::sync`] with the pool's new engines, which registers newcomers (a slot, their
@@ -18,9 +19,7 @@
 //! still in flight for a departed engine do not land on a newcomer. A pool whose index settings
 //! (`index_path`, `index_capacity`, `block_size`) change on reload gets a new index: the old one
 //! is closed first ([`PoolIndex::close`]), so the new segment can take the same path; it starts
-//! empty and fills from the engines' events from then on (and the proxy's predictions). Not
-//! yet: the prediction lifetime is chosen at start (5 s when every engine then had events), so
-//! engines added later without events keep that shorter lifetime.
+//! empty and fills from the engines' events from then on (and the proxy's predictions).
 //!
 //! If the segment cannot be created (another writer holds its lock, `/dev/shm` is missing), the
 //! pool routes on load alone: the error is logged and `gantry_route_index_available{pool}` is 0.
@@ -37,10 +36,22 @@ use gantry_kvindex::subscriber::{EngineSource, Subscriber};
 
 use crate::config::{EngineConf, PoolConf};
 
-/// Prediction lifetime for pools whose engines publish no events.
+/// Prediction lifetime for an engine that publishes no events (or a prompt hashed as text).
 pub const APPROX_TTL_NO_EVENTS: Duration = Duration::from_secs(120);
 /// Prediction lifetime when events confirm the real state shortly after.
 pub const APPROX_TTL_EVENTS: Duration = Duration::from_secs(5);
+
+/// How long a prediction that a request's blocks are on an engine should live: until the
+/// engine's own events can confirm them ([`APPROX_TTL_EVENTS`]) when it publishes events and the
+/// prompt was hashed from tokens (as its events are), else as long as its cache likely keeps
+/// them ([`APPROX_TTL_NO_EVENTS`]).
+pub fn prediction_ttl(engine_has_events: bool, hashed_from_tokens: bool) -> Duration {
+    if engine_has_events && hashed_from_tokens {
+        APPROX_TTL_EVENTS
+    } else {
+        APPROX_TTL_NO_EVENTS
+    }
+}
 
 /// One pool's index: the running subscriber (which owns the writer) and what readers need.
 pub struct PoolIndex {
@@ -76,21 +87,16 @@ impl std::fmt::Debug for PoolIndex {
 }
 
 impl PoolIndex {
-    /// Creates the segment of `pool` and starts following its engines' events. `tokenized`:
-    /// every model of the pool has a tokenizer (else its prompts hash as text, which only
-    /// predictions can match, so predictions keep the long TTL).
-    pub fn start(pool: &PoolConf, path: PathBuf, tokenized: bool) -> Result<PoolIndex, String> {
+    /// Creates the segment of `pool` and starts following its engines' events.
+    pub fn start(pool: &PoolConf, path: PathBuf) -> Result<PoolIndex, String> {
         let with_events = pool.engine.iter().filter(|e| e.kv_events.is_some()).count();
         let engine_slots = (pool.engine.len().max(1) * 2).next_power_of_two().clamp(64, 1024);
         let opts = IndexOptions {
             engine_slots,
             capacity: pool.index_capacity,
             approx_capacity: pool.index_capacity,
-            approx_ttl: if tokenized && with_events == pool.engine.len() {
-                APPROX_TTL_EVENTS
-            } else {
-                APPROX_TTL_NO_EVENTS
-            },
+            // Each prediction says its own lifetime (`prediction_ttl`); this is the longest.
+            approx_ttl: APPROX_TTL_NO_EVENTS,
             ..IndexOptions::default()
         };
         let writer = IndexWriter::create(&path, &opts).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -211,5 +217,29 @@ impl WorkerIndex {
         let reader = IndexReader::open(&index.path).map_err(|e| format!("{}: {e}", index.path.display()))?;
         let overlaps = reader.new_overlaps();
         Ok(WorkerIndex { index: index.clone(), reader, overlaps })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{EngineState, Pool};
+    use std::sync::Arc;
+
+    #[test]
+    fn predictions_live_long_unless_events_will_confirm_them() {
+        assert_eq!(prediction_ttl(true, true), APPROX_TTL_EVENTS);
+        for (events, tokens) in [(true, false), (false, true), (false, false)] {
+            assert_eq!(prediction_ttl(events, tokens), APPROX_TTL_NO_EVENTS, "events {events}, tokens {tokens}");
+        }
+        // A pool knows which of its engines publish events: those its config says do, not one
+        // added later through the admin API.
+        let urls = ["http://127.0.0.1:1".to_string(), "http://127.0.0.1:2".to_string()];
+        let mut conf = crate::config::Config::single_pool("m", &urls).pool.remove(0);
+        conf.engine[0].kv_events = Some("tcp://127.0.0.1:5557".into());
+        let engines = ["http://127.0.0.1:1/", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+            .map(|u| Arc::new(EngineState::new(u, "m").unwrap()));
+        let pool = Pool::new(&conf, engines.to_vec(), None, Default::default());
+        assert_eq!(pool.events, [true, false, false]);
     }
 }
