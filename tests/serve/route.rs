@@ -173,18 +173,10 @@ fn engines_joining_and_leaving_on_reload_are_followed_and_released() {
     p.apply(conf(&[0, 1])).unwrap();
     let s1 = reader.engine_slot(&u1).expect("registered by the reload");
     assert_eq!(reader.engine_slot(&u0), Some(s0), "an engine that stays keeps its slot");
-    // Engine 1's own KV events reach the index: prefill a prompt on it directly.
-    assert_eq!(post(m.engines[1].http, "/v1/chat/completions", &shared_prefix_chat(3, 200, 0)).status, 200);
+    // Engine 1's own KV events reach the index, and through the proxy the prefix goes to it.
+    prefix_routed_to_its_holder(&m, 1, &p, &reader, s1, 3);
     let hashes = prompt_hashes(&shared_prefix_chat(3, 200, 1));
     let mut out = reader.new_overlaps();
-    wait_until("engine 1's events in the index", Duration::from_secs(10), || {
-        reader.overlaps(&hashes, &mut out);
-        out.get(s1) >= 200 / 16
-    });
-    // Through the proxy, the prefix goes to its holder.
-    let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(3, 200, 1));
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-gantry-engine"), Some(u1.as_str()), "overlap {:?}", r.header("x-gantry-overlap-blocks"));
 
     // Engine 1 leaves: released (blocks and name) before the reload returns.
     p.apply(conf(&[0])).unwrap();
@@ -228,6 +220,30 @@ fn events_pool_conf(m: &MockServer, engines: &[usize], index_path: &std::path::P
     cfg
 }
 
+/// Engine `engine` of `m` caches group `group`'s 200-word prefix (sent to it directly); once its
+/// events show the blocks at `slot` in `reader`'s index, the proxy `p` sends the group's next
+/// prompt there.
+fn prefix_routed_to_its_holder(
+    m: &MockServer,
+    engine: usize,
+    p: &ProxyServer,
+    reader: &gantry_kvindex::index::IndexReader,
+    slot: gantry_kvindex::sink::EngineSlot,
+    group: usize,
+) {
+    assert_eq!(post(m.engines[engine].http, "/v1/chat/completions", &shared_prefix_chat(group, 200, 0)).status, 200);
+    let hashes = prompt_hashes(&shared_prefix_chat(group, 200, 1));
+    let mut out = reader.new_overlaps();
+    wait_until("the engine's events in the index", Duration::from_secs(10), || {
+        reader.overlaps(&hashes, &mut out);
+        out.get(slot) >= 200 / 16
+    });
+    let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(group, 200, 1));
+    assert_eq!(r.status, 200);
+    let holder = m.engines[engine].url();
+    assert_eq!(r.header("x-gantry-engine"), Some(holder.as_str()), "overlap {:?}", r.header("x-gantry-overlap-blocks"));
+}
+
 /// A reload that resizes a pool's index replaces it at once, at the same path: the old segment
 /// is retired, the new one has the new size and the engines, their events reach it, and routing
 /// uses it.
@@ -251,15 +267,7 @@ fn a_reload_that_resizes_the_index_replaces_it_at_once() {
     assert_eq!(metric(&text, "gantry_route_index_available{pool=\"agg-0\"}"), 1.0, "{text}");
 
     // Engine 1's events reach the new index, and the proxy routes the prefix to it.
-    assert_eq!(post(m.engines[1].http, "/v1/chat/completions", &shared_prefix_chat(4, 200, 0)).status, 200);
-    let hashes = prompt_hashes(&shared_prefix_chat(4, 200, 1));
-    let mut out = new.new_overlaps();
-    wait_until("engine 1's events in the new index", Duration::from_secs(10), || {
-        new.overlaps(&hashes, &mut out);
-        out.get(s1) >= 200 / 16
-    });
-    let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(4, 200, 1));
-    assert_eq!(r.header("x-gantry-engine"), Some(u1.as_str()), "overlap {:?}", r.header("x-gantry-overlap-blocks"));
+    prefix_routed_to_its_holder(&m, 1, &p, &new, s1, 4);
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }
