@@ -7,7 +7,9 @@
 //!   (capacity 2 M: sized above the fleet's blocks, as the docs advise, so no evictions);
 //!   throughput in applied block operations;
 //! * `concurrent/*`: 128-block lookups in that index while another thread applies events at full
-//!   speed.
+//!   speed;
+//! * `trace/*`: lookups of the Mooncake conversation trace's requests (shared prefixes) in an
+//!   index holding them all (needs `../shared/traces` or `$GANTRY_TRACES`; skipped without).
 //!
 //! Baselines (see `baselines/mod.rs`): `RwLock<HashMap<block, engine set>>` and a radix tree of the
 //! reference router's shape. Run: `cargo bench -p gantry-kvindex --bench index` (about 6
@@ -339,5 +341,90 @@ fn concurrent(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, lookup, apply, concurrent);
+/// The Mooncake conversation trace (`../shared/traces`, or `$GANTRY_TRACES`) as chains of
+/// 16-token blocks: each of its 512-token blocks becomes 32, hashed from stand-in token ids that
+/// are equal exactly when the trace's block ids are. `None` (and a message) without the trace.
+fn mooncake_chains() -> Option<Vec<Vec<u64>>> {
+    let dir = std::env::var_os("GANTRY_TRACES")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces"), PathBuf::from);
+    let path = dir.join("mooncake_conversation_trace.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        eprintln!("trace: {} not found (set GANTRY_TRACES): the trace group is skipped", path.display());
+        return None;
+    };
+    let mut tokens = Vec::new();
+    let chains = text
+        .lines()
+        .filter_map(|line| {
+            let ids = line.split_once("\"hash_ids\":")?.1.split_once('[')?.1.split_once(']')?.0;
+            tokens.clear();
+            for id in ids.split(',').filter_map(|s| s.trim().parse::<u32>().ok()) {
+                tokens.extend((0..512).map(|j| id.wrapping_mul(512).wrapping_add(j)));
+            }
+            let mut chain = Vec::with_capacity(tokens.len() / 16);
+            gantry_kvindex::hash::hash_blocks(gantry_kvindex::hash::DEFAULT_SEED, &tokens, 16, 0, &mut chain);
+            Some(chain)
+        })
+        .collect();
+    Some(chains)
+}
+
+/// `trace/*`: the index on real shared-prefix traffic. Every Mooncake conversation starts with
+/// the same system prompt, so thousands of chains share a parent and diverge at once, unlike
+/// the independent chains above. Each request's chain is stored for one of 8 engines (round
+/// robin) in an index sized at twice the trace's distinct blocks (64 engine slots); lookups of
+/// the requests' chains, in throughput of looked-up blocks, against the RwLock baseline.
+fn trace(c: &mut Criterion) {
+    let Some(chains) = mooncake_chains() else { return };
+    let unique: std::collections::HashSet<u64> = chains.iter().flatten().copied().collect();
+    let engines = 64;
+    let path = segment_path("trace");
+    let opts = IndexOptions { engine_slots: engines, capacity: 2 * unique.len(), ..IndexOptions::default() };
+    let mut w = IndexWriter::create(&path, &opts).expect("create segment");
+    let mut m = LockedMap::new(engines);
+    for (n, chain) in chains.iter().enumerate() {
+        w.store_chain((n % 8) as u16, None, chain);
+        chain.iter().for_each(|&h| m.store((n % 8) as u16, h));
+    }
+    let r = w.reader();
+    let mut out = r.new_overlaps();
+    let whole = chains
+        .iter()
+        .enumerate()
+        .filter(|(n, chain)| {
+            r.overlaps(chain, &mut out);
+            out.get((n % 8) as u16) as usize == chain.len()
+        })
+        .count();
+    let stats = r.stats();
+    let evictions = stats.writer.iter().find(|(k, _)| *k == "evictions").map_or(0, |(_, v)| *v);
+    eprintln!(
+        "trace: {} requests, {} blocks ({} distinct), index capacity {}: {evictions} evictions; {:.1}% of requests found whole on their engine",
+        chains.len(),
+        chains.iter().map(Vec::len).sum::<usize>(),
+        unique.len(),
+        stats.capacity,
+        100.0 * whole as f64 / chains.len() as f64
+    );
+    let mut g = c.benchmark_group("trace");
+    g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3)).sample_size(20);
+    let mut rng = fastrand::Rng::with_seed(5);
+    let order: Vec<usize> = (0..4096).map(|_| rng.usize(..chains.len())).collect();
+    let blocks: usize = order.iter().map(|&i| chains[i].len()).sum();
+    g.throughput(Throughput::Elements(blocks as u64));
+    g.bench_function(BenchmarkId::new("gantry", format!("{engines}e")), |b| {
+        b.iter(|| order.iter().map(|&i| r.overlaps(&chains[i], &mut out)).sum::<u32>())
+    });
+    let m = RwLock::new(m);
+    let mut out = Vec::with_capacity(engines);
+    g.bench_function(BenchmarkId::new("rwlock_hashmap", format!("{engines}e")), |b| {
+        b.iter(|| order.iter().map(|&i| m.read().unwrap().overlaps(&chains[i], &mut out)).sum::<u32>())
+    });
+    g.finish();
+    drop(r);
+    drop(w);
+    remove_segment(&path);
+}
+
+criterion_group!(benches, lookup, apply, concurrent, trace);
 criterion_main!(benches);
