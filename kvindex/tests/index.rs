@@ -252,10 +252,12 @@ fn one_writer_at_a_time_and_a_new_writer_resets_the_segment() {
     assert_eq!(reader.overlaps(&[42], &mut out), 0);
     assert!(!reader.is_retired());
     drop(_w2);
-    // Another shape: a new file replaces it and the old one is marked retired.
+    // Another shape: a new file replaces it and the old one is marked retired; the generation
+    // at the path still rises, so a reader can tell the new file from the old.
     let w3 = IndexWriter::create(dir.path(), &opts(8, 64)).unwrap();
     assert!(reader.is_retired());
-    assert_eq!(IndexReader::open(dir.path()).unwrap().engine_slots(), 8);
+    let replacement = IndexReader::open(dir.path()).unwrap();
+    assert_eq!((replacement.engine_slots(), replacement.generation()), (8, gen + 2));
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path()).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
     drop(w3);

@@ -184,6 +184,8 @@ struct Routed<'a> {
     /// Prompt tokens the router expected the engine to hold (`kv` only).
     predicted_cached: Option<u64>,
     targets: &'a Targets,
+    /// The requested model's counters: the relay counts the status the client gets.
+    model_requests: &'a StatusCounts,
 }
 
 /// A worker's routing state: tokenizer caches (by served model: adapters share their base's),
@@ -568,7 +570,8 @@ impl Proxy {
     }
 
     /// Tries the engines of `pool` for the request; Ok once a response went to the client (counted
-    /// for the model it named before it goes), else the last error and whether it was a timeout.
+    /// for the model it named, with the status the client got, before it goes), else the last
+    /// error and whether it was a timeout.
     async fn serve_in_pool(
         &self,
         req: &Request,
@@ -645,12 +648,12 @@ impl Proxy {
                         self.passive_success(engine);
                     }
                     engine.counters.request(head.status);
-                    model_requests.request(head.status);
                     let predicted_cached = plan.as_ref().map(|plan| {
                         self.count_decision(pool, plan, idx);
                         plan.cached_tokens(idx, pool.block_size)
                     });
-                    let routed = Routed { charge: &charge, started, overlap, predicted_cached, targets };
+                    let routed =
+                        Routed { charge: &charge, started, overlap, predicted_cached, targets, model_requests };
                     self.relay(conn, head, resp, pool, engine, &routed).await;
                     drop(charge);
                     return Ok(());
@@ -767,22 +770,27 @@ impl Proxy {
                         let usage = Usage::scan(&body);
                         self.record_outcome(pool, routed, usage, Some(elapsed), None);
                     }
+                    routed.model_requests.request(head.status);
                     if resp.send_raw(head.status, &lines, &body).await.is_ok() {
                         self.put_idle(engine.addr, conn);
                     }
                 }
                 Ok(Err(e)) => {
                     self.passive_failure(engine);
+                    routed.model_requests.request(502);
                     let _ = resp.send(error_response(502, &format!("engine {}: {e}", engine.url), None)).await;
                 }
                 Err(_) => {
                     self.passive_failure(engine);
+                    routed.model_requests.request(504);
                     let _ =
                         resp.send(error_response(504, &format!("engine {}: body timed out", engine.url), None)).await;
                 }
             }
             return;
         }
+        // The engine's head goes to the client as it is, whatever the body does next.
+        routed.model_requests.request(head.status);
         // Keep the engine's framing: a sized body stays sized (no re-chunking).
         let sized = if chunked_or_close {
             None

@@ -11,7 +11,7 @@ use crossbeam_queue::ArrayQueue;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,8 @@ impl IndexWriter {
             Ok(old) => {
                 tracing::info!(path = %path.display(), "kvindex: replacing a segment of another shape");
                 let new = Segment::create(path, shape)?;
+                // Generations keep rising at a path, so a reader can tell a replacement apart.
+                new.word(H_GENERATION).store(old.word(H_GENERATION).load(Acquire), Relaxed);
                 old.word(H_STATE).store(STATE_RETIRED, Release);
                 new
             }
@@ -263,9 +265,16 @@ impl IndexWriter {
             // The approximate tier is small and short-lived: blocks go by hash alone.
             let local = None;
             match approx.find(hash, local) {
+                Ok(i) if !alive(approx.tick_at(i), now) => {
+                    // Expired but not swept yet: its other engines' bits must not come back.
+                    approx.delete_at(i);
+                    approx.insert_at(i, hash, e, expiry);
+                }
                 Ok(i) => {
                     // One expiry per entry: the later of the two, so a short-lived prediction
-                    // does not cut another engine's longer one short.
+                    // does not cut another engine's longer one short (a long one then keeps a
+                    // short one's bit as long: predictions are hints, and real removals still
+                    // clear them).
                     let held = approx.tick_at(i);
                     let later = if alive(held, expiry) { held } else { expiry };
                     approx.set_bit(i, e, true, later);

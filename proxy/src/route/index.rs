@@ -63,6 +63,9 @@ pub struct PoolIndex {
     pub predictor: Predictor,
     /// Engine slots of the segment (to size [`Overlaps`]).
     pub engine_slots: usize,
+    /// The segment's writer generation: a worker that opens the path and finds another (the
+    /// index was replaced by a reload meanwhile) does not read it for this index.
+    generation: u64,
     /// The pool's name (for logs).
     pool: String,
     /// The pool's KV block size (events of another size are skipped).
@@ -100,6 +103,7 @@ impl PoolIndex {
             ..IndexOptions::default()
         };
         let writer = IndexWriter::create(&path, &opts).map_err(|e| format!("{}: {e}", path.display()))?;
+        let generation = writer.reader().generation();
         let predictor = writer.predictor();
         let subscriber = Subscriber::spawn(Vec::new(), writer).map_err(|e| format!("pool `{}`: {e}", pool.name))?;
         let index = PoolIndex {
@@ -107,6 +111,7 @@ impl PoolIndex {
             seed: DEFAULT_SEED,
             predictor,
             engine_slots,
+            generation,
             pool: pool.name.clone(),
             block_size: pool.block_size,
             members: Mutex::new(HashMap::new()),
@@ -215,6 +220,14 @@ impl WorkerIndex {
     /// Opens `index`'s segment for this worker.
     pub fn open(index: &std::sync::Arc<PoolIndex>) -> Result<WorkerIndex, String> {
         let reader = IndexReader::open(&index.path).map_err(|e| format!("{}: {e}", index.path.display()))?;
+        if reader.generation() != index.generation {
+            return Err(format!(
+                "{}: the segment was replaced (generation {}, this index's {})",
+                index.path.display(),
+                reader.generation(),
+                index.generation
+            ));
+        }
         let overlaps = reader.new_overlaps();
         Ok(WorkerIndex { index: index.clone(), reader, overlaps })
     }
@@ -241,5 +254,25 @@ mod tests {
             .map(|u| Arc::new(EngineState::new(u, "m").unwrap()));
         let pool = Pool::new(&conf, engines.to_vec(), None, Default::default());
         assert_eq!(pool.events, [true, false, false]);
+    }
+
+    /// A worker never reads a replacement segment for the index it replaced (a request still on
+    /// the old fleet when a reload swapped the pool's index at the same path).
+    #[test]
+    fn a_worker_does_not_read_a_replaced_segment_for_the_old_index() {
+        let path = std::env::temp_dir().join(format!("gantry-index-gen-{}-{}", std::process::id(), fastrand::u64(..)));
+        let mut conf = crate::config::Config::single_pool("m", &["http://127.0.0.1:1".to_string()]).pool.remove(0);
+        conf.index_capacity = 1024;
+        let old = Arc::new(PoolIndex::start(&conf, path.clone()).unwrap());
+        assert!(WorkerIndex::open(&old).is_ok());
+        old.close();
+        conf.index_capacity = 2048;
+        let new = Arc::new(PoolIndex::start(&conf, path.clone()).unwrap());
+        let err = WorkerIndex::open(&old).err().expect("the old index's path now holds another segment");
+        assert!(err.contains("replaced"), "{err}");
+        assert!(WorkerIndex::open(&new).is_ok());
+        drop((old, new));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("lock"));
     }
 }
