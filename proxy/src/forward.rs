@@ -25,7 +25,7 @@ use crate::config::{HealthConf, PolicyKind, RetryConf, UpstreamConf};
 use crate::fleet::{now_ms, EngineState, Fleet, Pool, SharedFleet};
 use crate::http::client::ClientConn;
 use crate::http::server::{content_length_line, Handler, Request, Responder, Response};
-use crate::http::sse::SseScanner;
+use crate::http::sse::{is_token_event, json_uint_after, SseScanner};
 use crate::http::{HttpError, Method, ResponseHead};
 use crate::metrics::{Metrics, StatusCounts};
 use crate::policy::{pick, PickInput};
@@ -924,26 +924,6 @@ impl Usage {
             cached: json_uint_after(usage, b"\"cached_tokens\":"),
         }
     }
-}
-
-/// The unsigned integer right after the first `key` in `json` (whitespace allowed).
-fn json_uint_after(json: &[u8], key: &[u8]) -> Option<u64> {
-    let at = memchr::memmem::find(json, key)? + key.len();
-    let digits: &[u8] = json[at..].trim_ascii_start();
-    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
-    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
-}
-
-/// Whether an SSE event carries generated text (a chat delta or a completion text).
-pub fn is_token_event(event: &[u8]) -> bool {
-    for key in [&b"\"content\":\""[..], b"\"text\":\""] {
-        if let Some(i) = memchr::memmem::find(event, key) {
-            if event.get(i + key.len()).is_some_and(|&b| b != b'"') {
-                return true;
-            }
-        }
-    }
-    false
 }
 
 const ROUTED: &[&str] = &["/v1/chat/completions", "/v1/completions"];

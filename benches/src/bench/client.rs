@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gantry_proxy::http::client::ClientConn;
-use gantry_proxy::http::sse::SseScanner;
+use gantry_proxy::http::sse::{is_token_event, json_uint_after, SseScanner};
 use gantry_proxy::http::HttpError;
 use gantry_proxy::rt::{self, Driver};
 use memchr::memmem;
@@ -635,19 +635,7 @@ impl StreamState {
     }
 }
 
-/// Whether an SSE `data` payload carries generated text (a non-empty `content`, `text` or
-/// reasoning field).
-pub fn is_token_event(data: &[u8]) -> bool {
-    const KEYS: [&[u8]; 4] = [b"\"content\":\"", b"\"text\":\"", b"\"reasoning_content\":\"", b"\"reasoning\":\""];
-    KEYS.iter().any(|k| memmem::find(data, k).is_some_and(|i| data.get(i + k.len()).is_some_and(|&b| b != b'"')))
-}
-
 /// `usage.completion_tokens` of a JSON payload, found by scanning.
 pub fn completion_tokens(data: &[u8]) -> Option<u32> {
-    let key = b"\"completion_tokens\":";
-    let i = memmem::find(data, key)? + key.len();
-    let rest = &data[i..];
-    let rest = &rest[rest.iter().take_while(|b| **b == b' ').count()..];
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    json_uint_after(data, b"\"completion_tokens\":").and_then(|n| u32::try_from(n).ok())
 }

@@ -3,6 +3,9 @@
 //! Events are separated by a blank line; `data:` lines of one event are joined with `\n`;
 //! lines starting with `:` are comments (keep-alives) and are skipped, as are events that carry
 //! no data. `\n` and `\r\n` line endings are both accepted.
+//!
+//! Also the scans of an event's OpenAI payload that the proxy and the bench client share:
+//! [`is_token_event`] (what counts as a token for TTFT and ITL) and [`json_uint_after`] (usage).
 
 /// One server-sent event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -142,4 +145,22 @@ impl SseScanner {
             self.skipping = true;
         }
     }
+}
+
+/// Whether an SSE event, or its `data` payload, carries generated text: a non-empty `content`
+/// or `text`, or reasoning (`reasoning_content`, `reasoning`), which reasoning models stream
+/// before their answer, so it is their first token.
+pub fn is_token_event(data: &[u8]) -> bool {
+    const KEYS: [&[u8]; 4] = [b"\"content\":\"", b"\"text\":\"", b"\"reasoning_content\":\"", b"\"reasoning\":\""];
+    KEYS.iter()
+        .any(|k| memchr::memmem::find(data, k).is_some_and(|i| data.get(i + k.len()).is_some_and(|&b| b != b'"')))
+}
+
+/// The unsigned integer that follows `key` (such as `"completion_tokens":`) in a JSON text,
+/// found by scanning, not parsing: for usage numbers in bodies and events relayed unchanged.
+pub fn json_uint_after(json: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(json, key)? + key.len();
+    let digits: &[u8] = json[at..].trim_ascii_start();
+    let end = digits.iter().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }

@@ -3,7 +3,7 @@
 use bytes::BytesMut;
 
 use super::chunked::{encode_chunk, ChunkedDecoder, Decoded, LAST_CHUNK};
-use super::sse::SseParser;
+use super::sse::{is_token_event, json_uint_after, SseParser};
 use super::*;
 
 fn parse_req(s: &str) -> Result<Option<RequestHead>, HttpError> {
@@ -159,4 +159,19 @@ fn sse_scanner_events_split_anywhere() {
         }
         assert_eq!(got, want, "split {split}");
     }
+}
+
+#[test]
+fn openai_events_are_scanned_for_tokens_and_usage() {
+    assert!(is_token_event(br#"data: {"choices":[{"delta":{"content":" ba"}}]}"#));
+    assert!(is_token_event(br#"{"choices":[{"text":"x"}]}"#));
+    // A reasoning model's thinking is its first output.
+    assert!(is_token_event(br#"{"choices":[{"delta":{"reasoning_content":"Let"}}]}"#));
+    assert!(is_token_event(br#"{"choices":[{"delta":{"reasoning":"Let"}}]}"#));
+    assert!(!is_token_event(br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#));
+    assert!(!is_token_event(br#"{"choices":[],"usage":{"completion_tokens":3}}"#));
+    let usage = br#"{"usage":{"prompt_tokens":5,"completion_tokens": 17,"x":1}}"#;
+    assert_eq!(json_uint_after(usage, b"\"completion_tokens\":"), Some(17));
+    assert_eq!(json_uint_after(usage, b"\"cached_tokens\":"), None);
+    assert_eq!(json_uint_after(br#"{"n":-1}"#, b"\"n\":"), None);
 }
