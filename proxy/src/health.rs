@@ -59,20 +59,43 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
     }
 }
 
-/// The sum of every sample of metric `name` in Prometheus text (labels ignored), if any.
+/// The sum of every sample of metric `name` in Prometheus text (labels ignored), if any. A
+/// sample's value is the first field after its labels (a timestamp may follow); label values
+/// may hold spaces and braces.
 pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else { continue };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        let value = rest.rsplit(' ').find(|v| !v.is_empty()).and_then(|v| v.parse::<f64>().ok());
+        let after_labels = match rest.as_bytes().first() {
+            Some(b'{') => match labels_end(rest) {
+                Some(end) => &rest[end..],
+                None => continue,
+            },
+            Some(b' ' | b'\t') => rest,
+            _ => continue,
+        };
+        let value = after_labels.split_whitespace().next().and_then(|v| v.parse::<f64>().ok());
         if let Some(v) = value.filter(|v| v.is_finite()) {
             *found.get_or_insert(0.0) += v;
         }
     }
     found
+}
+
+/// Where the label set that `s` starts with (`{...}`) ends: just past its `}`, quotes and
+/// escapes respected.
+fn labels_end(s: &str) -> Option<usize> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, b) in s.bytes().enumerate().skip(1) {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'}' if !quoted => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Scrapes every engine's `/metrics` once per `interval` for the `kv` cost's engine-reported
@@ -109,5 +132,8 @@ mod tests {
         assert_eq!(metric_sum(text, "vllm:num_requests_waiting"), Some(5.0));
         assert_eq!(metric_sum(text, "vllm:kv_cache_usage_perc"), Some(0.25));
         assert_eq!(metric_sum(text, "vllm:absent"), None);
+        // A timestamp after the value, and a label value with a space, a brace and a quote.
+        let text = "x_total{model=\"a } b\\\" c\"} 4 1700000000\nx_total 1\nx_total{bad 9\n";
+        assert_eq!(metric_sum(text, "x_total"), Some(5.0));
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use gantry_proxy::health::metric_sum;
 use gantry_proxy::http::client::ClientConn;
 use gantry_proxy::rt::{self, Driver};
 
@@ -32,28 +33,12 @@ impl Counters {
 
 /// Sums the samples of the three counters in a Prometheus text page.
 pub fn parse(text: &str) -> Counters {
-    let mut c = Counters::default();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let slot = match &line[..name_end] {
-            "vllm:prefix_cache_hits_total" => &mut c.prefix_hits,
-            "vllm:prefix_cache_queries_total" => &mut c.prefix_queries,
-            "vllm:request_success_total" => &mut c.requests,
-            _ => continue,
-        };
-        // The value follows the last space outside the labels (a timestamp may follow it).
-        let after_labels = match line[name_end..].find('}') {
-            Some(i) if line.as_bytes()[name_end] == b'{' => &line[name_end + i + 1..],
-            _ => &line[name_end..],
-        };
-        if let Some(v) = after_labels.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) {
-            *slot += v;
-        }
+    let sum = |name| metric_sum(text, name).unwrap_or(0.0);
+    Counters {
+        prefix_hits: sum("vllm:prefix_cache_hits_total"),
+        prefix_queries: sum("vllm:prefix_cache_queries_total"),
+        requests: sum("vllm:request_success_total"),
     }
-    c
 }
 
 /// GETs `url`'s `/metrics` (the URL may already end in `/metrics`) and reads the counters.
