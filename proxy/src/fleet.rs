@@ -156,10 +156,7 @@ impl Pool {
     ) -> Pool {
         let slots: Vec<Option<EngineSlot>> =
             engines.iter().map(|e| index.as_ref().and_then(|i| i.slot_of(&e.url))).collect();
-        let events = engines
-            .iter()
-            .map(|e| conf.engine.iter().any(|c| c.url.trim_end_matches('/') == e.url && c.kv_events.is_some()))
-            .collect();
+        let events = engines.iter().map(|e| engine_conf(conf, &e.url).is_some_and(|c| c.kv_events.is_some())).collect();
         let mut by_slot = vec![None; index.as_ref().map_or(0, |i| i.engine_slots)];
         for (i, s) in slots.iter().enumerate() {
             if let Some(s) = s {
@@ -196,17 +193,20 @@ impl Pool {
         self.engines
             .iter()
             .map(|e| {
-                self.conf.engine.iter().find(|c| c.url.trim_end_matches('/') == e.url).cloned().unwrap_or_else(|| {
-                    crate::config::EngineConf {
-                        url: e.url.clone(),
-                        model: e.model.clone(),
-                        kv_events: None,
-                        kv_replay: None,
-                    }
+                engine_conf(&self.conf, &e.url).cloned().unwrap_or_else(|| crate::config::EngineConf {
+                    url: e.url.clone(),
+                    model: e.model.clone(),
+                    kv_events: None,
+                    kv_replay: None,
                 })
             })
             .collect()
     }
+}
+
+/// The entry of `conf` for the engine at `url` (the engine's own URL, without a trailing `/`).
+fn engine_conf<'c>(conf: &'c crate::config::PoolConf, url: &str) -> Option<&'c crate::config::EngineConf> {
+    conf.engine.iter().find(|c| c.url.trim_end_matches('/') == url)
 }
 
 /// A configured model and what routing needs of it.

@@ -316,6 +316,16 @@ fn render_pools(out: &mut String, fleet: &Fleet) {
 /// Reads one per-engine value at `now_ms`.
 type EngineGauge = fn(&crate::fleet::EngineState, u64) -> f64;
 
+/// One `name{labels,status="..."} n` line per status slot with a count (`total(slot)`).
+fn status_lines(out: &mut String, name: &str, labels: &str, total: impl Fn(usize) -> u64) {
+    for i in 0..SLOTS {
+        let n = total(i);
+        if n > 0 {
+            let _ = writeln!(out, "{name}{{{labels},status=\"{}\"}} {n}", slot_label(i));
+        }
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -332,47 +342,19 @@ impl Metrics {
         let now = now_ms();
         let _ = writeln!(out, "# HELP gantry_requests_total Engine answers by the engine's model (a LoRA adapter's under its base), pool, engine and status; answers of the proxy itself with empty labels.\n# TYPE gantry_requests_total counter");
         for (pool, e) in fleet.engines() {
-            for i in 0..SLOTS {
-                let n = e.counters.requests.slot_total(i);
-                if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "gantry_requests_total{{model=\"{}\",pool=\"{}\",engine=\"{}\",status=\"{}\"}} {n}",
-                        esc(&e.model),
-                        esc(&pool.name),
-                        esc(&e.url),
-                        slot_label(i)
-                    );
-                }
-            }
+            let labels = format!("model=\"{}\",pool=\"{}\",engine=\"{}\"", esc(&e.model), esc(&pool.name), esc(&e.url));
+            status_lines(&mut out, "gantry_requests_total", &labels, |i| e.counters.requests.slot_total(i));
         }
-        for i in 0..SLOTS {
-            let n = self.rejected[i].load(Ordering::Relaxed);
-            if n > 0 {
-                let _ = writeln!(
-                    out,
-                    "gantry_requests_total{{model=\"\",pool=\"\",engine=\"\",status=\"{}\"}} {n}",
-                    slot_label(i)
-                );
-            }
-        }
+        status_lines(&mut out, "gantry_requests_total", "model=\"\",pool=\"\",engine=\"\"", |i| {
+            self.rejected[i].load(Ordering::Relaxed)
+        });
         let _ = writeln!(
             out,
             "# HELP gantry_model_requests_total Requests by the model they named (a LoRA adapter by its own name; `base` is the model its engines serve) and the status the client got.\n# TYPE gantry_model_requests_total counter"
         );
         for m in &fleet.model_info {
-            for i in 0..SLOTS {
-                let n = m.requests.slot_total(i);
-                if n > 0 {
-                    let _ = writeln!(
-                        out,
-                        "gantry_model_requests_total{{model=\"{}\",base=\"{}\",status=\"{}\"}} {n}",
-                        esc(&m.name),
-                        esc(&m.served_by),
-                        slot_label(i)
-                    );
-                }
-            }
+            let labels = format!("model=\"{}\",base=\"{}\"", esc(&m.name), esc(&m.served_by));
+            status_lines(&mut out, "gantry_model_requests_total", &labels, |i| m.requests.slot_total(i));
         }
         let per_engine: [(&str, &str, &str, EngineGauge); 9] = [
             ("gantry_engine_pending_prefill_tokens", "gauge", "Prompt tokens awaiting a first token.", |e, _| {

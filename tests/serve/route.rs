@@ -19,8 +19,7 @@ fn kv_stack_with(
     flags.extend_from_slice(extra_mock);
     let m = mock(&flags);
     let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
-    let dir = std::env::temp_dir().join(format!("gantry-route-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("gantry-route");
     let p = proxy(&urls, "auto", |cfg| {
         cfg.model[0].tokenizer = Some("builtin".into());
         cfg.pool[0].policy = policy;
@@ -33,6 +32,13 @@ fn kv_stack_with(
         edit(cfg);
     });
     (m, p)
+}
+
+/// A new, empty directory of its own under the system's temp dir, named after `prefix`.
+fn scratch_dir(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// A chat request whose prompt starts with `prefix_words` words of group `group`, then a
@@ -160,8 +166,7 @@ fn adapter_prompt_hashes(body: &Value, lora: Option<&str>) -> Vec<u64> {
 #[test]
 fn engines_joining_and_leaving_on_reload_are_followed_and_released() {
     let m = mock(&["--engines", "2", "--kv-events-port", "0", "--kv-replay-port", "0"]);
-    let dir = std::env::temp_dir().join(format!("gantry-route-join-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("gantry-route-join");
     let index_path = dir.join("index");
     let conf = |engines: &[usize]| events_pool_conf(&m, engines, &index_path, 1 << 14);
     let (u0, u1) = (m.engines[0].url(), m.engines[1].url());
@@ -250,8 +255,7 @@ fn prefix_routed_to_its_holder(
 #[test]
 fn a_reload_that_resizes_the_index_replaces_it_at_once() {
     let m = mock(&["--engines", "2", "--kv-events-port", "0", "--kv-replay-port", "0"]);
-    let dir = std::env::temp_dir().join(format!("gantry-route-resize-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("gantry-route-resize");
     let index_path = dir.join("index");
     let mut p = serve::spawn(events_pool_conf(&m, &[0, 1], &index_path, 1 << 14), None).expect("proxy starts");
     let old = gantry_kvindex::index::IndexReader::open(&index_path).unwrap();
@@ -436,8 +440,7 @@ fn an_unavailable_index_degrades_the_pool_to_load_only_routing() {
 #[test]
 fn the_global_router_grid_picks_the_pool_by_prompt_length() {
     let m = mock(&["--engines", "2"]);
-    let dir = std::env::temp_dir().join(format!("gantry-grid-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("gantry-grid");
     let grid = json!({
         "mode": "agg",
         "num_agg_pools": 2,

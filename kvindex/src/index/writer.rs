@@ -121,7 +121,7 @@ impl IndexWriter {
         };
         seg.word(H_GENERATION).fetch_add(1, Release);
         seg.word(H_WRITER_PID).store(u64::from(std::process::id()), Relaxed);
-        let ttl_secs = opts.approx_ttl.as_secs_f64().ceil().clamp(1.0, f64::from(u32::MAX / 2)) as u32;
+        let ttl_secs = ttl_secs(opts.approx_ttl);
         seg.word(H_APPROX_TTL_SECS).store(u64::from(ttl_secs), Relaxed);
         let core = Core { tick: 0, hand: 0, approx_hand: 0, ttl_secs };
         let mut w = IndexWriter {
@@ -507,6 +507,12 @@ fn engine_blocks_add(seg: &Segment, slot: usize, delta: i64) {
 /// Engine-table word 0: bit 32 marks a used slot; the low 32 bits are a seqlock version.
 pub(crate) const USED: u64 = 1 << 32;
 
+/// A prediction lifetime in whole seconds: at least one, and well inside the range [`alive`]
+/// compares expiries in.
+fn ttl_secs(ttl: Duration) -> u32 {
+    ttl.as_secs_f64().ceil().clamp(1.0, f64::from(TICK_MASK / 4)) as u32
+}
+
 /// Whether an approximate entry with expiry `tick` is still valid at `now`.
 #[inline]
 pub(crate) fn alive(expiry: u32, now: u32) -> bool {
@@ -571,8 +577,7 @@ impl Predictor {
     /// soon confirm the blocks needs predictions only until then; one without events needs
     /// them for as long as its cache likely keeps the blocks.
     pub fn predict_for(&self, engine: EngineSlot, hashes: &[u64], ttl: Duration) -> usize {
-        let secs = ttl.as_secs_f64().ceil().clamp(1.0, f64::from(TICK_MASK / 4)) as u32;
-        self.push(engine, secs, hashes)
+        self.push(engine, ttl_secs(ttl), hashes)
     }
 
     fn push(&self, engine: EngineSlot, ttl_secs: u32, hashes: &[u64]) -> usize {
