@@ -2,7 +2,7 @@
 
 use super::layout::*;
 use super::segment::Segment;
-use super::table::{LocalCursor, Probe, Table, MAX_BIT_WORDS};
+use super::table::{LocalCursor, Probe, Table, ALL_WORDS, MAX_BIT_WORDS};
 use super::writer::{alive, USED};
 use super::IndexError;
 use crate::sink::{Counter, EngineSlot};
@@ -11,12 +11,13 @@ use std::path::Path;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::Arc;
 
-/// How far ahead of the block it reads a lookup prefetches a block's local keys (stage 1), and
-/// locates it among them (stage 2: see `IndexReader::overlaps`). Stage 1 runs far enough ahead
-/// to cover a DRAM miss; stage 2 far enough to cover one on the global bucket it prefetches for
-/// a block not found locally. `LOCATE_AHEAD` is a power of two (a ring's size).
-const KEYS_AHEAD: usize = 24;
-const LOCATE_AHEAD: usize = 8;
+/// How far ahead of the block it reads a lookup prefetches a block's local keys (stage 1),
+/// locates it among them (stage 2), and locates a block stage 2 did not find among its global
+/// keys (stage 2b; see `IndexReader::overlaps`). Each stage runs far enough ahead of the next
+/// to cover a DRAM miss. `LOCATE_AHEAD` is a power of two (a ring's size).
+const KEYS_AHEAD: usize = 32;
+const LOCATE_AHEAD: usize = 16;
+const GLOBAL_AHEAD: usize = 8;
 /// Lookups between two flushes of a reader's counters into the header.
 const FLUSH_EVERY: u32 = 256;
 
@@ -37,28 +38,49 @@ impl Stage {
             let h = hashes[self.next];
             exact.prefetch_keys(exact.step_local(&mut self.cursor, h));
             if let Some(a) = approx {
-                a.prefetch(h);
+                a.prefetch_global(h);
             }
             self.next += 1;
         }
     }
 
     /// Stage 2, up to block `upto`: find each block among its local keys, noting its local
-    /// bucket and the entry found (if any) in `ring`.
+    /// bucket and the entry found (if any) in `ring`, and prefetch the bit words in `words`.
     #[inline(always)]
     fn locate(
         &mut self,
         exact: &Table<'_>,
         hashes: &[u64],
         upto: usize,
+        words: u32,
         ring: &mut [(usize, Option<usize>); LOCATE_AHEAD],
     ) {
         while self.next < upto.min(hashes.len()) {
             let h = hashes[self.next];
             let local = exact.step_local(&mut self.cursor, h);
-            ring[self.next % LOCATE_AHEAD] = (local, exact.locate_local(h, local));
+            ring[self.next % LOCATE_AHEAD] = (local, exact.locate_local(h, local, words));
             self.next += 1;
         }
+    }
+}
+
+/// Stage 2b, up to block `upto`: find each block stage 2 did not find locally among the keys
+/// of its global buckets, and prefetch the bit words in `words` of the entry found.
+#[inline(always)]
+fn locate_global(
+    next: &mut usize,
+    exact: &Table<'_>,
+    hashes: &[u64],
+    upto: usize,
+    words: u32,
+    ring: &mut [(usize, Option<usize>); LOCATE_AHEAD],
+) {
+    while *next < upto.min(hashes.len()) {
+        let entry = &mut ring[*next % LOCATE_AHEAD];
+        if entry.1.is_none() {
+            entry.1 = exact.locate_global(hashes[*next], words);
+        }
+        *next += 1;
     }
 }
 
@@ -249,10 +271,15 @@ impl IndexReader {
     fn overlaps_with<const BW: usize>(&self, hashes: &[u64], out: &mut Overlaps) -> u32 {
         out.clear();
         let exact = self.seg.exact();
+        let bw = if BW == 0 { exact.bit_words() } else { BW };
+        let exact = exact.with_bit_words(bw);
         let approx = self.seg.approx();
         let now = if approx.is_some() { self.seg.word(H_NOW_SECS).load(Relaxed) as u32 } else { 0 };
-        let bw = if BW == 0 { exact.bit_words() } else { BW };
-        debug_assert_eq!(bw, exact.bit_words());
+        // Wide bit sets (over a cache line: 512 engine slots and up) are read sparsely: after
+        // the first block, only the words where some engine still holds every block so far
+        // (`live`); with a prompt held by a few engines that is one word of sixteen.
+        let sparse = bw > 8;
+        let mut live = ALL_WORDS;
         let mut active = [0u64; MAX_BIT_WORDS];
         let mut bits = [0u64; MAX_BIT_WORDS];
         let mut predicted = [0u64; MAX_BIT_WORDS];
@@ -260,21 +287,25 @@ impl IndexReader {
         // A software pipeline over the prompt's blocks. A prompt's blocks sit in nearby local
         // buckets (see `table.rs`), so memory is walked almost sequentially: stage 1 prefetches
         // the keys of block `i + KEYS_AHEAD`'s local buckets; stage 2 finds block
-        // `i + LOCATE_AHEAD` among them and prefetches its entry (or, when absent, its global
-        // bucket); stage 3 reads block `i` under its seqlock. Stage 2 is only a hint: stage 3
-        // checks it and falls back to a full probe.
+        // `i + LOCATE_AHEAD` among them and prefetches its entry (or, when absent, the keys of
+        // its global buckets); stage 2b finds such a block among those, `GLOBAL_AHEAD` ahead,
+        // and prefetches its entry; stage 3 reads block `i` under its seqlock. Stages 2 and 2b
+        // are only hints: stage 3 checks them and falls back to a full probe.
         let mut keys = Stage::default();
         let mut locate = Stage::default();
         let mut ring = [(0usize, None::<usize>); LOCATE_AHEAD];
         keys.prefetch_keys(&exact, approx.as_ref(), hashes, KEYS_AHEAD);
-        locate.locate(&exact, hashes, LOCATE_AHEAD, &mut ring);
+        locate.locate(&exact, hashes, LOCATE_AHEAD, live, &mut ring);
+        let mut global = 0;
+        locate_global(&mut global, &exact, hashes, GLOBAL_AHEAD, live, &mut ring);
         let mut depth = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
             keys.prefetch_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD + 1);
             let (local, slot) = ring[i % LOCATE_AHEAD];
-            locate.locate(&exact, hashes, i + LOCATE_AHEAD + 1, &mut ring);
+            locate.locate(&exact, hashes, i + LOCATE_AHEAD + 1, live, &mut ring);
+            locate_global(&mut global, &exact, hashes, i + GLOBAL_AHEAD + 1, live, &mut ring);
             let probe = match slot {
-                Some(slot) => exact.read_at(slot, h, local, &mut bits[..bw]),
+                Some(slot) => exact.read_at(slot, h, local, &mut bits[..bw], live),
                 None => exact.read_beyond_local(h, local, &mut bits[..bw]),
             };
             let mut found = match probe {
@@ -304,13 +335,22 @@ impl IndexReader {
             if i == 0 {
                 active[..bw].copy_from_slice(&bits[..bw]);
                 any = active[..bw].iter().fold(0, |a, w| a | w);
+                if sparse {
+                    live = (0..bw).filter(|&w| active[w] != 0).fold(0, |m, w| m | 1 << w);
+                }
             } else {
                 for w in 0..bw {
+                    if sparse && live & (1 << w) == 0 {
+                        continue;
+                    }
                     let gone = active[w] & !bits[w];
                     if gone != 0 {
                         out.record(w, gone, i as u32);
                     }
                     active[w] &= bits[w];
+                    if sparse && active[w] == 0 {
+                        live &= !(1 << w);
+                    }
                     any |= active[w];
                 }
             }

@@ -68,6 +68,13 @@ impl Segment {
         h(H_STATE).store(STATE_LIVE, Relaxed);
         h(H_MAGIC).store(MAGIC, Release);
         std::fs::rename(&tmp, path).map_err(|e| IndexError::io(path, "rename a new segment to", e))?;
+        if let Some(mount) = small_pages_only(path) {
+            tracing::info!(
+                path = %path.display(),
+                mount = %mount,
+                "kvindex: the segment's tmpfs gives no 2 MiB pages; lookups in a large index run up to twice as fast with them (mount it with huge=advise)"
+            );
+        }
         Ok(seg)
     }
 
@@ -165,9 +172,73 @@ fn map(file: &File, len: usize, writable: bool, path: &Path) -> Result<MmapRaw, 
     let mut opts = MmapOptions::new();
     opts.len(len);
     let map = if writable { opts.map_raw(file) } else { opts.map_raw_read_only(file) };
-    map.map_err(|e| IndexError::io(path, "mmap", e))
+    let map = map.map_err(|e| IndexError::io(path, "mmap", e))?;
+    // Lookups touch random buckets of a segment of hundreds of MiB: with 4 KiB pages nearly each
+    // one is a TLB miss. Ask for 2 MiB pages; they come where the file system allows them
+    // (`/dev/shm` mounted `huge=advise` or `huge=within_size`), and nothing changes elsewhere.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+        tracing::debug!(path = %path.display(), error = %e, "kvindex: no huge pages for the segment");
+    }
+    Ok(map)
+}
+
+/// The mount point of `path`'s file system when it is a tmpfs that gives no huge pages to the
+/// segment's `MADV_HUGEPAGE` (mounted without `huge=advise`, `within_size` or `always`).
+fn small_pages_only(path: &Path) -> Option<String> {
+    let dir = path.parent()?.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (mount, fs_type, options) = mount_of(&info, &dir)?;
+    let huge = options.split(',').find_map(|o| o.strip_prefix("huge=")).unwrap_or("never");
+    (fs_type == "tmpfs" && !matches!(huge, "advise" | "within_size" | "always")).then_some(mount)
+}
+
+/// The mount of `/proc/self/mountinfo` text `info` that holds `dir` (the longest mount point
+/// that is a prefix of it; the last one listed when mounts are stacked): its mount point, file
+/// system type and super options.
+fn mount_of<'a>(info: &'a str, dir: &Path) -> Option<(String, &'a str, &'a str)> {
+    let mut best: Option<(String, &str, &str)> = None;
+    for line in info.lines() {
+        // `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FS_TYPE SOURCE SUPER_OPTIONS`
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some(point) = left.split(' ').nth(4) else { continue };
+        let mut right = right.split(' ');
+        let (Some(fs_type), Some(_source), Some(options)) = (right.next(), right.next(), right.next()) else {
+            continue;
+        };
+        // Mount points escape spaces and the like as octal (`\040`); such a point is not
+        // matched, which only skips the hint.
+        if dir.starts_with(point) && best.as_ref().is_none_or(|(b, ..)| point.len() >= b.len()) {
+            best = Some((point.to_owned(), fs_type, options));
+        }
+    }
+    best
 }
 
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+25 22 0:23 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24684096k
+30 25 0:27 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24684096k,huge=advise
+31 22 0:28 / /dev/shmem rw,relatime shared:5 - tmpfs tmpfs rw,size=1024k
+";
+
+    #[test]
+    fn the_mount_holding_a_path_is_the_longest_and_last_listed() {
+        let (point, fs, opts) = mount_of(MOUNTINFO, Path::new("/dev/shm")).unwrap();
+        assert_eq!((point.as_str(), fs), ("/dev/shm", "tmpfs"));
+        assert!(opts.ends_with("huge=advise"), "the stacked mount listed last wins: {opts}");
+        let (point, _, opts) = mount_of(MOUNTINFO, Path::new("/dev/shmem/x")).unwrap();
+        assert_eq!((point.as_str(), opts), ("/dev/shmem", "rw,size=1024k"), "optional fields are skipped");
+        let (point, fs, _) = mount_of(MOUNTINFO, Path::new("/work/index")).unwrap();
+        assert_eq!((point.as_str(), fs), ("/", "ext4"));
+        assert_eq!(mount_of("garbage\n\n1 2 3\n", Path::new("/x")), None);
+    }
 }

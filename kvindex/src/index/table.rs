@@ -52,6 +52,8 @@ pub(crate) const BUCKET: usize = 4;
 const BUCKET_SHIFT: u32 = BUCKET.trailing_zeros();
 /// Consecutive local buckets a block may use.
 pub(crate) const LOCAL_BUCKETS: usize = 4;
+/// A word mask selecting every bit word of an entry (see [`Table::read_at`]).
+pub(crate) const ALL_WORDS: u32 = u32::MAX;
 /// Attempts a reader makes before giving up on a probe.
 const MAX_ATTEMPTS: usize = 64;
 
@@ -99,6 +101,14 @@ impl<'a> Table<'a> {
         assert!(slots >= BUCKET && slots.is_multiple_of(BUCKET) && (1..=MAX_BIT_WORDS).contains(&bit_words));
         assert_eq!(words.len(), Self::words_for(slots, bit_words), "table words do not match its shape");
         Table { words, slots, bit_words }
+    }
+
+    /// This view with its bit-word count spelled out as `bit_words` (which must equal it): a
+    /// constant there lets the compiler specialise the strides of an inlined lookup.
+    #[inline(always)]
+    pub(crate) fn with_bit_words(self, bit_words: usize) -> Self {
+        debug_assert_eq!(bit_words, self.bit_words);
+        Table { bit_words, ..self }
     }
 
     pub(crate) fn slots(&self) -> usize {
@@ -221,21 +231,15 @@ impl<'a> Table<'a> {
         }
     }
 
-    /// Hints the CPU to load `hash`'s first global bucket (where a block goes when its local
-    /// buckets are full: about one block in ten in a full table).
-    #[inline]
+    /// Hints the CPU to load the keys and versions of `hash`'s global buckets (where a block
+    /// goes when its local buckets are full: about one block in ten in a full table).
+    #[inline(always)]
     pub(crate) fn prefetch_global(&self, hash: u64) {
-        let p = self.bucket(self.global_bucket(hash)).as_ptr().cast::<i8>();
-        prefetch_read(p);
-        prefetch_read(p.wrapping_add(64));
-    }
-
-    /// Hints the CPU to load the keys of `hash`'s global buckets.
-    #[inline]
-    pub(crate) fn prefetch(&self, hash: u64) {
-        let (b, _) = self.candidates(hash, None);
-        for g in &b[..2] {
-            prefetch_read(self.bucket(*g).as_ptr().cast());
+        let (g, _) = self.candidates(hash, None);
+        for b in &g[..2] {
+            let p = self.bucket(*b).as_ptr().cast::<i8>();
+            prefetch_read(p);
+            prefetch_read(p.wrapping_add(2 * BUCKET * 8 - 1));
         }
     }
 
@@ -310,6 +314,14 @@ impl<'a> Table<'a> {
     /// Reads entry `i`, whose key was just seen equal to `hash`, under its seqlock.
     #[inline(always)]
     fn read_entry(&self, i: usize, hash: u64, bits: &mut [u64]) -> Scan {
+        self.read_entry_words(i, hash, bits, ALL_WORDS)
+    }
+
+    /// [`Table::read_entry`] copying only the bit words in `words` (bit `w` = word `w`; the
+    /// others are left as they were). A subset of the words read under the seqlock is as
+    /// consistent as all of them.
+    #[inline(always)]
+    fn read_entry_words(&self, i: usize, hash: u64, bits: &mut [u64], words: u32) -> Scan {
         let (key, version) = (self.key_word(i), self.version(i));
         let v1 = version.load(Acquire);
         if v1 & 1 == 1 {
@@ -319,8 +331,18 @@ impl<'a> Table<'a> {
         if v1 & OCCUPIED == 0 || key.load(Relaxed) != hash {
             return Scan::Absent;
         }
-        for (dst, w) in bits.iter_mut().zip(self.bit_set(i)) {
-            *dst = w.load(Relaxed);
+        let set = self.bit_set(i);
+        if words == ALL_WORDS {
+            for (dst, w) in bits.iter_mut().zip(set) {
+                *dst = w.load(Relaxed);
+            }
+        } else {
+            let mut m = words;
+            while m != 0 {
+                let w = m.trailing_zeros() as usize;
+                bits[w] = set[w].load(Relaxed);
+                m &= m - 1;
+            }
         }
         fence(Acquire);
         if version.load(Relaxed) == v1 {
@@ -348,24 +370,21 @@ impl<'a> Table<'a> {
 
     /// Stage 2: the entry of `hash` among the keys of its local buckets from `local`, found
     /// without the seqlock, so only a hint that [`Table::read_at`] confirms. When found, its
-    /// bit set is prefetched; when not, its first global bucket is (where a block goes when its
-    /// local buckets are full), so only the blocks that need a random access pay for one.
-    #[inline]
-    pub(crate) fn locate_local(&self, hash: u64, local: usize) -> Option<usize> {
+    /// bit set is prefetched; when not, the keys of its global buckets are (where a block goes
+    /// when its local buckets are full) for [`Table::locate_global`], so only the blocks that
+    /// need a random access pay for one.
+    ///
+    /// `words` are the bit words stage 3 will read ([`ALL_WORDS`], or a subset: see
+    /// [`Table::read_at`]); only their cache lines are prefetched.
+    #[inline(always)]
+    pub(crate) fn locate_local(&self, hash: u64, local: usize, words: u32) -> Option<usize> {
         let nb = self.buckets();
         let mut b = local;
         for _ in 0..LOCAL_BUCKETS {
             let keys = &self.bucket(b)[..BUCKET];
             if let Some(k) = keys.iter().position(|key| key.load(Relaxed) == hash) {
                 let i = b * BUCKET + k;
-                let set = self.bit_set(i);
-                let start = set.as_ptr().cast::<i8>();
-                let mut off = 0;
-                while off < set.len() * 8 {
-                    prefetch_read(start.wrapping_add(off));
-                    off += 64;
-                }
-                prefetch_read(start.wrapping_add(set.len() * 8 - 1));
+                self.prefetch_bits(i, words);
                 return Some(i);
             }
             b += 1;
@@ -377,13 +396,54 @@ impl<'a> Table<'a> {
         None
     }
 
+    /// Stage 2b, for a block [`Table::locate_local`] did not find: its entry among the keys of
+    /// its global buckets (which that stage prefetched), again only a hint; when found, the
+    /// bit words in `words` are prefetched.
+    #[inline(always)]
+    pub(crate) fn locate_global(&self, hash: u64, words: u32) -> Option<usize> {
+        let (g, _) = self.candidates(hash, None);
+        for &b in &g[..2] {
+            let keys = &self.bucket(b)[..BUCKET];
+            if let Some(k) = keys.iter().position(|key| key.load(Relaxed) == hash) {
+                let i = b * BUCKET + k;
+                self.prefetch_bits(i, words);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Hints the CPU to load the bit words in `words` of entry `i`.
+    #[inline(always)]
+    fn prefetch_bits(&self, i: usize, words: u32) {
+        let set = self.bit_set(i);
+        let start = set.as_ptr().cast::<i8>();
+        if words == ALL_WORDS {
+            let mut off = 0;
+            while off < set.len() * 8 {
+                prefetch_read(start.wrapping_add(off));
+                off += 64;
+            }
+            prefetch_read(start.wrapping_add(set.len() * 8 - 1));
+        } else {
+            let mut m = words;
+            while m != 0 {
+                prefetch_read(start.wrapping_add(8 * m.trailing_zeros() as usize));
+                m &= m - 1;
+            }
+        }
+    }
+
     /// Stage 3: reads `hash` at entry `i` (from [`Table::locate_local`]) under its seqlock, or,
     /// when it is no longer there or a write is in progress, looks it up everywhere
     /// ([`Table::read`] from local bucket `local`).
+    ///
+    /// Only the bit words in `words` are copied on the fast path (the fallback copies all):
+    /// a lookup reads just the words where engines still hold every block so far.
     #[inline(always)]
-    pub(crate) fn read_at(&self, i: usize, hash: u64, local: usize, bits: &mut [u64]) -> Probe {
+    pub(crate) fn read_at(&self, i: usize, hash: u64, local: usize, bits: &mut [u64], words: u32) -> Probe {
         if self.key_word(i).load(Relaxed) == hash {
-            if let Scan::Hit(tick) = self.read_entry(i, hash, bits) {
+            if let Scan::Hit(tick) = self.read_entry_words(i, hash, bits, words) {
                 return Probe::Hit { tick };
             }
         }
@@ -582,31 +642,54 @@ mod tests {
         let mut global = 0;
         for (n, &k) in keys.iter().enumerate() {
             let slot = t.find(k, Some(3)).unwrap();
-            let probe = match t.locate_local(k, 3) {
+            let probe = match t.locate_local(k, 3, ALL_WORDS) {
                 Some(at) => {
                     assert_eq!(at, slot, "key {k:#x} located at another entry");
-                    t.read_at(at, k, 3, &mut bits)
+                    t.read_at(at, k, 3, &mut bits, ALL_WORDS)
                 }
                 None => {
                     assert!(!local_slots.contains(&slot), "key {k:#x} at local slot {slot} not located");
                     global += 1;
-                    t.read_beyond_local(k, 3, &mut bits)
+                    assert_eq!(t.read_beyond_local(k, 3, &mut bits), Probe::Hit { tick: 0 });
+                    let at = t.locate_global(k, ALL_WORDS).expect("located among its global keys");
+                    assert_eq!(at, slot, "key {k:#x} located at another global entry");
+                    bits[0] = 0;
+                    t.read_at(at, k, 3, &mut bits, ALL_WORDS)
                 }
             };
             assert_eq!(probe, Probe::Hit { tick: 0 }, "key {k:#x}");
             assert_eq!(bits[0], 1 << n);
         }
         assert_eq!(global, keys.len() - LOCAL_BUCKETS * BUCKET);
+        let absent = 0x1234_5678;
+        assert_eq!((t.locate_local(absent, 3, ALL_WORDS), t.locate_global(absent, ALL_WORDS)), (None, None));
         // A stale location: the entry now holds another key, so the probe looks everywhere.
         let (a, b) = (keys[0], keys[1]);
-        let at = t.locate_local(a, 3).unwrap();
+        let at = t.locate_local(a, 3, ALL_WORDS).unwrap();
         t.delete_at(at);
-        assert_eq!(t.read_at(at, a, 3, &mut bits), Probe::Miss);
+        assert_eq!(t.read_at(at, a, 3, &mut bits, ALL_WORDS), Probe::Miss);
         t.insert_at(at, 0xdead, 40, 0);
-        assert_eq!(t.read_at(at, a, 3, &mut bits), Probe::Miss);
-        let at_b = t.locate_local(b, 3).unwrap();
-        assert_eq!(t.read_at(at, b, 3, &mut bits), Probe::Hit { tick: 0 }, "found through the full probe");
-        assert_eq!((bits[0], t.read_at(at_b, b, 3, &mut bits)), (1 << 1, Probe::Hit { tick: 0 }));
+        assert_eq!(t.read_at(at, a, 3, &mut bits, ALL_WORDS), Probe::Miss);
+        let at_b = t.locate_local(b, 3, ALL_WORDS).unwrap();
+        assert_eq!(t.read_at(at, b, 3, &mut bits, ALL_WORDS), Probe::Hit { tick: 0 }, "found through the full probe");
+        assert_eq!((bits[0], t.read_at(at_b, b, 3, &mut bits, ALL_WORDS)), (1 << 1, Probe::Hit { tick: 0 }));
+    }
+
+    /// A read of some bit words copies those and leaves the others as they were.
+    #[test]
+    fn a_sparse_read_copies_only_the_words_asked_for() {
+        let slots = 16;
+        let w = words(Table::words_for(slots, 4));
+        let t = Table::new(&w, slots, 4);
+        let free = t.find(7, Some(0)).unwrap_err().unwrap();
+        t.insert_at(free, 7, 3, 0);
+        assert!(t.set_bit(free, 200, true, 0));
+        let at = t.locate_local(7, 0, 1 << 3).unwrap();
+        let mut bits = [u64::MAX; 4];
+        assert_eq!(t.read_at(at, 7, 0, &mut bits, 1 << 3), Probe::Hit { tick: 0 });
+        assert_eq!(bits, [u64::MAX, u64::MAX, u64::MAX, 1 << (200 - 192)]);
+        assert_eq!(t.read_at(at, 7, 0, &mut bits, ALL_WORDS), Probe::Hit { tick: 0 });
+        assert_eq!(bits, [1 << 3, 0, 0, 1 << (200 - 192)]);
     }
 
     #[test]
@@ -737,16 +820,16 @@ mod loom_tests {
             let s = Shared::new();
             let t = s.table();
             t.insert_at(t.find(1, Some(0)).unwrap_err().unwrap(), 1, 0, 0);
-            let at = t.locate_local(1, 0).expect("key 1 located");
+            let at = t.locate_local(1, 0, ALL_WORDS).expect("key 1 located");
             let w = s.clone();
             let writer = loom::thread::spawn(move || w.table().write_entry(at, 3, 0, |w| if w == 1 { 1 } else { 0 }));
             let mut bits = [0u64; BIT_WORDS];
-            match t.read_at(at, 1, 0, &mut bits) {
+            match t.read_at(at, 1, 0, &mut bits, ALL_WORDS) {
                 Probe::Hit { .. } => assert_eq!(bits, [1, 0], "key 1 read with another key's bits"),
                 Probe::Miss | Probe::Unknown => {}
             }
             writer.join().unwrap();
-            assert_eq!(t.read_at(at, 1, 0, &mut bits), Probe::Miss);
+            assert_eq!(t.read_at(at, 1, 0, &mut bits, ALL_WORDS), Probe::Miss);
         });
     }
 

@@ -218,7 +218,7 @@ impl IndexWriter {
         for &h in ahead.by_ref().take(AHEAD) {
             let p = chain_pos(ahead_pos, h);
             exact.prefetch_bucket(exact.local_bucket(p));
-            exact.prefetch(h);
+            exact.prefetch_global(h);
             ahead_pos = Some(p);
         }
         let mut pos = parent_pos;
@@ -226,7 +226,7 @@ impl IndexWriter {
             if let Some(&n) = ahead.next() {
                 let p = chain_pos(ahead_pos, n);
                 exact.prefetch_bucket(exact.local_bucket(p));
-                exact.prefetch(n);
+                exact.prefetch_global(n);
                 ahead_pos = Some(p);
             }
             let p = chain_pos(pos, h);
