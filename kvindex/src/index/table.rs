@@ -16,7 +16,8 @@
 //! A block may sit in any entry of six *candidate buckets*: [`LOCAL_BUCKETS`] *local* ones, the
 //! bucket of its chain position ([`crate::hash::chain_pos`]: `(pos / 4) mod buckets`) and the
 //! next three, then two *global* ones chosen by its hash. The writer takes the first free entry
-//! in that order. A prompt's blocks have positions 4–7 apart, so each lands about one bucket
+//! of the local buckets, else a free entry of the global bucket with more room (two balanced
+//! choices, so one rarely fills while the other has room). A prompt's blocks have positions 4–7 apart, so each lands about one bucket
 //! after its parent: a lookup walks memory almost sequentially instead of taking a cache and TLB
 //! miss per block. A popular parent with thousands of children (one system prompt, many
 //! conversations) fills its local buckets and the rest of the children go to their global
@@ -469,22 +470,34 @@ impl<'a> Table<'a> {
         self.bit_set(i)[w].load(Relaxed)
     }
 
-    /// Finds `hash`: `Ok(slot)` when present, else `Err(the first free candidate, if any)`.
+    /// Finds `hash`: `Ok(slot)` when present, else `Err(a free candidate, if any)`.
+    ///
+    /// The free entry is the first one of the local buckets; failing that, one of the global
+    /// bucket with more free entries (the first on a tie): balancing the two keeps either from
+    /// filling up while the other has room, so an insert rarely finds both full.
     pub(crate) fn find(&self, hash: u64, local: Option<usize>) -> Result<usize, Option<usize>> {
         let (buckets, n) = self.candidates(hash, local);
         let mut free = None;
-        for &b in &buckets[..n] {
+        // Free entries of each global bucket, and its first.
+        let mut global = [(0usize, None); 2];
+        for (j, &b) in buckets[..n].iter().enumerate() {
             let bucket = self.bucket(b);
             for k in 0..BUCKET {
                 let occupied = bucket[BUCKET + k].load(Relaxed) & OCCUPIED != 0;
                 if !occupied {
-                    free = free.or(Some(b * BUCKET + k));
+                    if let Some(g) = (j + 2).checked_sub(n) {
+                        global[g].0 += 1;
+                        global[g].1 = global[g].1.or(Some(b * BUCKET + k));
+                    } else {
+                        free = free.or(Some(b * BUCKET + k));
+                    }
                 } else if bucket[k].load(Relaxed) == hash {
                     return Ok(b * BUCKET + k);
                 }
             }
         }
-        Err(free)
+        let [g1, g2] = global;
+        Err(free.or(if g2.0 > g1.0 { g2.1 } else { g1.1 }))
     }
 
     /// Runs `f` on entry `i`'s words inside its seqlock write section; afterwards the entry has
@@ -690,6 +703,32 @@ mod tests {
         assert_eq!(bits, [u64::MAX, u64::MAX, u64::MAX, 1 << (200 - 192)]);
         assert_eq!(t.read_at(at, 7, 0, &mut bits, ALL_WORDS), Probe::Hit { tick: 0 });
         assert_eq!(bits, [1 << 3, 0, 0, 1 << (200 - 192)]);
+    }
+
+    /// With its local buckets full, a block goes to the global bucket with more room.
+    #[test]
+    fn a_spilled_block_goes_to_the_emptier_global_bucket() {
+        let slots = 4 * 64;
+        let w = words(Table::words_for(slots, 1));
+        let t = Table::new(&w, slots, 1);
+        let key = (1..).map(|k: u64| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).find(|&k| {
+            let (g, _) = t.candidates(k, None);
+            g[0] != g[1] && (0..LOCAL_BUCKETS).all(|l| ![g[0], g[1]].contains(&(10 + l)))
+        });
+        let key = key.unwrap();
+        let (g, _) = t.candidates(key, None);
+        let bucket_of = |r: Result<usize, Option<usize>>| r.unwrap_err().map(|i| i / BUCKET);
+        for i in 10 * BUCKET..(10 + LOCAL_BUCKETS) * BUCKET {
+            t.insert_at(i, 1000 + i as u64, 0, 0);
+        }
+        t.insert_at(g[1] * BUCKET, 1, 0, 0);
+        assert_eq!(bucket_of(t.find(key, Some(10))), Some(g[0]), "the first global bucket has more room");
+        for k in 0..3 {
+            t.insert_at(g[0] * BUCKET + k, 2 + k as u64, 0, 0);
+        }
+        assert_eq!(bucket_of(t.find(key, Some(10))), Some(g[1]), "the second global bucket has more room");
+        t.delete_at(10 * BUCKET + 2);
+        assert_eq!(t.find(key, Some(10)), Err(Some(10 * BUCKET + 2)), "a free local entry comes first");
     }
 
     #[test]
