@@ -44,7 +44,7 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum IndexCommand {
-    /// Print a live segment's header, sizes, counters and engines (read-only; any process).
+    /// Print a live segment's header, sizes, counters, engines and pages (read-only; any process).
     Inspect {
         /// Segment file.
         #[arg(default_value = gantry_kvindex::index::DEFAULT_PATH)]
@@ -58,6 +58,17 @@ fn index_cmd(c: IndexCommand) -> anyhow::Result<()> {
             let reader = gantry_kvindex::index::IndexReader::open(&path)?;
             println!("segment          {}", path.display());
             print!("{}", reader.stats());
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            match reader.writer_pages() {
+                Some(p) if p.huge > 0 => {
+                    println!("pages            2 MiB pages for {:.1} of {:.1} MiB resident in the writer", mib(p.huge), mib(p.resident))
+                }
+                Some(p) => println!(
+                    "pages            4 KiB only ({:.1} MiB resident in the writer): lookups are faster on a tmpfs mounted huge=advise",
+                    mib(p.resident)
+                ),
+                None => println!("pages            unknown (no live writer whose mappings this user can read)"),
+            }
             Ok(())
         }
     }

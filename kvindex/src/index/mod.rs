@@ -48,6 +48,7 @@ mod writer;
 
 pub use layout::{ReaderCounter, WriterCounter, LAYOUT_VERSION, MAX_ENGINE_NAME, MAX_ENGINE_SLOTS};
 pub use reader::{EngineInfo, IndexReader, IndexStats, Overlap, Overlaps};
+pub use segment::PageUse;
 pub use writer::{IndexOptions, IndexWriter, Predictor};
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Readers: lock-free overlap lookups, engine names and statistics.
 
 use super::layout::*;
-use super::segment::Segment;
+use super::segment::{PageUse, Segment};
 use super::table::{LocalCursor, Probe, Table, ALL_WORDS, MAX_BIT_WORDS};
 use super::writer::{alive, USED};
 use super::IndexError;
@@ -399,6 +399,15 @@ impl IndexReader {
             }
         }
         self.pending.set(0);
+    }
+
+    /// How the live writer maps the segment (resident bytes, and those in 2 MiB pages), read
+    /// from its `/proc/PID/smaps`: None without a live writer or when that cannot be read.
+    pub fn writer_pages(&self) -> Option<PageUse> {
+        match self.seg.word(H_WRITER_PID).load(Relaxed) {
+            0 => None,
+            pid => super::segment::page_use(pid, self.seg.path()),
+        }
     }
 
     /// Exact-table blocks `slot` holds.

@@ -72,7 +72,7 @@ impl Segment {
             tracing::info!(
                 path = %path.display(),
                 mount = %mount,
-                "kvindex: the segment's tmpfs gives no 2 MiB pages; lookups in a large index run up to twice as fast with them (mount it with huge=advise)"
+                "kvindex: the segment's tmpfs gives no 2 MiB pages; lookups in a large index run up to 1.8 times as fast with them (mount it with huge=advise)"
             );
         }
         Ok(seg)
@@ -183,6 +183,51 @@ fn map(file: &File, len: usize, writable: bool, path: &Path) -> Result<MmapRaw, 
     Ok(map)
 }
 
+/// How one process maps a segment: its resident bytes, and how many of them sit in 2 MiB pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageUse {
+    /// Resident bytes of the process's mappings of the segment.
+    pub resident: u64,
+    /// Of those, bytes mapped as 2 MiB pages.
+    pub huge: u64,
+}
+
+/// How process `pid` maps the segment file `path` (from `/proc/PID/smaps`); None when the
+/// process is gone, its smaps cannot be read, or it does not map the file.
+pub(crate) fn page_use(pid: u64, path: &Path) -> Option<PageUse> {
+    let path = path.canonicalize().ok()?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    page_use_in(&smaps, path.to_str()?)
+}
+
+/// [`page_use`] over `/proc/PID/smaps` text: the mappings of file `path` (not of a deleted file
+/// once at that path), their `Rss` and their `ShmemPmdMapped` + `FilePmdMapped`.
+fn page_use_in(smaps: &str, path: &str) -> Option<PageUse> {
+    let mut found = None::<PageUse>;
+    let mut ours = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if !first.ends_with(':') {
+            // A mapping's header: `START-END PERMS OFFSET DEV INODE [PATH]` (a deleted file's
+            // path ends in ` (deleted)`, so it does not match).
+            ours = line.strip_suffix(path).is_some_and(|rest| rest.ends_with(' '));
+            if ours {
+                found.get_or_insert(PageUse { resident: 0, huge: 0 });
+            }
+            continue;
+        }
+        let (true, Some(u)) = (ours, found.as_mut()) else { continue };
+        let bytes = fields.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        match first {
+            "Rss:" => u.resident += bytes,
+            "ShmemPmdMapped:" | "FilePmdMapped:" => u.huge += bytes,
+            _ => {}
+        }
+    }
+    found
+}
+
 /// The mount point of `path`'s file system when it is a tmpfs that gives no huge pages to the
 /// segment's `MADV_HUGEPAGE` (mounted without `huge=advise`, `within_size` or `always`).
 fn small_pages_only(path: &Path) -> Option<String> {
@@ -229,6 +274,31 @@ mod tests {
 30 25 0:27 / /dev/shm rw,relatime - tmpfs tmpfs rw,size=24684096k,huge=advise
 31 22 0:28 / /dev/shmem rw,relatime shared:5 - tmpfs tmpfs rw,size=1024k
 ";
+
+    #[test]
+    fn page_use_sums_the_mappings_of_the_segment_only() {
+        let smaps = "\
+7f0000000000-7f0000400000 rw-s 00000000 00:1b 42                         /dev/shm/seg
+Size:               4096 kB
+Rss:                4096 kB
+ShmemPmdMapped:     2048 kB
+FilePmdMapped:         0 kB
+VmFlags: rd wr sh mr mw me ms hg
+7f0000400000-7f0000401000 rw-p 00000000 00:00 0
+Rss:                   4 kB
+ShmemPmdMapped:     2048 kB
+7f0000500000-7f0000600000 r--s 00000000 00:1b 42                         /dev/shm/seg
+Rss:                 100 kB
+ShmemPmdMapped:        0 kB
+7f0000700000-7f0000800000 rw-s 00000000 00:1b 41                         /dev/shm/seg (deleted)
+Rss:                1024 kB
+7f0000900000-7f0000a00000 rw-s 00000000 00:1b 43                         /dev/shm/segment
+Rss:                1024 kB
+";
+        assert_eq!(page_use_in(smaps, "/dev/shm/seg"), Some(PageUse { resident: 4196 * 1024, huge: 2048 * 1024 }));
+        assert_eq!(page_use_in(smaps, "/dev/shm/other"), None);
+        assert_eq!(page_use_in("", "/dev/shm/seg"), None);
+    }
 
     #[test]
     fn the_mount_holding_a_path_is_the_longest_and_last_listed() {
