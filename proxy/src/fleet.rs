@@ -133,8 +133,9 @@ pub struct Pool {
     pub index: Option<Arc<PoolIndex>>,
     /// Each engine's slot in `index` (None for an engine the index does not know).
     pub slots: Vec<Option<EngineSlot>>,
-    /// Whether the config names KV events for each engine (as `engines`): its predictions then
-    /// need to live only until its events confirm them.
+    /// Whether `index` follows each engine's KV events (as `engines`; see
+    /// [`PoolIndex::follows_events`]): its predictions then need to live only until its events
+    /// confirm them.
     pub events: Vec<bool>,
     /// The inverse: engine index by slot.
     pub by_slot: Vec<Option<u32>>,
@@ -156,7 +157,7 @@ impl Pool {
     ) -> Pool {
         let slots: Vec<Option<EngineSlot>> =
             engines.iter().map(|e| index.as_ref().and_then(|i| i.slot_of(&e.url))).collect();
-        let events = engines.iter().map(|e| engine_conf(conf, &e.url).is_some_and(|c| c.kv_events.is_some())).collect();
+        let events = engines.iter().map(|e| index.as_ref().is_some_and(|i| i.follows_events(&e.url))).collect();
         let mut by_slot = vec![None; index.as_ref().map_or(0, |i| i.engine_slots)];
         for (i, s) in slots.iter().enumerate() {
             if let Some(s) = s {

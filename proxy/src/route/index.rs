@@ -3,8 +3,9 @@
 //!
 //! The segment lives at `pool[].index_path` (default `/dev/shm/gantry-kvindex-<port>-<pool>`,
 //! so `gantry index inspect` can read it while the proxy runs). Engines are registered under
-//! their URL. The approximate tier is always on: engines without `kv_events` (or models without
-//! a tokenizer) are routed on the proxy's own predictions (TTL [`APPROX_TTL_NO_EVENTS`]);
+//! their URL. The approximate tier is always on: engines without `kv_events`, or whose events
+//! could not be subscribed to (or models without a tokenizer), are routed on the proxy's own
+//! predictions (TTL [`APPROX_TTL_NO_EVENTS`]);
 //! otherwise predictions are short-lived ([`APPROX_TTL_EVENTS`]) and cover a burst of sibling
 //! requests arriving before the first stored event. The lifetime is chosen per prediction
 //! ([`prediction_ttl`]), so it follows engines as they join and leave.
@@ -134,6 +135,12 @@ impl PoolIndex {
         self.lock().get(url.trim_end_matches('/')).map(|m| m.slot)
     }
 
+    /// Whether the index follows the KV events of the engine at `url`: it has `kv_events` and
+    /// subscribing to them worked (a failure is retried on the next [`PoolIndex::sync`]).
+    pub fn follows_events(&self, url: &str) -> bool {
+        self.lock().get(url.trim_end_matches('/')).is_some_and(|m| m.kv_events.is_some())
+    }
+
     /// Makes the index follow exactly `engines`: newcomers get a slot (and their events are
     /// followed when they have `kv_events`), engines whose event endpoints changed are
     /// re-followed from scratch, and engines not in `engines` are released (their blocks
@@ -245,15 +252,26 @@ mod tests {
         for (events, tokens) in [(true, false), (false, true), (false, false)] {
             assert_eq!(prediction_ttl(events, tokens), APPROX_TTL_NO_EVENTS, "events {events}, tokens {tokens}");
         }
-        // A pool knows which of its engines publish events: those its config says do, not one
-        // added later through the admin API.
-        let urls = ["http://127.0.0.1:1".to_string(), "http://127.0.0.1:2".to_string()];
+        // A pool knows which of its engines' events its index follows: not those without
+        // `kv_events` (the second, or the fourth, added later through the admin API), nor those
+        // whose events could not be subscribed to (the third: a malformed endpoint).
+        let urls = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"].map(String::from);
         let mut conf = crate::config::Config::single_pool("m", &urls).pool.remove(0);
         conf.engine[0].kv_events = Some("tcp://127.0.0.1:5557".into());
-        let engines = ["http://127.0.0.1:1/", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+        conf.engine[2].kv_events = Some("tcp://".into());
+        conf.index_capacity = 1024;
+        let path = std::env::temp_dir().join(format!("gantry-index-ev-{}-{}", std::process::id(), fastrand::u64(..)));
+        let index = Arc::new(PoolIndex::start(&conf, path.clone()).unwrap());
+        assert!(index.follows_events("http://127.0.0.1:1/") && !index.follows_events("http://127.0.0.1:3"));
+        let engines = ["http://127.0.0.1:1/", "http://127.0.0.1:2", "http://127.0.0.1:3", "http://127.0.0.1:4"]
             .map(|u| Arc::new(EngineState::new(u, "m").unwrap()));
-        let pool = Pool::new(&conf, engines.to_vec(), None, Default::default());
-        assert_eq!(pool.events, [true, false, false]);
+        let pool = Pool::new(&conf, engines.to_vec(), Some(index.clone()), Default::default());
+        assert_eq!(pool.events, [true, false, false, false]);
+        let without_index = Pool::new(&conf, engines.to_vec(), None, Default::default());
+        assert_eq!(without_index.events, [false; 4], "no index, nothing to predict into");
+        index.close();
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("lock"));
     }
 
     /// A worker never reads a replacement segment for the index it replaced (a request still on
