@@ -335,6 +335,30 @@ fn predictions_show_up_expire_and_yield_to_real_events() {
     assert_eq!(reader.overlaps(&[20, 21], &mut out), 0, "queued before the release, dropped with it");
 }
 
+/// With 1,024 engine slots a lookup reads only the bit words where engines still hold every
+/// block so far; exact holders and predicted ones in different words still combine exactly.
+#[test]
+fn wide_bit_sets_combine_exact_and_predicted_holders() {
+    let dir = TempDir::new("wide");
+    let o = IndexOptions { approx_capacity: 256, ..opts(1024, 256) };
+    let mut w = IndexWriter::create(dir.path(), &o).unwrap();
+    for n in 0..=900 {
+        assert_eq!(usize::from(w.register_engine(&format!("e{n}")).unwrap()), n);
+    }
+    let (reader, predictor) = (w.reader(), w.predictor());
+    let chain = [10u64, 11, 12, 13];
+    w.store_chain(900, None, &chain);
+    w.store_chain(64, None, &chain[..1]);
+    assert_eq!(predictor.predict(3, &chain[..2]), 2);
+    assert_eq!(predictor.predict(700, &chain[..3]), 3);
+    w.maintain();
+    let mut out = reader.new_overlaps();
+    assert_eq!(reader.overlaps(&chain, &mut out), 4);
+    let got = [3, 64, 700, 900].map(|e| out.get(e));
+    assert_eq!(got, [2, 1, 3, 4], "engines 3, 64, 700 and 900 (bit words 0, 1, 10 and 14)");
+    assert_eq!(out.as_slice().len(), 4);
+}
+
 /// Each prediction lives as long as it asks (`predict_for`), the segment's lifetime otherwise;
 /// an entry two engines predicted lives as long as the longer asked.
 #[test]

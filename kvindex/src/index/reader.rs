@@ -13,11 +13,13 @@ use std::sync::Arc;
 
 /// How far ahead of the block it reads a lookup prefetches a block's local keys (stage 1),
 /// locates it among them (stage 2), and locates a block stage 2 did not find among its global
-/// keys (stage 2b; see `IndexReader::overlaps`). Each stage runs far enough ahead of the next
-/// to cover a DRAM miss. `LOCATE_AHEAD` is a power of two (a ring's size).
+/// keys (stage 2b; see `IndexReader::overlaps_with`). Each stage runs far enough ahead of the
+/// next to cover a DRAM miss. `LOCATE_AHEAD` is also the size of the ring stage 2 fills, so
+/// stage 2b, and stage 3 after it, must run behind it (checked below).
 const KEYS_AHEAD: usize = 32;
 const LOCATE_AHEAD: usize = 16;
 const GLOBAL_AHEAD: usize = 8;
+const _: () = assert!(GLOBAL_AHEAD < LOCATE_AHEAD && LOCATE_AHEAD < KEYS_AHEAD && LOCATE_AHEAD.is_power_of_two());
 /// Lookups between two flushes of a reader's counters into the header.
 const FLUSH_EVERY: u32 = 256;
 
@@ -275,7 +277,7 @@ impl IndexReader {
         let exact = exact.with_bit_words(bw);
         let approx = self.seg.approx();
         let now = if approx.is_some() { self.seg.word(H_NOW_SECS).load(Relaxed) as u32 } else { 0 };
-        // Wide bit sets (over a cache line: 512 engine slots and up) are read sparsely: after
+        // Wide bit sets (over a cache line: more than 512 engine slots) are read sparsely: after
         // the first block, only the words where some engine still holds every block so far
         // (`live`); with a prompt held by a few engines that is one word of sixteen.
         let sparse = bw > 8;

@@ -17,11 +17,12 @@
 //! bucket of its chain position ([`crate::hash::chain_pos`]: `(pos / 4) mod buckets`) and the
 //! next three, then two *global* ones chosen by its hash. The writer takes the first free entry
 //! of the local buckets, else a free entry of the global bucket with more room (two balanced
-//! choices, so one rarely fills while the other has room). A prompt's blocks have positions 4–7 apart, so each lands about one bucket
-//! after its parent: a lookup walks memory almost sequentially instead of taking a cache and TLB
-//! miss per block. A popular parent with thousands of children (one system prompt, many
-//! conversations) fills its local buckets and the rest of the children go to their global
-//! buckets, so nothing clusters without bound: a lookup or insert looks at 24 entries at most.
+//! choices, so one rarely fills while the other has room). A prompt's blocks have positions 4–7
+//! apart, so each lands about one bucket after its parent: a lookup walks memory almost
+//! sequentially instead of taking a cache and TLB miss per block. A popular parent with
+//! thousands of children (one system prompt, many conversations) fills its local buckets and
+//! the rest of the children go to their global buckets, so nothing clusters without bound: a
+//! lookup or insert looks at 24 entries at most.
 //! When all of them are taken, the writer evicts one (see `writer.rs`).
 //!
 //! # Concurrency protocol (one writer, any number of readers)
@@ -212,7 +213,8 @@ impl<'a> Table<'a> {
         }
     }
 
-    /// The entries `hash` may occupy, in the order lookups and inserts try them.
+    /// The entries `hash` may occupy, in the order lookups try them (inserts take a free local
+    /// entry first, then one of the emptier global bucket: see [`Table::find`]).
     pub(crate) fn candidate_slots(&self, hash: u64, local: Option<usize>) -> impl Iterator<Item = usize> {
         let (buckets, n) = self.candidates(hash, local);
         buckets.into_iter().take(n).flat_map(|b| b * BUCKET..(b + 1) * BUCKET)
@@ -333,6 +335,7 @@ impl<'a> Table<'a> {
             return Scan::Absent;
         }
         let set = self.bit_set(i);
+        debug_assert!(words == ALL_WORDS || words >> set.len() == 0, "word mask {words:#x} beyond the bit set");
         if words == ALL_WORDS {
             for (dst, w) in bits.iter_mut().zip(set) {
                 *dst = w.load(Relaxed);
@@ -435,9 +438,9 @@ impl<'a> Table<'a> {
         }
     }
 
-    /// Stage 3: reads `hash` at entry `i` (from [`Table::locate_local`]) under its seqlock, or,
-    /// when it is no longer there or a write is in progress, looks it up everywhere
-    /// ([`Table::read`] from local bucket `local`).
+    /// Stage 3: reads `hash` at entry `i` (from [`Table::locate_local`] or
+    /// [`Table::locate_global`]) under its seqlock, or, when it is no longer there or a write is
+    /// in progress, looks it up everywhere ([`Table::read`] from local bucket `local`).
     ///
     /// Only the bit words in `words` are copied on the fast path (the fallback copies all):
     /// a lookup reads just the words where engines still hold every block so far.

@@ -97,9 +97,11 @@ impl IndexWriter {
         }
         let lock = lock(path)?;
         let shape = Shape::new(opts.engine_slots, opts.capacity, opts.approx_capacity);
+        let mut reused = false;
         let seg = match Segment::open(path, true) {
             Ok(old) if *old.shape() == shape => {
                 reset(&old);
+                reused = true;
                 old
             }
             Ok(old) => {
@@ -119,6 +121,7 @@ impl IndexWriter {
             }
             Err(e) => return Err(e),
         };
+        super::segment::log_page_advice(path, reused);
         seg.word(H_GENERATION).fetch_add(1, Release);
         seg.word(H_WRITER_PID).store(u64::from(std::process::id()), Relaxed);
         let ttl_secs = ttl_secs(opts.approx_ttl);
