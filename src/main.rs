@@ -58,15 +58,8 @@ fn index_cmd(c: IndexCommand) -> anyhow::Result<()> {
             let reader = gantry_kvindex::index::IndexReader::open(&path)?;
             println!("segment          {}", path.display());
             print!("{}", reader.stats());
-            let mib = |b: u64| b as f64 / (1 << 20) as f64;
             match reader.writer_pages() {
-                Some(p) if p.huge > 0 => {
-                    println!("pages            2 MiB pages for {:.1} of {:.1} MiB resident in the writer", mib(p.huge), mib(p.resident))
-                }
-                Some(p) => println!(
-                    "pages            4 KiB only ({:.1} MiB resident in the writer): lookups are faster on a tmpfs mounted huge=advise",
-                    mib(p.resident)
-                ),
+                Some(pages) => println!("pages            {pages}"),
                 None => println!("pages            unknown (no live writer whose mappings this user can read)"),
             }
             Ok(())

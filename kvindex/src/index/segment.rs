@@ -185,6 +185,19 @@ pub struct PageUse {
     pub huge: u64,
 }
 
+impl std::fmt::Display for PageUse {
+    /// The `pages` line of `gantry index inspect`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        if self.huge > 0 {
+            write!(f, "2 MiB pages for {:.1} of {:.1} MiB resident in the writer", mib(self.huge), mib(self.resident))
+        } else {
+            let advice = "lookups are faster on a tmpfs mounted huge=advise";
+            write!(f, "4 KiB only ({:.1} MiB resident in the writer): {advice}", mib(self.resident))
+        }
+    }
+}
+
 /// How process `pid` maps the segment file `path` (from `/proc/PID/smaps`); None when the
 /// process is gone, its smaps cannot be read, or it does not map the file.
 pub(crate) fn page_use(pid: u64, path: &Path) -> Option<PageUse> {

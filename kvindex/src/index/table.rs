@@ -610,6 +610,11 @@ mod tests {
         (0..n).map(|_| AtomicU64::new(0)).collect()
     }
 
+    /// Key `k` of a well-spread sequence (so tests pick keys whose global buckets differ).
+    fn spread(k: u64) -> u64 {
+        k.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
     #[test]
     fn insert_find_delete_across_local_and_global_buckets() {
         let slots = 64;
@@ -617,7 +622,7 @@ mod tests {
         let t = Table::new(&w, slots, 1);
         let mut bits = [0u64; 1];
         // 12 keys all with local bucket 3: they fit its local buckets, or go global.
-        let keys: Vec<u64> = (1..=12u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let keys: Vec<u64> = (1..=12u64).map(spread).collect();
         let mut local = 0;
         for (n, &k) in keys.iter().enumerate() {
             let free = t.find(k, Some(3)).unwrap_err().expect("a free candidate");
@@ -650,7 +655,7 @@ mod tests {
         let t = Table::new(&w, slots, 1);
         let mut bits = [0u64; 1];
         // 20 keys all with local bucket 3: 16 fit its local buckets, 4 go global.
-        let keys: Vec<u64> = (1..=20u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        let keys: Vec<u64> = (1..=20u64).map(spread).collect();
         let local_slots = 3 * BUCKET..(3 + LOCAL_BUCKETS) * BUCKET;
         for (n, &k) in keys.iter().enumerate() {
             t.insert_at(t.find(k, Some(3)).unwrap_err().expect("a free candidate"), k, n, 0);
@@ -714,7 +719,7 @@ mod tests {
         let slots = 4 * 64;
         let w = words(Table::words_for(slots, 1));
         let t = Table::new(&w, slots, 1);
-        let key = (1..).map(|k: u64| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).find(|&k| {
+        let key = (1..).map(spread).find(|&k| {
             let (g, _) = t.candidates(k, None);
             g[0] != g[1] && (0..LOCAL_BUCKETS).all(|l| ![g[0], g[1]].contains(&(10 + l)))
         });
