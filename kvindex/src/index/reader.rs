@@ -14,40 +14,54 @@ use std::sync::Arc;
 /// How far ahead of the block it reads a lookup prefetches a block's local keys (stage 1),
 /// locates it among them (stage 2), and locates a block stage 2 did not find among its global
 /// keys (stage 2b; see `IndexReader::overlaps_with`). Each stage runs far enough ahead of the
-/// next to cover a DRAM miss. `LOCATE_AHEAD` is also the size of the ring stage 2 fills, so
-/// stage 2b, and stage 3 after it, must run behind it (checked below).
+/// next to cover a DRAM miss. `KEYS_AHEAD` is also the size of the ring of local buckets stage 1
+/// fills for stage 2, and `LOCATE_AHEAD` that of the ring stage 2 fills, so each stage must run
+/// behind the one before it (checked below).
 const KEYS_AHEAD: usize = 32;
 const LOCATE_AHEAD: usize = 16;
 const GLOBAL_AHEAD: usize = 8;
-const _: () = assert!(GLOBAL_AHEAD < LOCATE_AHEAD && LOCATE_AHEAD < KEYS_AHEAD && LOCATE_AHEAD.is_power_of_two());
+const _: () = assert!(
+    GLOBAL_AHEAD < LOCATE_AHEAD
+        && LOCATE_AHEAD < KEYS_AHEAD
+        && LOCATE_AHEAD.is_power_of_two()
+        && KEYS_AHEAD.is_power_of_two()
+);
 /// Lookups between two flushes of a reader's counters into the header.
 const FLUSH_EVERY: u32 = 256;
 
-/// One of the two look-ahead stages of a lookup's pipeline: the next block it handles, and that
-/// block's local-bucket cursor.
-#[derive(Default)]
-struct Stage {
-    next: usize,
+/// The first two stages of a lookup's pipeline: the next block each handles, the local-bucket
+/// cursor of stage 1 and the local buckets it found, which stage 2 reads back.
+struct Stages {
+    keys_next: usize,
+    locate_next: usize,
     cursor: Option<LocalCursor>,
+    locals: [usize; KEYS_AHEAD],
 }
 
-impl Stage {
-    /// Stage 1, up to (not including) block `upto`: prefetch the keys of each block's local
-    /// buckets (and its approximate-tier buckets).
+impl Stages {
+    fn new() -> Self {
+        Stages { keys_next: 0, locate_next: 0, cursor: None, locals: [0; KEYS_AHEAD] }
+    }
+
+    /// Stage 1, up to (not including) block `upto`: find each block's local bucket and prefetch
+    /// its keys (and those of its approximate-tier buckets).
     #[inline(always)]
     fn prefetch_keys(&mut self, exact: &Table<'_>, approx: Option<&Table<'_>>, hashes: &[u64], upto: usize) {
-        while self.next < upto.min(hashes.len()) {
-            let h = hashes[self.next];
-            exact.prefetch_keys(exact.step_local(&mut self.cursor, h));
+        while self.keys_next < upto.min(hashes.len()) {
+            let h = hashes[self.keys_next];
+            let local = exact.step_local(&mut self.cursor, h);
+            self.locals[self.keys_next % KEYS_AHEAD] = local;
+            exact.prefetch_keys(local);
             if let Some(a) = approx {
                 a.prefetch_global(h);
             }
-            self.next += 1;
+            self.keys_next += 1;
         }
     }
 
-    /// Stage 2, up to block `upto`: find each block among its local keys, noting its local
-    /// bucket and the entry found (if any) in `ring`, and prefetch the bit words in `words`.
+    /// Stage 2, up to block `upto` (which stage 1 has passed): find each block among its local
+    /// keys, noting its local bucket and the entry found (if any) in `ring`, and prefetch the
+    /// bit words in `words`.
     #[inline(always)]
     fn locate(
         &mut self,
@@ -57,11 +71,11 @@ impl Stage {
         words: u32,
         ring: &mut [(usize, Option<usize>); LOCATE_AHEAD],
     ) {
-        while self.next < upto.min(hashes.len()) {
-            let h = hashes[self.next];
-            let local = exact.step_local(&mut self.cursor, h);
-            ring[self.next % LOCATE_AHEAD] = (local, exact.locate_local(h, local, words));
-            self.next += 1;
+        debug_assert!(upto.min(hashes.len()) <= self.keys_next);
+        while self.locate_next < upto.min(hashes.len()) {
+            let local = self.locals[self.locate_next % KEYS_AHEAD];
+            ring[self.locate_next % LOCATE_AHEAD] = (local, exact.locate_local(hashes[self.locate_next], local, words));
+            self.locate_next += 1;
         }
     }
 }
@@ -293,18 +307,17 @@ impl IndexReader {
         // its global buckets); stage 2b finds such a block among those, `GLOBAL_AHEAD` ahead,
         // and prefetches its entry; stage 3 reads block `i` under its seqlock. Stages 2 and 2b
         // are only hints: stage 3 checks them and falls back to a full probe.
-        let mut keys = Stage::default();
-        let mut locate = Stage::default();
+        let mut stages = Stages::new();
         let mut ring = [(0usize, None::<usize>); LOCATE_AHEAD];
-        keys.prefetch_keys(&exact, approx.as_ref(), hashes, KEYS_AHEAD);
-        locate.locate(&exact, hashes, LOCATE_AHEAD, live, &mut ring);
+        stages.prefetch_keys(&exact, approx.as_ref(), hashes, KEYS_AHEAD);
+        stages.locate(&exact, hashes, LOCATE_AHEAD, live, &mut ring);
         let mut global = 0;
         locate_global(&mut global, &exact, hashes, GLOBAL_AHEAD, live, &mut ring);
         let mut depth = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
-            keys.prefetch_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD + 1);
+            stages.prefetch_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD + 1);
             let (local, slot) = ring[i % LOCATE_AHEAD];
-            locate.locate(&exact, hashes, i + LOCATE_AHEAD + 1, live, &mut ring);
+            stages.locate(&exact, hashes, i + LOCATE_AHEAD + 1, live, &mut ring);
             locate_global(&mut global, &exact, hashes, i + GLOBAL_AHEAD + 1, live, &mut ring);
             let probe = match slot {
                 Some(slot) => exact.read_at(slot, h, local, &mut bits[..bw], live),

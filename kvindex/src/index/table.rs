@@ -85,6 +85,13 @@ pub(crate) struct LocalCursor {
     sub: u64,
 }
 
+/// The words of one entry (see the layout above).
+struct Entry<'a> {
+    key: &'a AtomicU64,
+    version: &'a AtomicU64,
+    bits: &'a [AtomicU64],
+}
+
 /// A view of one table. Cheap to copy; all methods take `&self` because the memory is shared.
 #[derive(Clone, Copy)]
 pub(crate) struct Table<'a> {
@@ -121,41 +128,48 @@ impl<'a> Table<'a> {
         self.bit_words
     }
 
-    #[inline]
+    #[inline(always)]
     fn buckets(&self) -> usize {
         self.slots / BUCKET
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn stride(&self) -> usize {
         2 + self.bit_words
     }
 
     /// Words of one bucket.
-    #[inline]
+    #[inline(always)]
     fn bucket(&self, b: usize) -> &'a [AtomicU64] {
         let n = BUCKET * self.stride();
         &self.words[b * n..(b + 1) * n]
     }
 
-    #[inline]
+    /// Entry `i`'s key, version and bit set, from one bucket (one bounds check).
+    #[inline(always)]
+    fn entry(&self, i: usize) -> Entry<'a> {
+        let (head, sets) = self.bucket(i / BUCKET).split_at(2 * BUCKET);
+        let k = i % BUCKET;
+        Entry { key: &head[k], version: &head[BUCKET + k], bits: &sets[k * self.bit_words..(k + 1) * self.bit_words] }
+    }
+
+    #[inline(always)]
     fn key_word(&self, i: usize) -> &'a AtomicU64 {
-        &self.bucket(i / BUCKET)[i % BUCKET]
+        self.entry(i).key
     }
 
-    #[inline]
+    #[inline(always)]
     fn version(&self, i: usize) -> &'a AtomicU64 {
-        &self.bucket(i / BUCKET)[BUCKET + i % BUCKET]
+        self.entry(i).version
     }
 
-    #[inline]
+    #[inline(always)]
     fn bit_set(&self, i: usize) -> &'a [AtomicU64] {
-        let start = 2 * BUCKET + (i % BUCKET) * self.bit_words;
-        &self.bucket(i / BUCKET)[start..start + self.bit_words]
+        self.entry(i).bits
     }
 
     /// The local bucket of a block at chain position `pos`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn local_bucket(&self, pos: u64) -> usize {
         ((pos >> BUCKET_SHIFT) % self.buckets() as u64) as usize
     }
@@ -163,7 +177,7 @@ impl<'a> Table<'a> {
     /// Moves `c` to the next block of a prompt, `hash` (to its first block when `c` is None),
     /// and returns that block's local bucket: `local_bucket(chain_pos(..))`, advanced without a
     /// division.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn step_local(&self, c: &mut Option<LocalCursor>, hash: u64) -> usize {
         match c {
             None => {
@@ -183,7 +197,7 @@ impl<'a> Table<'a> {
     }
 
     /// The first global bucket of `hash`.
-    #[inline]
+    #[inline(always)]
     fn global_bucket(&self, hash: u64) -> usize {
         ((hash as u128 * self.buckets() as u128) >> 64) as usize
     }
@@ -325,7 +339,7 @@ impl<'a> Table<'a> {
     /// consistent as all of them.
     #[inline(always)]
     fn read_entry_words(&self, i: usize, hash: u64, bits: &mut [u64], words: u32) -> Scan {
-        let (key, version) = (self.key_word(i), self.version(i));
+        let Entry { key, version, bits: set } = self.entry(i);
         let v1 = version.load(Acquire);
         if v1 & 1 == 1 {
             spin();
@@ -334,7 +348,6 @@ impl<'a> Table<'a> {
         if v1 & OCCUPIED == 0 || key.load(Relaxed) != hash {
             return Scan::Absent;
         }
-        let set = self.bit_set(i);
         debug_assert!(words == ALL_WORDS || words >> set.len() == 0, "word mask {words:#x} beyond the bit set");
         if words == ALL_WORDS {
             for (dst, w) in bits.iter_mut().zip(set) {
@@ -360,7 +373,7 @@ impl<'a> Table<'a> {
     /// Stage 1: hints the CPU to load the keys and versions of bucket `b` and of the next (a
     /// prompt's blocks spill into it), and nothing else: the bit sets of the other entries are
     /// not needed, and with many engine slots they are most of a bucket.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn prefetch_keys(&self, b: usize) {
         let n = BUCKET * self.stride();
         let base = self.words.as_ptr().cast::<i8>();
