@@ -18,7 +18,7 @@ use super::table::{Table, BUCKET, MAX_BIT_WORDS};
 /// `"GANTRYKV"`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GANTRYKV");
 /// Bumped on any incompatible change of this layout.
-pub const LAYOUT_VERSION: u64 = 2;
+pub const LAYOUT_VERSION: u64 = 3;
 /// Most engine slots per index.
 pub const MAX_ENGINE_SLOTS: usize = MAX_BIT_WORDS * 64;
 /// Longest engine name (an engine's URL) the engine table holds.

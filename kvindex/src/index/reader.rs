@@ -353,19 +353,29 @@ impl IndexReader {
                 if sparse {
                     live = (0..bw).filter(|&w| active[w] != 0).fold(0, |m, w| m | 1 << w);
                 }
-            } else {
-                for w in 0..bw {
-                    if sparse && live & (1 << w) == 0 {
-                        continue;
-                    }
+            } else if sparse {
+                // Only the live words: engines still holding every block so far.
+                let mut m = live;
+                while m != 0 {
+                    let w = m.trailing_zeros() as usize;
+                    m &= m - 1;
                     let gone = active[w] & !bits[w];
                     if gone != 0 {
                         out.record(w, gone, i as u32);
                     }
                     active[w] &= bits[w];
-                    if sparse && active[w] == 0 {
+                    if active[w] == 0 {
                         live &= !(1 << w);
                     }
+                    any |= active[w];
+                }
+            } else {
+                for w in 0..bw {
+                    let gone = active[w] & !bits[w];
+                    if gone != 0 {
+                        out.record(w, gone, i as u32);
+                    }
+                    active[w] &= bits[w];
                     any |= active[w];
                 }
             }

@@ -2,15 +2,18 @@
 //! that may live in shared memory.
 //!
 //! # Layout
-//! `slots` entries (a multiple of [`BUCKET`]) in buckets of [`BUCKET`] entries. A bucket is
-//! `BUCKET · (2 + bit_words)` words, its keys first (so a lookup scans a bucket's keys in one
-//! cache line), then its entries' versions, then their engine bit sets:
+//! `slots` entries (a multiple of [`BUCKET`]) in buckets of [`BUCKET`] entries. First come the
+//! buckets' *heads*, `2 · BUCKET` words (one cache line) each: the keys, so a lookup scans a
+//! bucket's keys in one line, then the entries' versions. The engine bit sets of all entries
+//! follow, `bit_words` words each, in slot order. Keeping the bit sets apart means a lookup
+//! walking a prompt's buckets streams one line per bucket plus the bit words it reads, however
+//! wide the sets are.
 //!
-//! | words | content, per entry `k` of the bucket |
+//! | words | content, for entry `k` of bucket `b` (slot `i = b·BUCKET + k`) |
 //! |---|---|
-//! | `k` | key: the block hash (any `u64`) |
-//! | `BUCKET + k` | bits 0–31: seqlock version (odd while the writer changes the entry); bits 32–62: the entry's tick (store time for eviction, or expiry second in the approximate tier); bit 63: occupied |
-//! | `2·BUCKET + k·bit_words ..` | engine bit set, bit `e % 64` of word `e / 64` = engine slot `e` holds the block |
+//! | `b·2·BUCKET + k` | key: the block hash (any `u64`) |
+//! | `b·2·BUCKET + BUCKET + k` | bits 0–31: seqlock version (odd while the writer changes the entry); bits 32–62: the entry's tick (store time for eviction, or expiry second in the approximate tier); bit 63: occupied |
+//! | `2·slots + i·bit_words ..` | engine bit set, bit `e % 64` of word `e / 64` = engine slot `e` holds the block |
 //!
 //! # Placement: near the parent, with bounded alternatives
 //! A block may sit in any entry of six *candidate buckets*: [`LOCAL_BUCKETS`] *local* ones, the
@@ -133,24 +136,19 @@ impl<'a> Table<'a> {
         self.slots / BUCKET
     }
 
-    #[inline(always)]
-    pub(crate) fn stride(&self) -> usize {
-        2 + self.bit_words
-    }
-
-    /// Words of one bucket.
+    /// The head of bucket `b`: its keys, then its versions.
     #[inline(always)]
     fn bucket(&self, b: usize) -> &'a [AtomicU64] {
-        let n = BUCKET * self.stride();
-        &self.words[b * n..(b + 1) * n]
+        &self.words[b * 2 * BUCKET..(b + 1) * 2 * BUCKET]
     }
 
-    /// Entry `i`'s key, version and bit set, from one bucket (one bounds check).
+    /// Entry `i`'s key, version and bit set.
     #[inline(always)]
     fn entry(&self, i: usize) -> Entry<'a> {
-        let (head, sets) = self.bucket(i / BUCKET).split_at(2 * BUCKET);
+        let (heads, sets) = self.words.split_at(2 * self.slots);
         let k = i % BUCKET;
-        Entry { key: &head[k], version: &head[BUCKET + k], bits: &sets[k * self.bit_words..(k + 1) * self.bit_words] }
+        let head = &heads[(i - k) * 2..(i - k + BUCKET) * 2];
+        Entry { key: &head[k], version: &head[BUCKET + k], bits: &sets[i * self.bit_words..(i + 1) * self.bit_words] }
     }
 
     #[inline(always)]
@@ -238,13 +236,16 @@ impl<'a> Table<'a> {
     /// overlap the memory latency of the next blocks of a prompt with the current one.
     #[inline]
     pub(crate) fn prefetch_bucket(&self, b: usize) {
-        let first = b * BUCKET * self.stride();
-        let bytes = 2 * BUCKET * self.stride() * 8;
-        let base = self.words[first..].as_ptr().cast::<i8>();
-        let mut off = 0;
-        while off < bytes && first * 8 + off < self.words.len() * 8 {
-            prefetch_read(base.wrapping_add(off));
-            off += 64;
+        let base = self.words.as_ptr().cast::<i8>();
+        // The two heads, then the two buckets' bit sets.
+        let heads = (b * 2 * BUCKET * 8, 2 * 2 * BUCKET * 8);
+        let sets = ((2 * self.slots + b * BUCKET * self.bit_words) * 8, 2 * BUCKET * self.bit_words * 8);
+        for (first, bytes) in [heads, sets] {
+            let mut off = 0;
+            while off < bytes && first + off < self.words.len() * 8 {
+                prefetch_read(base.wrapping_add(first + off));
+                off += 64;
+            }
         }
     }
 
@@ -254,9 +255,7 @@ impl<'a> Table<'a> {
     pub(crate) fn prefetch_global(&self, hash: u64) {
         let (g, _) = self.candidates(hash, None);
         for b in &g[..2] {
-            let p = self.bucket(*b).as_ptr().cast::<i8>();
-            prefetch_read(p);
-            prefetch_read(p.wrapping_add(2 * BUCKET * 8 - 1));
+            prefetch_read(self.bucket(*b).as_ptr().cast::<i8>());
         }
     }
 
@@ -370,17 +369,15 @@ impl<'a> Table<'a> {
 
     // ---- the pipelined lookup of a prompt (see `IndexReader::overlaps`) ----
 
-    /// Stage 1: hints the CPU to load the keys and versions of bucket `b` and of the next (a
-    /// prompt's blocks spill into it), and nothing else: the bit sets of the other entries are
-    /// not needed, and with many engine slots they are most of a bucket.
+    /// Stage 1: hints the CPU to load the heads (keys and versions) of bucket `b` and of the
+    /// next (a prompt's blocks spill into it), and nothing else: the bit sets of the other
+    /// entries are not needed.
     #[inline(always)]
     pub(crate) fn prefetch_keys(&self, b: usize) {
-        let n = BUCKET * self.stride();
         let base = self.words.as_ptr().cast::<i8>();
-        for start in [b * n, (b + 1) * n] {
-            if start < self.words.len() {
+        for start in [b * 2 * BUCKET, (b + 1) * 2 * BUCKET] {
+            if start < 2 * self.slots {
                 prefetch_read(base.wrapping_add(start * 8));
-                prefetch_read(base.wrapping_add((start + 2 * BUCKET) * 8 - 1));
             }
         }
     }
