@@ -9,7 +9,7 @@
 //! # Structure
 //! * [`layout`]: the segment's byte layout and header words.
 //! * `segment`: creating, validating and mapping the file (`/dev/shm/...` by default, mode 0600).
-//! * `table`: the open-addressing table and its seqlock/move-epoch protocol (read its docs).
+//! * `table`: the bucketed table and its seqlock protocol (read its docs).
 //! * `writer` and `reader`: the two roles.
 //!
 //! # Tiers

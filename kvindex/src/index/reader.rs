@@ -50,6 +50,10 @@ impl Stages {
         while self.keys_next < upto.min(hashes.len()) {
             let h = hashes[self.keys_next];
             let local = exact.step_local(&mut self.cursor, h);
+            debug_assert!(
+                self.keys_next < self.locate_next + KEYS_AHEAD,
+                "stage 1 would overwrite a local bucket stage 2 has not read"
+            );
             self.locals[self.keys_next % KEYS_AHEAD] = local;
             exact.prefetch_keys(local);
             if let Some(a) = approx {
@@ -301,8 +305,9 @@ impl IndexReader {
         let mut predicted = [0u64; MAX_BIT_WORDS];
         let mut unstable = 0;
         // A software pipeline over the prompt's blocks. A prompt's blocks sit in nearby local
-        // buckets (see `table.rs`), so memory is walked almost sequentially: stage 1 prefetches
-        // the keys of block `i + KEYS_AHEAD`'s local buckets; stage 2 finds block
+        // buckets (see `table.rs`), so memory is walked almost sequentially: stage 1 finds the
+        // local bucket of block `i + KEYS_AHEAD` and prefetches the keys of it and the next
+        // (most blocks sit in one of those two); stage 2 finds block
         // `i + LOCATE_AHEAD` among them and prefetches its entry (or, when absent, the keys of
         // its global buckets); stage 2b finds such a block among those, `GLOBAL_AHEAD` ahead,
         // and prefetches its entry; stage 3 reads block `i` under its seqlock. Stages 2 and 2b
@@ -355,6 +360,7 @@ impl IndexReader {
                 }
             } else if sparse {
                 // Only the live words: engines still holding every block so far.
+                debug_assert!(live >> bw == 0, "live words {live:#x} beyond the bit set");
                 let mut m = live;
                 while m != 0 {
                     let w = m.trailing_zeros() as usize;

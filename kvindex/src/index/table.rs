@@ -45,9 +45,9 @@
 use crate::sync::{fence, spin, AtomicU64};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
-/// Bit 63 of word 0: the slot holds an entry.
+/// Bit 63 of an entry's version word: the slot holds an entry.
 const OCCUPIED: u64 = 1 << 63;
-/// Ticks are 31 bits wide (bits 32–62 of word 0); compare them with wrapping arithmetic.
+/// Ticks are 31 bits wide (bits 32–62 of the version word); compare them with wrapping arithmetic.
 pub(crate) const TICK_MASK: u32 = 0x7fff_ffff;
 /// Most engine-bit words per entry (1,024 engine slots).
 pub(crate) const MAX_BIT_WORDS: usize = 16;
@@ -139,6 +139,7 @@ impl<'a> Table<'a> {
     /// The head of bucket `b`: its keys, then its versions.
     #[inline(always)]
     fn bucket(&self, b: usize) -> &'a [AtomicU64] {
+        debug_assert!(b < self.buckets(), "bucket {b} beyond the table's {}", self.buckets());
         &self.words[b * 2 * BUCKET..(b + 1) * 2 * BUCKET]
     }
 
@@ -237,15 +238,18 @@ impl<'a> Table<'a> {
     #[inline]
     pub(crate) fn prefetch_bucket(&self, b: usize) {
         let base = self.words.as_ptr().cast::<i8>();
-        // The two heads, then the two buckets' bit sets.
-        let heads = (b * 2 * BUCKET * 8, 2 * 2 * BUCKET * 8);
-        let sets = ((2 * self.slots + b * BUCKET * self.bit_words) * 8, 2 * BUCKET * self.bit_words * 8);
+        // The two heads (each one line), then the two buckets' bit sets, which need not start
+        // on a line: their last byte is fetched too. Neither range reaches past its region.
+        let heads = (b * 2 * BUCKET * 8, (2 * 2 * BUCKET * 8).min((2 * self.slots - b * 2 * BUCKET) * 8));
+        let first_set = 2 * self.slots + b * BUCKET * self.bit_words;
+        let sets = (first_set * 8, (2 * BUCKET * self.bit_words).min(self.words.len() - first_set) * 8);
         for (first, bytes) in [heads, sets] {
             let mut off = 0;
-            while off < bytes && first + off < self.words.len() * 8 {
+            while off < bytes {
                 prefetch_read(base.wrapping_add(first + off));
                 off += 64;
             }
+            prefetch_read(base.wrapping_add(first + bytes - 1));
         }
     }
 
