@@ -358,31 +358,34 @@ impl IndexReader {
                 if sparse {
                     live = (0..bw).filter(|&w| active[w] != 0).fold(0, |m, w| m | 1 << w);
                 }
-            } else if sparse {
-                // Only the live words: engines still holding every block so far.
-                debug_assert!(live >> bw == 0, "live words {live:#x} beyond the bit set");
-                let mut m = live;
-                while m != 0 {
-                    let w = m.trailing_zeros() as usize;
-                    m &= m - 1;
-                    let gone = active[w] & !bits[w];
-                    if gone != 0 {
-                        out.record(w, gone, i as u32);
-                    }
-                    active[w] &= bits[w];
-                    if active[w] == 0 {
-                        live &= !(1 << w);
-                    }
-                    any |= active[w];
-                }
             } else {
-                for w in 0..bw {
+                // Drops from word `w` the engines that do not hold block `i`, recording their
+                // overlap; returns those left.
+                let mut narrow = |w: usize| {
                     let gone = active[w] & !bits[w];
                     if gone != 0 {
                         out.record(w, gone, i as u32);
                     }
                     active[w] &= bits[w];
-                    any |= active[w];
+                    active[w]
+                };
+                if sparse {
+                    // Only the live words: engines still holding every block so far.
+                    debug_assert!(live >> bw == 0, "live words {live:#x} beyond the bit set");
+                    let mut m = live;
+                    while m != 0 {
+                        let w = m.trailing_zeros() as usize;
+                        m &= m - 1;
+                        let left = narrow(w);
+                        if left == 0 {
+                            live &= !(1 << w);
+                        }
+                        any |= left;
+                    }
+                } else {
+                    for w in 0..bw {
+                        any |= narrow(w);
+                    }
                 }
             }
             if any == 0 {

@@ -88,13 +88,6 @@ pub(crate) struct LocalCursor {
     sub: u64,
 }
 
-/// The words of one entry (see the layout above).
-struct Entry<'a> {
-    key: &'a AtomicU64,
-    version: &'a AtomicU64,
-    bits: &'a [AtomicU64],
-}
-
 /// A view of one table. Cheap to copy; all methods take `&self` because the memory is shared.
 #[derive(Clone, Copy)]
 pub(crate) struct Table<'a> {
@@ -143,28 +136,22 @@ impl<'a> Table<'a> {
         &self.words[b * 2 * BUCKET..(b + 1) * 2 * BUCKET]
     }
 
-    /// Entry `i`'s key, version and bit set.
-    #[inline(always)]
-    fn entry(&self, i: usize) -> Entry<'a> {
-        let (heads, sets) = self.words.split_at(2 * self.slots);
-        let k = i % BUCKET;
-        let head = &heads[(i - k) * 2..(i - k + BUCKET) * 2];
-        Entry { key: &head[k], version: &head[BUCKET + k], bits: &sets[i * self.bit_words..(i + 1) * self.bit_words] }
-    }
-
     #[inline(always)]
     fn key_word(&self, i: usize) -> &'a AtomicU64 {
-        self.entry(i).key
+        &self.bucket(i / BUCKET)[i % BUCKET]
     }
 
     #[inline(always)]
     fn version(&self, i: usize) -> &'a AtomicU64 {
-        self.entry(i).version
+        &self.bucket(i / BUCKET)[BUCKET + i % BUCKET]
     }
 
+    /// Entry `i`'s bit set, in the region after the heads.
     #[inline(always)]
     fn bit_set(&self, i: usize) -> &'a [AtomicU64] {
-        self.entry(i).bits
+        debug_assert!(i < self.slots, "slot {i} beyond the table's {}", self.slots);
+        let start = 2 * self.slots + i * self.bit_words;
+        &self.words[start..start + self.bit_words]
     }
 
     /// The local bucket of a block at chain position `pos`.
@@ -342,7 +329,7 @@ impl<'a> Table<'a> {
     /// consistent as all of them.
     #[inline(always)]
     fn read_entry_words(&self, i: usize, hash: u64, bits: &mut [u64], words: u32) -> Scan {
-        let Entry { key, version, bits: set } = self.entry(i);
+        let (key, version, set) = (self.key_word(i), self.version(i), self.bit_set(i));
         let v1 = version.load(Acquire);
         if v1 & 1 == 1 {
             spin();
