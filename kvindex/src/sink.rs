@@ -13,7 +13,7 @@ pub enum Counter {
     /// Events applied (all kinds).
     EventsApplied,
     /// Events skipped: block size or token count mismatch, a KV-cache kind the index does not
-    /// track, an unknown parent hash.
+    /// track, an out-of-range `group_idx`, an unknown parent hash.
     EventsSkipped,
     /// Unknown event tags or map keys that were ignored.
     UnknownFields,
@@ -29,11 +29,15 @@ pub enum Counter {
     /// Blocks the subscriber dropped from an engine's private map (and from the sink) because the
     /// engine exceeded its block cap (`EngineSource::max_blocks`), oldest first.
     OverCapacity,
+    /// Stored blocks whose vLLM hash (same engine, DP rank and KV-cache group) was already mapped
+    /// to other content: a 64-bit hash collision, or a hash reused after events were lost. The
+    /// entry then follows the new content.
+    HashCollisions,
 }
 
 impl Counter {
     /// Every counter, in declaration order (`Counter::ALL[c.index()] == c`).
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::EventsApplied,
         Counter::EventsSkipped,
         Counter::UnknownFields,
@@ -42,6 +46,7 @@ impl Counter {
         Counter::Replays,
         Counter::Resyncs,
         Counter::OverCapacity,
+        Counter::HashCollisions,
     ];
 
     /// Position in [`Counter::ALL`], for counter arrays.
@@ -60,14 +65,17 @@ impl Counter {
             Counter::Replays => "replays",
             Counter::Resyncs => "resyncs",
             Counter::OverCapacity => "over_capacity",
+            Counter::HashCollisions => "hash_collisions",
         }
     }
 }
 
 /// Receives block operations. Calls for one engine arrive in the engine's event order.
 pub trait BlockSink {
-    /// `engine` now holds the block `hash` in device memory (idempotent). `pos` is the block's
-    /// chain position ([`crate::hash::chain_pos`]), which the index places it by.
+    /// `engine` now holds the block `hash` in device memory. `pos` is the block's chain position
+    /// ([`crate::hash::chain_pos`]), which the index places it by. Called for every store the
+    /// engine reports, including blocks the sink already holds: it must be idempotent (a repeat
+    /// refreshes the block, and brings it back if the sink evicted it meanwhile).
     fn store(&mut self, engine: EngineSlot, hash: u64, pos: u64);
     /// `engine` no longer holds `hash` at chain position `pos` (a no-op when it did not).
     fn remove(&mut self, engine: EngineSlot, hash: u64, pos: u64);

@@ -9,8 +9,9 @@
 //! rank's sequence tracker (`subscriber/sequence.rs`: in order, gap, restart, replay, spec
 //! §1.10) and then through the [`EventApplier`] (`subscriber/apply.rs`), which decodes the batch
 //! ([`crate::decode`]), computes Gantry's chained hash of every stored block from its tokens
-//! ([`crate::hash`]), keeps the private map `(rank, vLLM hash) -> Gantry hash` that removals and
-//! parents are resolved through, and calls [`BlockSink::store`]/[`BlockSink::remove`].
+//! ([`crate::hash`]), keeps the private map `(rank, KV-cache group, vLLM hash) -> Gantry hash`
+//! that removals and parents are resolved through, and calls
+//! [`BlockSink::store`]/[`BlockSink::remove`].
 //!
 //! Replay requests are `[<empty>, start_seq (8 bytes BE)]`; replies are accepted in both shapes
 //! of spec §1.4 (0.33: `[<empty>, topic, seq, payload]`, <= 0.24: `[<empty>, seq, payload]`)
@@ -36,8 +37,12 @@
 //! takes its sequence number (replaying it would return the same bytes), and the rank is not
 //! cleared for it, because its lost removals only leave stale hints while a clear would drop
 //! every good entry. An event that decodes but cannot be indexed (block size, token count, KV
-//! kind, unknown parent) is counted in
-//! [`Counter::EventsSkipped`](crate::sink::Counter::EventsSkipped). Nothing an engine sends
+//! kind, group index, unknown parent) is counted in
+//! [`Counter::EventsSkipped`](crate::sink::Counter::EventsSkipped), and logged at the same rate
+//! when it points at a misconfiguration or a broken publisher (not for the KV kinds that are
+//! not indexed, nor for unknown parents: both are expected); so are events of an unknown type,
+//! blocks dropped by the per-engine cap and vLLM hashes re-stored with other content
+//! ([`Counter::HashCollisions`](crate::sink::Counter::HashCollisions)). Nothing an engine sends
 //! affects another engine's state; every buffer is bounded (see [`SubscriberOptions`] and
 //! `subscriber/apply.rs` for the per-engine block cap).
 //!

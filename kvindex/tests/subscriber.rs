@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use gantry_kvindex::hash::{hash_blocks, DEFAULT_SEED};
 use gantry_kvindex::sink::{BlockSink, Counter, EngineSlot};
-use gantry_kvindex::subscriber::{EngineSource, Subscriber, SubscriberError, SubscriberOptions};
+use gantry_kvindex::subscriber::{EngineSource, EventApplier, Subscriber, SubscriberError, SubscriberOptions};
 use gantry_kvindex::{
     encode_batch, BlockRemoved, BlockStored, KvEvent, KvEventBatch, Publisher, PublisherConfig, PublisherError,
     ReplayFraming, WireFormat,
@@ -37,9 +37,9 @@ struct Model {
 struct Shared(Arc<Mutex<Model>>);
 
 impl BlockSink for Shared {
+    /// Idempotent, as the contract says: every GPU store reaches the sink, known blocks too.
     fn store(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
-        let inserted = self.0.lock().unwrap().blocks.entry(engine).or_default().insert(hash);
-        assert!(inserted, "double store");
+        self.0.lock().unwrap().blocks.entry(engine).or_default().insert(hash);
     }
     fn remove(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         let removed = self.0.lock().unwrap().blocks.entry(engine).or_default().remove(&hash);
@@ -576,6 +576,47 @@ fn engines_join_and_leave_an_index_while_the_subscriber_runs() {
     assert!(sub.stats().engine(slot).is_none(), "no longer followed");
     assert_eq!(sub.register("http://c").unwrap(), slot, "the freed slot is taken again");
     sub.shutdown();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(format!("{}.lock", path.display()));
+}
+
+#[test]
+fn a_block_the_index_evicted_is_found_again_once_stored_again() {
+    use gantry_kvindex::index::{IndexOptions, IndexWriter};
+    let path = std::env::temp_dir().join(format!("gantry-kvindex-restore-{}", std::process::id()));
+    let writer = IndexWriter::create(&path, &IndexOptions { engine_slots: 2, capacity: 64, ..IndexOptions::default() })
+        .expect("create segment");
+    let reader = writer.reader();
+    let mut a = EventApplier::new(writer);
+    let slot = a.sink_mut().register("http://a").unwrap();
+    a.add_engine(&EngineSource { name: "http://a".into(), ..source(slot, "tcp://127.0.0.1:1", None) }).unwrap();
+    let found = |h: u64| {
+        let mut out = reader.new_overlaps();
+        reader.overlaps(&[h], &mut out);
+        out.get(slot) == 1
+    };
+    let h = chain(0, 1)[0];
+    a.apply_payload(slot, 0, &payload(vec![stored(&[1], None, 0)])).unwrap();
+    assert!(found(h));
+    // Other blocks fill the index until it evicts `h`: the engine still holds it (no removal).
+    let mut n = 0;
+    while found(h) {
+        n += 1;
+        assert!(n < 10_000, "the index never evicted the block");
+        a.apply_payload(slot, 0, &payload(vec![stored(&[1000 + u64::from(n)], None, n * BS)])).unwrap();
+    }
+    // The engine reports it again (a reuse report, another request): it is back.
+    a.apply_payload(slot, 0, &payload(vec![stored(&[1], None, 0)])).unwrap();
+    assert!(found(h), "a re-store brings an evicted block back");
+    // Storing it again refreshes it, it does not add an entry.
+    let entries = || reader.stats().writer.iter().find(|(name, _)| *name == "entries").unwrap().1;
+    let before = entries();
+    a.apply_payload(slot, 0, &payload(vec![stored(&[1], None, 0)])).unwrap();
+    assert_eq!(entries(), before);
+    // The removal still takes it out.
+    a.apply_payload(slot, 0, &payload(vec![removed(&[1])])).unwrap();
+    assert!(!found(h));
+    drop(a);
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(format!("{}.lock", path.display()));
 }

@@ -116,6 +116,9 @@ pub(crate) fn sink_counter_word(c: crate::sink::Counter) -> usize {
     H_SINK_COUNTERS + c.index()
 }
 
+// The subscriber's counters must end before the readers' (a new one takes a word that was zero).
+const _: () = assert!(H_SINK_COUNTERS + crate::sink::Counter::ALL.len() <= H_READER_COUNTERS);
+
 /// Counters kept by readers, in header order from `H_READER_COUNTERS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]

@@ -238,6 +238,12 @@ impl IndexReader {
         Ok(IndexReader::from_segment(Arc::new(seg)))
     }
 
+    /// Maps the segment at `path` read-only (as `gantry index inspect` does): this reader
+    /// changes nothing, not even the header's reader counters.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<IndexReader, IndexError> {
+        Ok(IndexReader::from_segment(Arc::new(Segment::open(path.as_ref(), false)?)))
+    }
+
     pub(crate) fn from_segment(seg: Arc<Segment>) -> Self {
         IndexReader {
             seg,

@@ -6,15 +6,24 @@
 //!
 //! # State per engine
 //!
-//! * The **private map** `(dp_rank, vLLM hash) -> (Gantry hash, tiers, stamp)`. `BlockRemoved`
-//!   carries only vLLM hashes, so this is how removals find the Gantry hash; `parent_block_hash`
-//!   is resolved through it too. `tiers` is a bit set of the media (`"GPU"`, `"CPU"`, ...) that
-//!   hold the block: bit 0 is the GPU (medium absent or `"GPU"`), bits 1..=14 are other media
-//!   names in the order they are first seen (shared by all engines), bit 15 every further name.
+//! * The **private map** `(dp_rank, KV-cache group, vLLM hash) -> (Gantry hash, tiers, stamp)`.
+//!   `BlockRemoved` carries only vLLM hashes, so this is how removals find the Gantry hash;
+//!   `parent_block_hash` is resolved through it too. `tiers` is a bit set of the media (`"GPU"`,
+//!   `"CPU"`, ...) that hold the block: bit 0 is the GPU (medium absent or `"GPU"`), bits 1..=14
+//!   are other media names in the order they are first seen (shared by all engines), bit 15
+//!   every further name.
+//! * The **group** is the event's `group_idx` (spec §1.5, on both `BlockStored` and
+//!   `BlockRemoved`); absent or nil (engines from before vLLM PR #37688) is a group of its own.
+//!   A hybrid model's groups share vLLM hashes (they hash the same tokens), and the stores of
+//!   groups that are not indexed (sliding window, Mamba, ...) are skipped, so a removal only
+//!   touches what its own group stored: a sliding-window group's frequent evictions leave the
+//!   full-attention entries alone.
 //! * **GPU refcounts** `Gantry hash -> number of private-map entries with the GPU bit` (across
-//!   all DP ranks of the engine). [`BlockSink::store`] is called when a count goes 0 -> 1 and
-//!   [`BlockSink::remove`] when it goes 1 -> 0, so a block held by two ranks stays in the index
-//!   until both evicted it. Only the GPU tier reaches the sink.
+//!   all DP ranks and groups of the engine). [`BlockSink::store`] is called on every GPU store,
+//!   also of a block already counted (the sink is idempotent: a repeat refreshes the block, and
+//!   brings it back if the index evicted it for room), and [`BlockSink::remove`] only when a
+//!   count goes 1 -> 0, so a block held by two ranks stays in the index until both evicted it.
+//!   Only the GPU tier reaches the sink.
 //! * A FIFO of `(key, stamp)` in insertion order with lazy deletion (an entry is live when its
 //!   stamp matches the map's), compacted when dead entries outnumber live ones.
 //!
@@ -27,15 +36,28 @@
 //! its own oldest entries. Memory is about 100 bytes per entry (map, FIFO, refcount), so the
 //! default cap bounds an engine at roughly 100 MiB; a healthy engine stays far below it because
 //! vLLM reports every eviction.
+//!
+//! # Warnings
+//!
+//! Trouble that points at a misconfiguration or a broken publisher is logged as a warning naming
+//! the engine and the reason, at most one per engine and kind (skipped events, cap drops, hash
+//! collisions) per 10 s, the rest at debug (the worker's `LogLimiter`): a `BlockStored` whose
+//! block size, token count, `extra_keys` length or `group_idx` cannot be indexed, events of an
+//! unknown type, entries dropped by the cap, a vLLM hash re-stored with other content
+//! ([`Counter::HashCollisions`]). Skips that are expected stay at trace/debug: the KV-cache kinds
+//! not indexed (every store of a hybrid model's sliding-window groups) and unknown parents (the
+//! normal state after a late join). Unknown map keys are only counted: vLLM adds fields often.
 
 use hashbrown::hash_map::Entry as MapEntry;
 use hashbrown::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use tracing::trace;
+use tracing::{debug, trace, warn};
 
+use super::worker::LogLimiter;
 use super::{EngineSource, SubscriberError};
 use crate::decode::{decode_batch, DecodeError, DecodedBatch, DecodedEvent, RemovedEvent, StoredEvent};
 use crate::hash::{block_hash, chain_pos, extra_hash};
@@ -148,6 +170,10 @@ impl<S: BlockSink> EventApplier<S> {
         let unknown = u64::from(batch.unknown_events) + u64::from(batch.unknown_fields);
         if unknown > 0 {
             out.count(Counter::UnknownFields, unknown);
+        }
+        if batch.unknown_events > 0 {
+            let n = batch.unknown_events;
+            engine.warn_skipped(rank, format_args!("{n} event(s) of an unknown type ignored"));
         }
         for event in &batch.events {
             match event {
@@ -285,10 +311,24 @@ impl Tiers {
     }
 }
 
+/// A private-map key. 16 bytes: the group is a `u32` with [`NO_GROUP`] for an absent one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     vllm: u64,
     rank: u32,
+    group: u32,
+}
+
+/// [`Key::group`] of events without `group_idx` (absent or nil).
+const NO_GROUP: u32 = u32::MAX;
+
+/// The key group of an event's `group_idx`; `None` when it is out of range (no real engine has
+/// that many groups).
+fn group_of(group_idx: Option<i64>) -> Option<u32> {
+    match group_idx {
+        None => Some(NO_GROUP),
+        Some(g) => u32::try_from(g).ok().filter(|&g| g != NO_GROUP),
+    }
 }
 
 /// A block as the index knows it: Gantry's hash and its chain position.
@@ -306,6 +346,7 @@ struct Entry {
 }
 
 struct EngineState {
+    name: Box<str>,
     dp_ranks: u32,
     block_size: u32,
     seed: u64,
@@ -315,11 +356,21 @@ struct EngineState {
     next_stamp: u64,
     gpu_refs: HashMap<Block, u32>,
     counters: Arc<SharedCounters>,
+    logs: Logs,
+}
+
+/// Rate limits of one engine's warnings (see the module doc).
+#[derive(Default)]
+struct Logs {
+    skipped: LogLimiter,
+    over_capacity: LogLimiter,
+    collisions: LogLimiter,
 }
 
 impl EngineState {
     fn new(source: &EngineSource) -> Self {
         EngineState {
+            name: source.name.as_str().into(),
             dp_ranks: source.dp_ranks,
             block_size: source.block_size,
             seed: source.seed,
@@ -329,6 +380,7 @@ impl EngineState {
             next_stamp: 0,
             gpu_refs: HashMap::new(),
             counters: Arc::default(),
+            logs: Logs::default(),
         }
     }
 
@@ -337,28 +389,37 @@ impl EngineState {
     }
 
     fn stored<S: BlockSink>(&mut self, out: &mut Out<'_, S>, tiers: &mut Tiers, rank: u32, e: &StoredEvent<'_>) {
-        let skip = |out: &mut Out<'_, S>, why: &'static str| {
-            trace!(engine = out.slot, rank, why, "BlockStored skipped");
-            out.count(Counter::EventsSkipped, 1);
-        };
         if !matches!(e.kv_cache_spec_kind, None | Some("full_attention") | Some("mla_attention")) {
-            return skip(out, "kv_cache_spec_kind not indexed");
+            // Expected on every store of a hybrid model's other groups: not worth a warning.
+            let kind = e.kv_cache_spec_kind;
+            trace!(engine = %self.name, rank, kind, "kv-events: BlockStored of a KV-cache kind not indexed skipped");
+            return out.count(Counter::EventsSkipped, 1);
         }
         if e.block_size != Some(self.block_size) {
-            return skip(out, "block_size differs from the engine's");
+            let (got, want) = (e.block_size, self.block_size);
+            return self.skip(out, rank, format_args!("block_size {got:?} differs from the engine's {want}"));
         }
         let bs = self.block_size as usize;
         if e.block_hashes.len().checked_mul(bs) != Some(e.token_ids.len()) {
-            return skip(out, "token count is not block_hashes * block_size");
+            let (tokens, blocks) = (e.token_ids.len(), e.block_hashes.len());
+            return self.skip(out, rank, format_args!("{tokens} tokens for {blocks} blocks of {bs}"));
         }
         if e.extra_keys.as_ref().is_some_and(|k| k.len() != e.block_hashes.len()) {
-            return skip(out, "extra_keys length differs from block_hashes");
+            return self.skip(out, rank, format_args!("extra_keys length differs from block_hashes"));
         }
+        let Some(group) = group_of(e.group_idx) else {
+            return self.skip(out, rank, format_args!("group_idx {:?} out of range", e.group_idx));
+        };
         let (mut parent, mut parent_pos) = match e.parent_block_hash {
             None => (self.seed, None),
-            Some(p) => match self.map.get(&Key { vllm: p, rank }) {
+            Some(p) => match self.map.get(&Key { vllm: p, rank, group }) {
                 Some(entry) => (entry.gantry.hash, Some(entry.gantry.pos)),
-                None => return skip(out, "unknown parent_block_hash"),
+                None => {
+                    // Normal after a late join (the parent was stored before the replay window).
+                    let engine = &*self.name;
+                    debug!(engine, rank, parent = p, "kv-events: BlockStored with an unknown parent skipped");
+                    return out.count(Counter::EventsSkipped, 1);
+                }
             },
         };
         let bit = tiers.bit_for_store(e.medium);
@@ -372,31 +433,62 @@ impl EngineState {
             let extra = e.extra_keys.as_ref().and_then(|k| k[i]).map_or(lora_extra, extra_hash);
             let hash = block_hash(parent, tokens, extra);
             let pos = chain_pos(parent_pos, hash);
-            self.insert(out, Key { vllm, rank }, Block { hash, pos }, bit);
+            self.insert(out, Key { vllm, rank, group }, Block { hash, pos }, bit);
             (parent, parent_pos) = (hash, Some(pos));
         }
         self.enforce_cap(out);
         out.count(Counter::EventsApplied, 1);
     }
 
+    /// Counts a `BlockStored` that cannot be indexed and warns about it (rate-limited).
+    fn skip<S: BlockSink>(&mut self, out: &mut Out<'_, S>, rank: u32, why: std::fmt::Arguments<'_>) {
+        out.count(Counter::EventsSkipped, 1);
+        self.warn_skipped(rank, format_args!("BlockStored skipped: {why}"));
+    }
+
+    /// A warning about events that were not applied, at most one per [`LogLimiter`] interval.
+    fn warn_skipped(&mut self, rank: u32, what: std::fmt::Arguments<'_>) {
+        let engine = &*self.name;
+        match self.logs.skipped.allow(Instant::now()) {
+            Some(suppressed) => warn!(engine, rank, suppressed, "kv-events: {what}"),
+            None => debug!(engine, rank, "kv-events: {what}"),
+        }
+    }
+
     fn insert<S: BlockSink>(&mut self, out: &mut Out<'_, S>, key: Key, gantry: Block, bit: u16) {
         let stamp = self.next_stamp;
         self.next_stamp += 1;
-        let EngineState { map, order, gpu_refs, .. } = self;
+        let EngineState { name, map, order, gpu_refs, logs, .. } = self;
         match map.entry(key) {
             MapEntry::Occupied(mut o) => {
                 let entry = o.get_mut();
-                if entry.gantry != gantry && entry.tiers & GPU != 0 {
+                // Whether this entry now takes a GPU reference on `gantry`.
+                let mut take_ref = false;
+                if entry.gantry != gantry {
                     // Same vLLM hash, other content (a collision or a reused hash): re-point it.
-                    unref(gpu_refs, out, entry.gantry);
-                    add_ref(gpu_refs, out, gantry);
+                    out.count(Counter::HashCollisions, 1);
+                    let (engine, rank, vllm) = (&**name, key.rank, key.vllm);
+                    let what = "kv-events: a stored vLLM hash came back with other tokens (a hash collision, \
+                                or events were lost); the entry follows the new tokens";
+                    match logs.collisions.allow(Instant::now()) {
+                        Some(suppressed) => warn!(engine, rank, vllm, suppressed, "{what}"),
+                        None => debug!(engine, rank, vllm, "{what}"),
+                    }
+                    if entry.tiers & GPU != 0 {
+                        unref(gpu_refs, out, entry.gantry);
+                        take_ref = true;
+                    }
+                    entry.gantry = gantry;
                 }
-                entry.gantry = gantry;
                 if entry.tiers & bit == 0 {
                     entry.tiers |= bit;
-                    if bit == GPU {
-                        add_ref(gpu_refs, out, gantry);
-                    }
+                    take_ref |= bit == GPU;
+                }
+                if take_ref {
+                    add_ref(gpu_refs, out, gantry);
+                } else if bit == GPU {
+                    // Already counted: refresh it in the sink, which may have evicted it.
+                    out.sink.store(out.slot, gantry.hash, gantry.pos);
                 }
                 entry.stamp = stamp;
             }
@@ -412,11 +504,13 @@ impl EngineState {
 
     fn removed<S: BlockSink>(&mut self, out: &mut Out<'_, S>, tiers: &Tiers, rank: u32, e: &RemovedEvent<'_>) {
         out.count(Counter::EventsApplied, 1);
-        // Removals of hashes (or media) never stored are expected after a late join: ignored.
+        // Removals of hashes (or media, or groups) never stored are expected after a late join,
+        // and for the groups that are not indexed: ignored.
         let Some(bit) = tiers.bit_for_remove(e.medium) else { return };
+        let Some(group) = group_of(e.group_idx) else { return };
         let EngineState { map, gpu_refs, .. } = self;
         for &vllm in &e.block_hashes {
-            let MapEntry::Occupied(mut o) = map.entry(Key { vllm, rank }) else { continue };
+            let MapEntry::Occupied(mut o) = map.entry(Key { vllm, rank, group }) else { continue };
             let entry = o.get_mut();
             if entry.tiers & bit == 0 {
                 continue;
@@ -463,6 +557,12 @@ impl EngineState {
         }
         if dropped > 0 {
             out.count(Counter::OverCapacity, dropped);
+            let (engine, max_blocks) = (&*self.name, self.max_blocks);
+            let what = "kv-events: engine holds more blocks than its max_blocks cap; dropped its oldest entries";
+            match self.logs.over_capacity.allow(Instant::now()) {
+                Some(suppressed) => warn!(engine, dropped, max_blocks, suppressed, "{what}"),
+                None => debug!(engine, dropped, max_blocks, "{what}"),
+            }
         }
         self.compact();
     }
@@ -479,12 +579,10 @@ impl EngineState {
     }
 }
 
+/// Takes a GPU reference on `gantry` and stores it in the sink (always: see the module doc).
 fn add_ref<S: BlockSink>(refs: &mut HashMap<Block, u32>, out: &mut Out<'_, S>, gantry: Block) {
-    let n = refs.entry(gantry).or_insert(0);
-    *n += 1;
-    if *n == 1 {
-        out.sink.store(out.slot, gantry.hash, gantry.pos);
-    }
+    *refs.entry(gantry).or_insert(0) += 1;
+    out.sink.store(out.slot, gantry.hash, gantry.pos);
 }
 
 fn unref<S: BlockSink>(refs: &mut HashMap<Block, u32>, out: &mut Out<'_, S>, gantry: Block) {

@@ -14,8 +14,9 @@ use crate::sink::Counter;
 // ---------------------------------------------------------------------------------------------
 // The applier.
 
-/// The sink as a set per engine; `store` of a present hash and `remove` of an absent one fail
-/// the test, which checks that the refcounts only call the sink on real transitions.
+/// The sink as a set per engine. `store` is idempotent, as the contract says (every GPU store
+/// reaches the sink); `remove` of an absent hash fails the test, which checks that the refcounts
+/// only remove on the last reference.
 #[derive(Default)]
 struct Model {
     blocks: HashMap<EngineSlot, HashSet<u64>>,
@@ -24,7 +25,7 @@ struct Model {
 
 impl BlockSink for Model {
     fn store(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
-        assert!(self.blocks.entry(engine).or_default().insert(hash), "double store of {hash:x}");
+        self.blocks.entry(engine).or_default().insert(hash);
     }
     fn remove(&mut self, engine: EngineSlot, hash: u64, _pos: u64) {
         assert!(self.blocks.entry(engine).or_default().remove(&hash), "remove of absent {hash:x}");
@@ -35,6 +36,10 @@ impl BlockSink for Model {
 }
 
 impl Model {
+    /// What the index does when it needs room: drops a block behind the subscriber's back.
+    fn evict(&mut self, engine: EngineSlot, hash: u64) {
+        assert!(self.blocks.entry(engine).or_default().remove(&hash), "evict of absent {hash:x}");
+    }
     fn of(&self, engine: EngineSlot) -> HashSet<u64> {
         self.blocks.get(&engine).cloned().unwrap_or_default()
     }
@@ -72,6 +77,19 @@ fn stored(hashes: &[u64], parent: Option<u64>, first_token: u32) -> BlockStored 
 
 fn removed(hashes: &[u64], medium: &str) -> KvEvent {
     KvEvent::BlockRemoved(BlockRemoved { block_hashes: hashes.to_vec(), medium: Some(medium.into()), group_idx: None })
+}
+
+/// A GPU BlockStored starting a prompt at `first_token`, of KV-cache group `group` (of kind
+/// `kind`), as a hybrid model sends them.
+fn stored_in(hashes: &[u64], first_token: u32, group: u32, kind: &str) -> KvEvent {
+    let mut e = stored(hashes, None, first_token);
+    (e.group_idx, e.kv_cache_spec_kind) = (Some(group), Some(kind.into()));
+    KvEvent::BlockStored(e)
+}
+
+/// A GPU BlockRemoved of KV-cache group `group` (`None`: the field absent).
+fn removed_in(hashes: &[u64], group: Option<u32>) -> KvEvent {
+    KvEvent::BlockRemoved(BlockRemoved { block_hashes: hashes.to_vec(), medium: Some("GPU".into()), group_idx: group })
 }
 
 fn payload(events: Vec<KvEvent>) -> Vec<u8> {
@@ -161,10 +179,14 @@ fn skips_what_cannot_be_indexed() {
     let orphan = stored(&[4], Some(999), 0);
     let mut bad_extra = stored(&[5], None, 0);
     bad_extra.extra_keys = Some(vec![None, None]);
-    let events = [wrong_size, short, sliding, orphan, bad_extra].into_iter().map(KvEvent::BlockStored).collect();
+    let mut bad_group = stored(&[8], None, 0);
+    bad_group.group_idx = Some(u32::MAX);
+    let events =
+        [wrong_size, short, sliding, orphan, bad_extra, bad_group].into_iter().map(KvEvent::BlockStored).collect();
     apply(&mut a, 0, 0, events);
     assert!(a.sink().of(0).is_empty());
-    assert_eq!(a.sink().counter(Counter::EventsSkipped), 5);
+    assert_eq!(a.sink().counter(Counter::EventsSkipped), 6);
+    assert_eq!(a.engine_stats(0).unwrap().0[Counter::EventsSkipped], 6);
     assert_eq!(a.sink().counter(Counter::EventsApplied), 0);
 
     let mut mla = stored(&[6], None, 0);
@@ -187,6 +209,78 @@ fn removals_find_blocks_by_vllm_hash_and_ignore_unknown_ones() {
     apply(&mut a, 0, 0, vec![removed(&[1], "GPU")]);
     assert!(a.sink().of(0).is_empty());
     assert_eq!(a.engine_stats(0).unwrap().1, 0);
+}
+
+#[test]
+fn removals_only_touch_what_their_kv_cache_group_stored() {
+    // A hybrid model: group 0 is full attention, group 1 a sliding window over the same tokens,
+    // hence the same vLLM hashes; group 1's stores are skipped.
+    let mut a = applier(&[source(0)]);
+    let h = chain(0, 2);
+    apply(&mut a, 0, 0, vec![stored_in(&[1, 2], 0, 0, "full_attention"), stored_in(&[1, 2], 0, 1, "sliding_window")]);
+    assert_eq!(a.sink().of(0), set(&h));
+    // The window slides: group 1 evicts its blocks, often. Group 0 still holds them.
+    apply(&mut a, 0, 0, vec![removed_in(&[1], Some(1)), removed_in(&[2], Some(1))]);
+    assert_eq!(a.sink().of(0), set(&h), "a sliding-window removal leaves full-attention blocks alone");
+    // `group_idx` absent is a group of its own (spec §1.5: optional, no default but nil).
+    apply(&mut a, 0, 0, vec![removed_in(&[1, 2], None)]);
+    assert_eq!(a.sink().of(0), set(&h));
+    // A child of group 0 finds its parent in group 0 only.
+    let mut child = stored(&[3], Some(2), 8);
+    child.group_idx = Some(0);
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(child)]);
+    assert_eq!(a.sink().of(0), set(&chain(0, 3)));
+    apply(&mut a, 0, 0, vec![removed_in(&[2], Some(0))]);
+    assert_eq!(a.sink().of(0), set(&[h[0], chain(0, 3)[2]]));
+
+    // Two indexed groups holding the same block are two references, like two DP ranks.
+    let g = chain(500, 1)[0];
+    apply(&mut a, 0, 0, vec![stored_in(&[9], 500, 0, "full_attention"), stored_in(&[9], 500, 2, "mla_attention")]);
+    apply(&mut a, 0, 0, vec![removed_in(&[9], Some(2))]);
+    assert!(a.sink().of(0).contains(&g), "group 0 still holds it");
+    apply(&mut a, 0, 0, vec![removed_in(&[9], Some(0))]);
+    assert!(!a.sink().of(0).contains(&g));
+}
+
+#[test]
+fn a_vllm_hash_stored_again_with_other_tokens_is_a_counted_collision() {
+    let mut a = applier(&[source(0), source(1)]);
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[1], None, 0))]);
+    // The same content again (a reuse report) is no collision.
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[1], None, 0))]);
+    assert_eq!(a.engine_stats(0).unwrap().0[Counter::HashCollisions], 0);
+    // Other tokens under the same vLLM hash: the entry follows the new content, and it counts.
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[1], None, 100))]);
+    assert_eq!(a.sink().of(0), set(&chain(100, 1)), "the old content left the index");
+    assert_eq!(a.engine_stats(0).unwrap().0[Counter::HashCollisions], 1);
+    assert_eq!(a.totals()[Counter::HashCollisions], 1);
+    assert_eq!(a.sink().counter(Counter::HashCollisions), 1, "the counter reaches the sink");
+    assert_eq!(a.engine_stats(0).unwrap().1, 1, "still one entry");
+    // The removal finds the new content.
+    apply(&mut a, 0, 0, vec![removed(&[1], "GPU")]);
+    assert!(a.sink().of(0).is_empty());
+    assert_eq!(a.engine_stats(1).unwrap().0[Counter::HashCollisions], 0, "per engine");
+}
+
+#[test]
+fn an_evicted_block_stored_again_comes_back() {
+    let mut a = applier(&[EngineSource { dp_ranks: 2, ..source(0) }]);
+    let h = chain(0, 2);
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[1, 2], None, 0))]);
+    // The index needs room and evicts block 0; the engine still holds it and reports it again.
+    a.sink_mut().evict(0, h[0]);
+    assert_eq!(a.sink().of(0), set(&h[1..]));
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[1], None, 0))]);
+    assert_eq!(a.sink().of(0), set(&h), "a re-store reaches the sink");
+    // Also when another rank stores it (its reference is not the first).
+    a.sink_mut().evict(0, h[0]);
+    apply(&mut a, 0, 1, vec![KvEvent::BlockStored(stored(&[7], None, 0))]);
+    assert_eq!(a.sink().of(0), set(&h));
+    // Removal still waits for the last reference.
+    apply(&mut a, 0, 0, vec![removed(&[1], "GPU")]);
+    assert_eq!(a.sink().of(0), set(&h), "rank 1 still holds it");
+    apply(&mut a, 0, 1, vec![removed(&[7], "GPU")]);
+    assert_eq!(a.sink().of(0), set(&h[1..]));
 }
 
 #[test]

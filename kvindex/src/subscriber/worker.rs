@@ -13,6 +13,7 @@ use super::{offset_endpoint, EngineSource, SubscriberError, SubscriberOptions, R
 use crate::sink::{BlockSink, Counter, EngineSlot};
 
 /// At most one warning per engine and kind of trouble per this interval; the rest go to debug.
+/// (The applier's warnings, `subscriber/apply.rs`, use the same limit.)
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A request from the [`super::Subscriber`] handle, answered on the enclosed channel.
@@ -56,14 +57,14 @@ struct Logs {
 
 /// Lets one message through per [`LOG_INTERVAL`] and counts the ones held back.
 #[derive(Default)]
-struct LogLimiter {
+pub(super) struct LogLimiter {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl LogLimiter {
     /// `Some(suppressed since the last one)` when this one may be a warning.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub(super) fn allow(&mut self, now: Instant) -> Option<u64> {
         if self.last.is_none_or(|t| now.duration_since(t) >= LOG_INTERVAL) {
             self.last = Some(now);
             Some(std::mem::take(&mut self.suppressed))
