@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use gantry_bench::bench::{self, BenchCommand};
 use gantry_bench::mock::{self, MockArgs};
 use gantry_bench::up::{self, UpArgs};
-use gantry_proxy::config::Config;
+use gantry_proxy::config::{Config, Overrides};
 use gantry_proxy::serve;
 
 /// mimalloc: the request paths allocate small, short-lived buffers on every worker thread,
@@ -55,7 +55,7 @@ enum IndexCommand {
 fn index_cmd(c: IndexCommand) -> anyhow::Result<()> {
     match c {
         IndexCommand::Inspect { path } => {
-            let reader = gantry_kvindex::index::IndexReader::open(&path)?;
+            let reader = gantry_kvindex::index::IndexReader::open_read_only(&path)?;
             println!("segment          {}", path.display());
             print!("{}", reader.stats());
             match reader.writer_pages() {
@@ -108,27 +108,23 @@ fn serve_cmd(a: ServeArgs) -> anyhow::Result<()> {
     if a.config.is_some() && !a.engines.is_empty() {
         anyhow::bail!("--engine and --config are exclusive: list engines in the config file");
     }
-    if let Some(l) = a.listen {
-        cfg.server.listen = l;
-    }
-    if let Some(w) = a.workers {
-        cfg.server.workers = w;
-    }
-    if let Some(d) = a.driver {
-        cfg.server.driver = d;
-    }
-    if let Some(g) = a.global_router_config {
-        cfg.server.global_router = Some(g);
-    }
-    if let Some(p) = a.policy {
-        let v: gantry_proxy::config::PolicyKind = serde_json::from_value(serde_json::Value::String(p.clone()))
-            .with_context(|| format!("invalid --policy `{p}`"))?;
-        for pool in &mut cfg.pool {
-            pool.policy = v;
-        }
-    }
+    let policy = match a.policy {
+        Some(p) => Some(
+            serde_json::from_value(serde_json::Value::String(p.clone()))
+                .with_context(|| format!("invalid --policy `{p}`"))?,
+        ),
+        None => None,
+    };
+    let overrides = Overrides {
+        listen: a.listen,
+        workers: a.workers,
+        driver: a.driver,
+        global_router: a.global_router_config,
+        policy,
+    };
+    overrides.apply(&mut cfg);
     cfg.validate()?;
-    serve::run(cfg, a.config, Duration::from_secs(a.drain_timeout_secs))?;
+    serve::run(cfg, a.config, overrides, Duration::from_secs(a.drain_timeout_secs))?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gantry_bench::mock::{MockArgs, MockServer};
-use gantry_proxy::config::Config;
+use gantry_proxy::config::{Config, Overrides, PolicyKind};
 use gantry_proxy::http::client::ClientConn;
 use gantry_proxy::http::sse::SseParser;
 use gantry_proxy::rt::{self, Driver};
@@ -426,6 +426,28 @@ fn reload_swaps_engines_without_dropping_connections() {
         assert_eq!(metric(&text, served), 3.0, "a model's counts outlive reloads: {text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn reload_keeps_command_line_overrides() {
+    let a = mock(&[]);
+    let dir = std::env::temp_dir().join(format!("gantry-reload-overrides-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gantry.toml");
+    let url = a.engines[0].url();
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[health]\ninterval_ms = 0\n[[model]]\nname = \"mock-model\"\n[[pool]]\nname = \"agg-0\"\npolicy = \"round_robin\"\n[[pool.engine]]\nurl = \"{url}\"\nmodel = \"mock-model\"\n"),
+    )
+    .unwrap();
+    let overrides = Overrides { policy: Some(PolicyKind::LeastLoaded), ..Overrides::default() };
+    let mut cfg = Config::load(&path).unwrap();
+    overrides.apply(&mut cfg);
+    let mut p = serve::spawn_with(cfg, Some(path.clone()), overrides).unwrap();
+    assert_eq!(p.fleet.load().pools[0].policy, PolicyKind::LeastLoaded);
+    p.reload().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(p.fleet.load().pools[0].policy, PolicyKind::LeastLoaded, "--policy outlives a reload");
 }
 
 #[test]

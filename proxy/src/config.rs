@@ -24,7 +24,7 @@
 //! | `health.eject_ms` | 5000 | first passive ejection; doubles per repeat, up to 60 s |
 //! | `model[].name` | — | a served model name |
 //! | `model[].tokenizer` | none | `builtin` or an HF model directory: exact KV-aware routing (none: approximate, over text) |
-//! | `model[].max_model_len` | none | longest prompt in tokens (longer: 400); an adapter's defaults to its base's |
+//! | `model[].max_model_len` | learned | vLLM's `max_model_len`: a prompt of this many tokens or more gets a 400 where routing reads prompts (a `kv` pool or a grid); none: the least its engines list on `/v1/models`, read by the health prober (`health.interval_ms` > 0); an adapter's defaults to its base's |
 //! | `model[].base` | none | this model is a LoRA adapter of that `[[model]]`: served by its engines (started with `--lora-modules NAME=PATH`), tokenized by its tokenizer, its KV blocks keyed by the adapter's name as vLLM keys them |
 //! | `server.global_router` | none | Dynamo global-router JSON config: pool choice by grid (`--global-router-config`) |
 //! | `routing.engine_metrics_interval_ms` | 1000 | scrape of engines' `/metrics` for the `kv` cost (0: off) |
@@ -33,13 +33,19 @@
 //! | `pool[].role` | `agg` | `agg`, `prefill` or `decode` |
 //! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session`, `kv` |
 //! | `pool[].index_path` | `/dev/shm/gantry-kvindex-<port>-<pool>` | `kv`: the pool's shared-memory prefix index |
-//! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each). Changing it (or `block_size`, or `index_path`) on a reload replaces the pool's index with an empty one, which fills from the engines' events from then on |
+//! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each). Each engine's events may fill an equal share (capacity / the pool's engines when it is first followed; beyond it its own oldest blocks go), so one engine never evicts another's: size it to engines × the largest engine's GPU blocks. Changing it (or `block_size`, or `index_path`) on a reload replaces the pool's index with an empty one, which fills from the engines' events from then on |
 //! | `pool[].kv.prefill_weight` … | see `route/kv.rs` | `kv` cost weights: `prefill_weight`, `decode_weight`, `waiting_weight`, `usage_weight`, `load_factor`, `temperature` |
 //! | `pool[].session_header` | `x-session-id` | header keyed by the `session` policy |
 //! | `pool[].block_size` | 16 | KV block size of the pool's engines |
 //! | `pool[].engine[].url` | — | `http://host:port` of a `vllm serve` |
 //! | `pool[].engine[].model` | — | model it serves (must be a `model[].name`) |
 //! | `pool[].engine[].kv_events` / `kv_replay` | none | its ZMQ KV-event endpoints |
+//! | `pool[].engine[].dp_ranks` | 1 | its data-parallel ranks: rank `r` publishes on the `kv_events` / `kv_replay` port + `r` |
+//! | `pool[].engine[].kv_topic` | empty | topic of its KV events (vLLM's `kv_events_config.topic`; empty: all) |
+//!
+//! Relative paths in the file (`server.global_router`, `model[].tokenizer`, `pool[].index_path`) are
+//! taken from the file's folder; `gantry serve`'s command-line settings win over the file's, also
+//! after a reload.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -67,6 +73,8 @@ pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_EJECT_MS: u64 = 5_000;
 /// Default KV block size.
 pub const DEFAULT_BLOCK_SIZE: u32 = 16;
+/// `model[].tokenizer` naming the built-in tokenizer rather than a folder.
+pub const BUILTIN_TOKENIZER: &str = "builtin";
 
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -395,6 +403,30 @@ pub struct EngineConf {
     /// ZMQ KV-event replay endpoint.
     #[serde(default)]
     pub kv_replay: Option<String>,
+    /// Data-parallel ranks of the engine (vLLM's `data_parallel_size`): rank `r` publishes on
+    /// the `kv_events` (and `kv_replay`) port plus `r`.
+    #[serde(default = "one")]
+    pub dp_ranks: u32,
+    /// Topic of its KV events (vLLM's `kv_events_config.topic`; empty: every topic).
+    #[serde(default)]
+    pub kv_topic: String,
+}
+
+impl Default for EngineConf {
+    fn default() -> Self {
+        EngineConf {
+            url: String::new(),
+            model: String::new(),
+            kv_events: None,
+            kv_replay: None,
+            dp_ranks: 1,
+            kv_topic: String::new(),
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A config problem, naming the key.
@@ -468,14 +500,81 @@ pub fn resolve_authority(authority: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("`{with_port}` resolves to no address"))
 }
 
+/// Settings given on `gantry serve`'s command line. They win over the file's, at start and again
+/// after every reload (a reload re-reads only the file).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--workers`.
+    pub workers: Option<usize>,
+    /// `--driver`.
+    pub driver: Option<String>,
+    /// `--global-router-config`.
+    pub global_router: Option<PathBuf>,
+    /// `--policy`: every pool's.
+    pub policy: Option<PolicyKind>,
+}
+
+impl Overrides {
+    /// Sets each given setting in `cfg`.
+    pub fn apply(&self, cfg: &mut Config) {
+        if let Some(l) = &self.listen {
+            cfg.server.listen.clone_from(l);
+        }
+        if let Some(w) = self.workers {
+            cfg.server.workers = w;
+        }
+        if let Some(d) = &self.driver {
+            cfg.server.driver.clone_from(d);
+        }
+        if let Some(g) = &self.global_router {
+            cfg.server.global_router = Some(g.clone());
+        }
+        if let Some(p) = self.policy {
+            for pool in &mut cfg.pool {
+                pool.policy = p;
+            }
+        }
+    }
+}
+
 impl Config {
-    /// Reads and validates a TOML file.
+    /// Reads and validates a TOML file. Relative paths in it (`server.global_router`, a
+    /// `model[].tokenizer` directory, `pool[].index_path`) are taken from the file's folder, so the
+    /// file means the same whatever directory the proxy starts in (a systemd unit's is `/`).
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let cfg: Config =
+        let mut cfg: Config =
             toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        if let Some(dir) = path.parent() {
+            cfg.resolve_paths(dir);
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Joins the config's relative paths to `dir` (see [`Config::load`]).
+    fn resolve_paths(&mut self, dir: &std::path::Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        if let Some(g) = &mut self.server.global_router {
+            join(g);
+        }
+        for m in &mut self.model {
+            // `builtin` names the built-in tokenizer, not a folder.
+            if let Some(t) = m.tokenizer.as_mut().filter(|t| t.as_os_str() != BUILTIN_TOKENIZER) {
+                join(t);
+            }
+        }
+        for p in &mut self.pool {
+            if let Some(i) = &mut p.index_path {
+                join(i);
+            }
+        }
     }
 
     /// One aggregated pool of `engines` serving `model` (the `--engine URL` shortcut).
@@ -493,7 +592,7 @@ impl Config {
                 kv: KvConf::default(),
                 engine: engines
                     .iter()
-                    .map(|u| EngineConf { url: u.clone(), model: model.into(), kv_events: None, kv_replay: None })
+                    .map(|u| EngineConf { url: u.clone(), model: model.into(), ..EngineConf::default() })
                     .collect(),
             }],
             ..Config::default()
@@ -641,6 +740,13 @@ impl Config {
                         ))
                     }
                     Some(_) => {}
+                }
+                let max = gantry_kvindex::subscriber::MAX_DP_RANKS;
+                if !(1..=max).contains(&e.dp_ranks) {
+                    return Err(invalid(
+                        format!("pool[{i}].engine[{j}].dp_ranks"),
+                        format!("must be in 1..={max} (got {})", e.dp_ranks),
+                    ));
                 }
             }
         }

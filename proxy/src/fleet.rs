@@ -15,9 +15,9 @@ use arc_swap::ArcSwap;
 use gantry_kvindex::sink::EngineSlot;
 use gantry_tokenizer::Tokenizer;
 
-use crate::config::{parse_engine_url, Config, PolicyKind, Role};
+use crate::config::{parse_engine_url, Config, ConfigError, PolicyKind, Role};
 use crate::metrics::{EngineCounters, StatusCounts};
-use crate::route::grid::{GlobalRouterConfig, Topology};
+use crate::route::grid::{DefaultTargets, GlobalRouterConfig, Topology};
 use crate::route::index::PoolIndex;
 use crate::route::kv::Weights;
 
@@ -63,6 +63,8 @@ pub struct EngineState {
     pub probe_ok_streak: AtomicU32,
     /// Probe streaks.
     pub probe_fail_streak: AtomicU32,
+    /// Its context length, learned from its `/v1/models` by the health prober (0: not yet).
+    pub max_model_len: AtomicU64,
     /// Request failures in a row (connect errors, 5xx).
     pub passive_failures: AtomicU32,
     /// Ejections so far (backoff doubles with each).
@@ -96,6 +98,7 @@ impl EngineState {
             active_blocks: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             kv_usage_ppm: AtomicU64::new(0),
+            max_model_len: AtomicU64::new(0),
         })
     }
 
@@ -197,8 +200,7 @@ impl Pool {
                 engine_conf(&self.conf, &e.url).cloned().unwrap_or_else(|| crate::config::EngineConf {
                     url: e.url.clone(),
                     model: e.model.clone(),
-                    kv_events: None,
-                    kv_replay: None,
+                    ..Default::default()
                 })
             })
             .collect()
@@ -219,14 +221,28 @@ pub struct ModelInfo {
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// Where the tokenizer came from (`builtin` or a directory), to reuse it across reloads.
     pub tokenizer_source: Option<std::path::PathBuf>,
-    /// Longest prompt in tokens (longer ones get a 400).
+    /// Longest prompt in tokens as configured (`model[].max_model_len`).
     pub max_model_len: Option<usize>,
+    /// Without one configured: the least context length its engines report (0: none known yet),
+    /// learned by the health prober from their `/v1/models`.
+    pub learned_max_model_len: Arc<AtomicU64>,
     /// The model its engines serve: its own name, or for a LoRA adapter its base's.
     pub served_by: String,
     /// For a LoRA adapter, its name: vLLM keys every block of its requests with it.
     pub lora: Option<String>,
     /// Requests that named this model, by the status the client got (kept across reloads).
     pub requests: Arc<StatusCounts>,
+}
+
+impl ModelInfo {
+    /// The longest prompt it takes plus one (vLLM's `max_model_len`): as configured, else as its
+    /// engines report it (None: unknown, no check).
+    pub fn context_len(&self) -> Option<usize> {
+        self.max_model_len.or(match self.learned_max_model_len.load(Ordering::Relaxed) {
+            0 => None,
+            n => usize::try_from(n).ok(),
+        })
+    }
 }
 
 /// An immutable view of all pools.
@@ -241,11 +257,14 @@ pub struct Fleet {
     /// Pool choice by Dynamo's global-router grid (`server.global_router`); None: the first
     /// aggregated pool serving the model.
     pub router: Option<Arc<GlobalRouterConfig>>,
+    /// Targets of requests that name none (`routing.default_*_target_ms`): for the grid, and for
+    /// counting requests over their target.
+    pub default_targets: DefaultTargets,
 }
 
 impl Fleet {
     /// Builds the fleet of `cfg`, reusing engines of `old` that keep their URL and model.
-    pub fn build(cfg: &Config, old: Option<&Fleet>) -> Result<Fleet, String> {
+    pub fn build(cfg: &Config, old: Option<&Fleet>) -> Result<Fleet, ConfigError> {
         let mut reuse: HashMap<(&str, &str), &Arc<EngineState>> = HashMap::new();
         if let Some(old) = old {
             for e in old.pools.iter().flat_map(|p| &p.engines) {
@@ -260,7 +279,8 @@ impl Fleet {
                 let state = match reuse.get(&(url, e.model.as_str())) {
                     Some(s) => Arc::clone(s),
                     None => Arc::new(
-                        EngineState::new(&e.url, &e.model).map_err(|m| format!("pool[{i}].engine[{j}].url: {m}"))?,
+                        EngineState::new(&e.url, &e.model)
+                            .map_err(|m| invalid(format!("pool[{i}].engine[{j}].url"), m))?,
                     ),
                 };
                 engines.push(state);
@@ -284,15 +304,15 @@ impl Fleet {
             let requests =
                 old.and_then(|o| o.model(&m.name)).map_or_else(Default::default, |x| Arc::clone(&x.requests));
             if let Some(base) = &m.base {
-                let b = model_info
-                    .iter()
-                    .find(|x| &x.name == base)
-                    .ok_or_else(|| format!("model[{i}].base: `{base}` is not a configured base model"))?;
+                let b = model_info.iter().find(|x| &x.name == base).ok_or_else(|| {
+                    invalid(format!("model[{i}].base"), format!("`{base}` is not a configured base model"))
+                })?;
                 model_info.push(ModelInfo {
                     name: m.name.clone(),
                     tokenizer: b.tokenizer.clone(),
                     tokenizer_source: b.tokenizer_source.clone(),
                     max_model_len: m.max_model_len.or(b.max_model_len),
+                    learned_max_model_len: Arc::clone(&b.learned_max_model_len),
                     served_by: base.clone(),
                     lora: Some(m.name.clone()),
                     requests,
@@ -306,7 +326,7 @@ impl Fleet {
                 (None, _) => None,
                 (Some(_), Some(t)) => Some(t),
                 (Some(src), None) => {
-                    Some(Arc::new(load_tokenizer(src).map_err(|e| format!("model[{i}].tokenizer: {e}"))?))
+                    Some(Arc::new(load_tokenizer(src).map_err(|e| invalid(format!("model[{i}].tokenizer"), e))?))
                 }
             };
             model_info.push(ModelInfo {
@@ -314,19 +334,32 @@ impl Fleet {
                 tokenizer,
                 tokenizer_source: m.tokenizer.clone(),
                 max_model_len: m.max_model_len,
+                learned_max_model_len: Arc::new(AtomicU64::new(learned(&pools, &m.name))),
                 served_by: m.name.clone(),
                 lora: None,
                 requests,
             });
         }
+        let r = &cfg.routing;
+        for (key, v) in [
+            ("routing.default_ttft_target_ms", r.default_ttft_target_ms),
+            ("routing.default_itl_target_ms", r.default_itl_target_ms),
+        ] {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(invalid(key.into(), format!("must be a non-negative number of milliseconds, got {v}")));
+            }
+        }
+        let default_targets = DefaultTargets { ttft_ms: r.default_ttft_target_ms, itl_ms: r.default_itl_target_ms };
         let router = match &cfg.server.global_router {
             None => None,
             Some(path) => {
-                let key = |e: &dyn std::fmt::Display| format!("server.global_router ({}): {e}", path.display());
+                let key = |e: &dyn std::fmt::Display| {
+                    invalid("server.global_router".into(), format!("{}: {e}", path.display()))
+                };
                 let mut g = GlobalRouterConfig::load(path).map_err(|e| key(&e))?;
                 let r = &cfg.routing;
                 g.set_default_targets(r.default_ttft_target_ms, r.default_itl_target_ms)
-                    .map_err(|e| format!("routing.default_*_target_ms: {e}"))?;
+                    .map_err(|e| invalid("routing.default_*_target_ms".into(), e))?;
                 if matches!(g.topology, Topology::Disagg { .. }) {
                     return Err(key(&"mode `disagg` needs prefill/decode pools, which arrive with P/D orchestration; use mode `agg`"));
                 }
@@ -338,7 +371,18 @@ impl Fleet {
                 Some(Arc::new(g))
             }
         };
-        Ok(Fleet { pools, models: cfg.model.iter().map(|m| m.name.clone()).collect(), model_info, router })
+        let models = cfg.model.iter().map(|m| m.name.clone()).collect();
+        Ok(Fleet { pools, models, model_info, router, default_targets })
+    }
+
+    /// Records that an engine serving `model` reports a context length of `len` tokens: the
+    /// model (and its adapters) then refuse longer prompts, by the least length reported.
+    pub fn learn_max_model_len(&self, model: &str, len: u64) {
+        for m in self.model_info.iter().filter(|m| m.served_by == model && m.lora.is_none()) {
+            let _ = m
+                .learned_max_model_len
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| (cur == 0 || len < cur).then_some(len));
+        }
     }
 
     /// What routing knows of `model`.
@@ -378,6 +422,7 @@ impl Fleet {
             models: self.models.clone(),
             model_info: self.model_info.clone(),
             router: self.router.clone(),
+            default_targets: self.default_targets,
         };
         fleet.sync_indexes();
         fleet
@@ -398,11 +443,22 @@ impl Fleet {
 
 /// `builtin` is the built-in tokenizer (the mock's default); anything else a model directory.
 pub fn load_tokenizer(src: &std::path::Path) -> Result<Tokenizer, gantry_tokenizer::TokenizerError> {
-    if src.as_os_str() == "builtin" {
+    if src.as_os_str() == crate::config::BUILTIN_TOKENIZER {
         Ok(Tokenizer::builtin())
     } else {
         Tokenizer::from_dir(src)
     }
+}
+
+/// The least context length the engines of `pools` serving `model` have reported (0: none).
+fn learned(pools: &[Pool], model: &str) -> u64 {
+    let lens = pools.iter().flat_map(|p| &p.engines).filter(|e| e.model == model);
+    lens.map(|e| e.max_model_len.load(Ordering::Relaxed)).filter(|&n| n > 0).min().unwrap_or(0)
+}
+
+/// A config error naming `key`.
+fn invalid(key: String, problem: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid { key, problem: problem.to_string() }
 }
 
 /// The shared, swappable fleet.

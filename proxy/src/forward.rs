@@ -30,9 +30,9 @@ use crate::http::{HttpError, Method, ResponseHead};
 use crate::metrics::{Metrics, StatusCounts};
 use crate::policy::{pick, PickInput};
 use crate::route::grid::{targets_from_body, PoolQuery, Targets};
-use crate::route::index::{prediction_ttl, WorkerIndex};
+use crate::route::index::{prediction_ttl, PoolIndex, WorkerIndex};
 use crate::route::kv::{self, Candidate, Cost};
-use crate::route::prompt::{Endpoint, PromptContent, PromptInput};
+use crate::route::prompt::{Endpoint, PromptContent, PromptInput, TEXT_CHUNK_BYTES};
 
 /// Longest ejection after repeated passive failures.
 const MAX_EJECT_MS: u64 = 60_000;
@@ -134,6 +134,11 @@ struct KvPlan {
     blocks: u32,
     /// Chained hashes of its full blocks (for predictions).
     hashes: Vec<u64>,
+    /// Prompt tokens per hashed block: the pool's block size, or about
+    /// [`TEXT_CHUNK_BYTES`]` / 4` for a prompt hashed as text chunks.
+    block_tokens: u64,
+    /// Whether the hashes are token blocks (as the engines' events are), not text chunks.
+    exact: bool,
     /// Per engine (pool order).
     candidates: Vec<Candidate>,
     /// Whether the pool's index answered (else load only).
@@ -159,8 +164,8 @@ impl<'f> Pools<'f> {
 
 impl KvPlan {
     /// Prompt tokens engine `idx` holds by the index (its overlap in tokens).
-    fn cached_tokens(&self, idx: usize, block_size: u32) -> u64 {
-        (u64::from(self.candidates[idx].overlap_blocks) * u64::from(block_size)).min(self.tokens)
+    fn cached_tokens(&self, idx: usize) -> u64 {
+        (u64::from(self.candidates[idx].overlap_blocks) * self.block_tokens).min(self.tokens)
     }
 }
 
@@ -181,11 +186,23 @@ struct Routed<'a> {
     started: Instant,
     /// The chosen engine's overlap (`kv` only; the `x-gantry-overlap-blocks` header).
     overlap: Option<u32>,
-    /// Prompt tokens the router expected the engine to hold (`kv` only).
+    /// Prompt tokens the router expected the engine to hold (`kv` decisions on token blocks).
     predicted_cached: Option<u64>,
+    /// How the pool's prefill demand is counted for this request.
+    demand: Demand,
     targets: &'a Targets,
     /// The requested model's counters: the relay counts the status the client gets.
     model_requests: &'a StatusCounts,
+}
+
+/// Where a request's prompt tokens enter its pool's demand counters.
+#[derive(Clone, Copy)]
+enum Demand {
+    /// At the decision (`kv`: [`Proxy::count_decision`], uncached by the index).
+    Counted,
+    /// When the response ends, from the engine's usage (prompt tokens less the cached ones it
+    /// reports), else from these prompt tokens as routing read them (all taken as uncached).
+    AtEnd(Option<u64>),
 }
 
 /// A worker's routing state: tokenizer caches (by served model: adapters share their base's),
@@ -194,8 +211,13 @@ struct Routed<'a> {
 struct RouteWorker {
     caches: Vec<(String, EncodeCache)>,
     indexes: Vec<WorkerIndex>,
+    /// Indexes this worker could not open, and when (`now_ms`) to try again.
+    unreadable: Vec<(Arc<PoolIndex>, u64)>,
     costs: Vec<f64>,
 }
+
+/// How long a worker routes a pool on load alone after failing to open its index.
+const INDEX_RETRY_MS: u64 = 5_000;
 
 /// Counts a client abort unless disarmed.
 struct AbortWatch<'a> {
@@ -426,10 +448,15 @@ impl Proxy {
         let mut input: Option<PromptInput> = None;
         if let (Some(ep), Some(body)) = (endpoint, body) {
             targets = match targets_from_body(body) {
-                Ok(t) => t,
-                Err(m) => {
+                // A request without a target is held to the default one (as the grid is).
+                Ok(t) => Targets {
+                    ttft_target_ms: t.ttft_target_ms.or(fleet.default_targets.ttft_ms),
+                    itl_target_ms: t.itl_target_ms.or(fleet.default_targets.itl_ms),
+                    ..t
+                },
+                Err(bad) => {
                     info.requests.request(400);
-                    return self.refuse(resp, 400, &m, Some("nvext")).await;
+                    return self.refuse(resp, 400, &bad.message, Some(&bad.param)).await;
                 }
             };
             let read = {
@@ -448,7 +475,7 @@ impl Proxy {
                     ep,
                     info.tokenizer.as_deref(),
                     &mut caches[at].1,
-                    info.max_model_len,
+                    info.context_len(),
                     info.lora.as_deref(),
                 )
             };
@@ -461,7 +488,7 @@ impl Proxy {
             }
         }
         // A LoRA adapter is served by its base model's engines.
-        let chosen = Self::choose_pools(&fleet, &info.served_by, input.as_ref(), &targets);
+        let chosen = self.choose_pools(&fleet, &info.served_by, input.as_ref(), &targets);
         let pools = chosen.as_slice();
         if pools.is_empty() {
             info.requests.request(503);
@@ -491,7 +518,13 @@ impl Proxy {
 
     /// The pools to try, in order: the global router's grid choice (then faster pools when its
     /// priority retry is on), or the first aggregated pool serving `model`.
-    fn choose_pools<'f>(fleet: &'f Fleet, model: &str, input: Option<&PromptInput>, targets: &Targets) -> Pools<'f> {
+    fn choose_pools<'f>(
+        &self,
+        fleet: &'f Fleet,
+        model: &str,
+        input: Option<&PromptInput>,
+        targets: &Targets,
+    ) -> Pools<'f> {
         let serves = |p: &&Pool| p.engines.iter().any(|e| e.model == model);
         if let (Some(g), Some(input)) = (&fleet.router, input) {
             let q = PoolQuery::new(u32::try_from(input.tokens()).unwrap_or(u32::MAX), targets);
@@ -504,6 +537,17 @@ impl Proxy {
                     .collect();
                 if !pools.is_empty() {
                     return Pools::Many(pools);
+                }
+                // Counted, and logged at the 1st, 2nd, 4th, 8th… time: a misconfigured grid
+                // shows without flooding the log.
+                let n = self.metrics.grid_fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        model,
+                        pool = %first.namespace,
+                        fallbacks = n,
+                        "the grid's pools do not serve this model: using its first agg pool"
+                    );
                 }
             }
         }
@@ -518,19 +562,27 @@ impl Proxy {
         let mut indexed = false;
         if let Some(index) = &pool.index {
             let mut routing = self.routing.borrow_mut();
+            let now = now_ms();
             let at = match routing.indexes.iter().position(|w| Arc::ptr_eq(&w.index, index)) {
                 Some(i) => Some(i),
-                None => match WorkerIndex::open(index) {
-                    Ok(w) => {
-                        routing.indexes.retain(|w| Arc::strong_count(&w.index) > 1);
-                        routing.indexes.push(w);
-                        Some(routing.indexes.len() - 1)
+                // Tried and failed lately: load alone until it is time to try again.
+                None if routing.unreadable.iter().any(|(i, at)| Arc::ptr_eq(i, index) && now < *at) => None,
+                None => {
+                    routing.unreadable.retain(|(i, _)| !Arc::ptr_eq(i, index) && Arc::strong_count(i) > 1);
+                    match WorkerIndex::open(index) {
+                        Ok(w) => {
+                            routing.indexes.retain(|w| Arc::strong_count(&w.index) > 1);
+                            routing.indexes.push(w);
+                            Some(routing.indexes.len() - 1)
+                        }
+                        Err(e) => {
+                            index.open_failures.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(pool = %pool.name, error = %e, retry_ms = INDEX_RETRY_MS, "kv index unreadable by this worker: routing on load alone");
+                            routing.unreadable.push((Arc::clone(index), now + INDEX_RETRY_MS));
+                            None
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(pool = %pool.name, error = %e, "kv index unreadable: routing on load alone");
-                        None
-                    }
-                },
+                }
             };
             if let Some(at) = at {
                 let w = &mut routing.indexes[at];
@@ -553,6 +605,8 @@ impl Proxy {
             tokens,
             blocks: u32::try_from(tokens.div_ceil(bs)).unwrap_or(u32::MAX),
             hashes: prompt.hashes,
+            block_tokens: if prompt.exact { bs } else { (TEXT_CHUNK_BYTES / 4) as u64 },
+            exact: prompt.exact,
             candidates,
             indexed,
         }
@@ -607,7 +661,7 @@ impl Proxy {
                         self.metrics.route_decision.observe(started.elapsed().as_secs_f64());
                     }
                     let o = plan.candidates[idx].overlap_blocks;
-                    let cached = plan.cached_tokens(idx, pool.block_size);
+                    let cached = plan.cached_tokens(idx);
                     if let (Some(index), Some(slot)) = (&pool.index, pool.slots[idx]) {
                         let tokens = input.is_some_and(|p| matches!(p.content, PromptContent::Tokens(_)));
                         let ttl = prediction_ttl(pool.events[idx], tokens);
@@ -648,12 +702,25 @@ impl Proxy {
                         self.passive_success(engine);
                     }
                     engine.counters.request(head.status);
-                    let predicted_cached = plan.as_ref().map(|plan| {
+                    if let Some(plan) = &plan {
                         self.count_decision(pool, plan, idx);
-                        plan.cached_tokens(idx, pool.block_size)
-                    });
-                    let routed =
-                        Routed { charge: &charge, started, overlap, predicted_cached, targets, model_requests };
+                    }
+                    // Predictions over text chunks are estimates: routing accuracy is measured
+                    // on token blocks only.
+                    let predicted_cached = plan.as_ref().filter(|p| p.exact).map(|plan| plan.cached_tokens(idx));
+                    let routed = Routed {
+                        charge: &charge,
+                        started,
+                        overlap,
+                        predicted_cached,
+                        demand: if plan.is_none() {
+                            Demand::AtEnd(input.map(|p| p.tokens() as u64))
+                        } else {
+                            Demand::Counted
+                        },
+                        targets,
+                        model_requests,
+                    };
                     self.relay(conn, head, resp, pool, engine, &routed).await;
                     drop(charge);
                     return Ok(());
@@ -688,7 +755,7 @@ impl Proxy {
         c.cost_prefill_milli.fetch_add(milli(cost.prefill), Ordering::Relaxed);
         c.cost_decode_milli.fetch_add(milli(cost.decode), Ordering::Relaxed);
         c.cost_pressure_milli.fetch_add(milli(cost.pressure), Ordering::Relaxed);
-        let cached = plan.cached_tokens(idx, pool.block_size);
+        let cached = plan.cached_tokens(idx);
         c.predicted_cached_tokens.fetch_add(cached, Ordering::Relaxed);
         c.prompt_tokens.fetch_add(plan.tokens, Ordering::Relaxed);
         c.uncached_prompt_tokens.fetch_add(plan.tokens - cached, Ordering::Relaxed);
@@ -703,6 +770,13 @@ impl Proxy {
         if let Some(o) = usage.completion {
             self.metrics.osl.observe(o as f64);
             c.output_tokens.fetch_add(o, Ordering::Relaxed);
+        }
+        if let Demand::AtEnd(read) = routed.demand {
+            if let Some(prompt) = usage.prompt.or(read) {
+                c.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+                let cached = usage.cached.unwrap_or(0).min(prompt);
+                c.uncached_prompt_tokens.fetch_add(prompt - cached, Ordering::Relaxed);
+            }
         }
         if let (Some(p), Some(r)) = (routed.predicted_cached, usage.cached) {
             c.predicted_cached_tokens_reported.fetch_add(p, Ordering::Relaxed);

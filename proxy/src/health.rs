@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::config::HealthConf;
-use crate::fleet::SharedFleet;
+use crate::fleet::{EngineState, Fleet, SharedFleet};
 use crate::http::client::ClientConn;
 
 /// `GET path` on an engine over a fresh `Connection: close` connection, all within `timeout`:
@@ -41,6 +41,9 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
         for (_, e) in snapshot.engines() {
             let ok = probe(e.addr, &e.authority, timeout).await;
             if ok {
+                if e.max_model_len.load(Ordering::Relaxed) == 0 {
+                    learn_max_model_len(&snapshot, e, timeout).await;
+                }
                 e.probe_fail_streak.store(0, Ordering::Relaxed);
                 let n = e.probe_ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= conf.healthy_threshold && e.probe_down.swap(false, Ordering::Relaxed) {
@@ -57,6 +60,24 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
         }
         monoio::time::sleep_until(round + interval).await;
     }
+}
+
+/// Reads a healthy engine's context length from its `/v1/models` (vLLM lists `max_model_len`
+/// per served model), so prompts too long for it get a 400 at the proxy without a model
+/// `max_model_len` in the config. Tried on each good probe until it answers.
+async fn learn_max_model_len(fleet: &Fleet, e: &EngineState, timeout: Duration) {
+    let Some((200, body)) = get(e.addr, &e.authority, "/v1/models", timeout).await else { return };
+    let Some(len) = max_model_len_of(&body, &e.model) else { return };
+    e.max_model_len.store(len, Ordering::Relaxed);
+    fleet.learn_max_model_len(&e.model, len);
+    tracing::debug!(engine = %e.url, max_model_len = len, "engine context length learned");
+}
+
+/// `max_model_len` of `model` in a `/v1/models` body, if it is a positive integer.
+pub fn max_model_len_of(body: &[u8], model: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let entry = v.get("data")?.as_array()?.iter().find(|m| m.get("id").and_then(|i| i.as_str()) == Some(model))?;
+    entry.get("max_model_len")?.as_u64().filter(|&n| n > 0)
 }
 
 /// The sum of every sample of metric `name` in Prometheus text (labels ignored), if any. A
@@ -124,7 +145,20 @@ pub async fn scrape_loop(fleet: SharedFleet, interval: Duration, timeout: Durati
 
 #[cfg(test)]
 mod tests {
-    use super::metric_sum;
+    use super::{max_model_len_of, metric_sum};
+
+    #[test]
+    fn max_model_len_is_read_for_the_engines_model_only() {
+        let body = br#"{"object":"list","data":[
+            {"id":"other","object":"model","max_model_len":4096},
+            {"id":"m","object":"model","root":"m","parent":null,"max_model_len":8192}]}"#;
+        assert_eq!(max_model_len_of(body, "m"), Some(8192));
+        assert_eq!(max_model_len_of(body, "other"), Some(4096));
+        assert_eq!(max_model_len_of(body, "absent"), None);
+        assert_eq!(max_model_len_of(br#"{"data":[{"id":"m","max_model_len":0}]}"#, "m"), None, "0 is no length");
+        assert_eq!(max_model_len_of(br#"{"data":[{"id":"m","max_model_len":"8k"}]}"#, "m"), None);
+        assert_eq!(max_model_len_of(b"not json", "m"), None);
+    }
 
     #[test]
     fn metric_sum_adds_every_label_set_and_skips_look_alikes() {

@@ -177,6 +177,9 @@ pub struct Metrics {
     pub route_decision: Histogram,
     /// `kv` routing: overlap blocks of the chosen engine.
     pub route_overlap: Histogram,
+    /// Requests whose grid-chosen pools do not serve their model, sent to the model's first
+    /// aggregated pool instead.
+    pub grid_fallbacks: AtomicU64,
 }
 
 /// Per-pool routing and demand counters; carried over reloads by pool name.
@@ -226,6 +229,7 @@ impl Default for Metrics {
             client_aborts: AtomicU64::new(0),
             route_decision: Histogram::new(DECISION_BUCKETS),
             route_overlap: Histogram::new(BLOCK_BUCKETS),
+            grid_fallbacks: AtomicU64::new(0),
         }
     }
 }
@@ -234,10 +238,16 @@ impl Default for Metrics {
 fn render_pools(out: &mut String, fleet: &Fleet) {
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
     type PoolValue = fn(&crate::fleet::Pool, &dyn Fn(&AtomicU64) -> f64) -> f64;
-    let rows: [(&str, &str, &str, PoolValue); 12] = [
+    let rows: [(&str, &str, &str, PoolValue); 13] = [
         ("gantry_route_index_available", "gauge", "1 if the pool's kv index is up (0: load-only routing).", |p, _| {
             f64::from(u8::from(p.index.is_some()))
         }),
+        (
+            "gantry_route_index_open_failures_total",
+            "counter",
+            "Times a worker could not open the pool's kv index (it routes on load alone for 5 s).",
+            |p, l| p.index.as_ref().map_or(0.0, |i| l(&i.open_failures)),
+        ),
         ("gantry_route_cost_prefill_blocks_total", "counter", "Sum of chosen engines' prefill cost term.", |p, l| {
             l(&p.counters.cost_prefill_milli) / 1e3
         }),
@@ -303,13 +313,23 @@ fn render_pools(out: &mut String, fleet: &Fleet) {
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP gantry_pool_queue_depth Requests in flight through the proxy plus engine-reported waiting.\n# TYPE gantry_pool_queue_depth gauge"
-    );
-    for p in &fleet.pools {
-        let q: u64 = p.engines.iter().map(|e| e.load() + e.waiting.load(Ordering::Relaxed)).sum();
-        let _ = writeln!(out, "gantry_pool_queue_depth{{pool=\"{}\"}} {q}", esc(&p.name));
+    // Two views of a pool's load, kept apart: the proxy's requests in flight include those the
+    // engines report waiting, so a sum would count them twice.
+    type EngineValue = fn(&crate::fleet::EngineState) -> u64;
+    let pool_gauges: [(&str, &str, EngineValue); 2] = [
+        (
+            "gantry_pool_queue_depth",
+            "Requests waiting in the engines' queues (vllm:num_requests_waiting, scraped; 0 when routing.engine_metrics_interval_ms is 0).",
+            |e| e.waiting.load(Ordering::Relaxed),
+        ),
+        ("gantry_pool_in_flight", "Requests in flight through the proxy (waiting, prefilling or decoding).", |e| e.load()),
+    ];
+    for (name, help, value) in pool_gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for p in &fleet.pools {
+            let v: u64 = p.engines.iter().map(|e| value(e)).sum();
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {v}", esc(&p.name));
+        }
     }
 }
 
@@ -426,6 +446,11 @@ impl Metrics {
                 "gantry_client_aborts_total",
                 "Requests whose client went away before the end.",
                 self.client_aborts.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "gantry_route_grid_fallbacks_total",
+                "Requests whose grid-chosen pools do not serve their model, sent to its first agg pool.",
+                self.grid_fallbacks.load(Ordering::Relaxed) as f64,
             ),
         ] {
             let kind = if name.ends_with("_total") { "counter" } else { "gauge" };

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::admin::Admin;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Overrides};
 use crate::fleet::{Fleet, SharedFleet};
 use crate::forward::{PathConf, Proxy};
 use crate::http::server::{self, ServerConfig};
@@ -100,6 +100,8 @@ pub struct ProxyServer {
     /// The metrics.
     pub metrics: Arc<Metrics>,
     config_path: Option<PathBuf>,
+    /// The command line's settings, applied again after each reload.
+    overrides: Overrides,
     config: Config,
     stop_accepting: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -115,6 +117,12 @@ async fn wait_flag(flag: &AtomicBool) {
 
 /// Starts the proxy described by `cfg` (read from `config_path` if given, for reloads).
 pub fn spawn(cfg: Config, config_path: Option<PathBuf>) -> Result<ProxyServer, ServeError> {
+    spawn_with(cfg, config_path, Overrides::default())
+}
+
+/// [`spawn`] for a `cfg` that `overrides` (the command line's settings) were applied to: a
+/// reload applies them again to what it reads from `config_path`.
+pub fn spawn_with(cfg: Config, config_path: Option<PathBuf>, overrides: Overrides) -> Result<ProxyServer, ServeError> {
     cfg.validate()?;
     let driver = Driver::parse(&cfg.server.driver).unwrap_or_default();
     let workers = match cfg.server.workers {
@@ -140,7 +148,7 @@ pub fn spawn(cfg: Config, config_path: Option<PathBuf>) -> Result<ProxyServer, S
         None => None,
     };
     let admin = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let mut built = Fleet::build(&cfg, None).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?;
+    let mut built = Fleet::build(&cfg, None)?;
     attach_indexes(&mut built, addr.port());
     let fleet: SharedFleet = Arc::new(ArcSwap::from_pointee(built));
     let metrics = Arc::new(Metrics::default());
@@ -228,6 +236,7 @@ pub fn spawn(cfg: Config, config_path: Option<PathBuf>) -> Result<ProxyServer, S
         fleet,
         metrics,
         config_path,
+        overrides,
         config: cfg,
         stop_accepting,
         stop,
@@ -245,7 +254,8 @@ impl ProxyServer {
                 problem: "started without a config file".into(),
             });
         };
-        let new = Config::load(path)?;
+        let mut new = Config::load(path)?;
+        self.overrides.apply(&mut new);
         self.apply(new)
     }
 
@@ -257,8 +267,7 @@ impl ProxyServer {
         }
         let _changing = crate::fleet::change_lock();
         let old = self.fleet.load();
-        let mut fleet =
-            Fleet::build(&new, Some(&old)).map_err(|m| ConfigError::Invalid { key: "pool".into(), problem: m })?;
+        let mut fleet = Fleet::build(&new, Some(&old))?;
         // Indexes the new fleet does not keep (a pool removed, or its index settings changed) stop
         // now: a replacement at the same path needs the old writer's lock.
         for index in old.pools.iter().filter_map(|p| p.index.as_ref()) {
@@ -312,10 +321,15 @@ impl Drop for ProxyServer {
 }
 
 /// Runs the proxy in the foreground: SIGHUP reloads, SIGTERM or SIGINT drains and returns.
-pub fn run(cfg: Config, config_path: Option<PathBuf>, drain_timeout: Duration) -> Result<(), ServeError> {
+pub fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+    drain_timeout: Duration,
+) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]).map_err(ServeError::Thread)?;
-    let mut server = spawn(cfg, config_path)?;
+    let mut server = spawn_with(cfg, config_path, overrides)?;
     tracing::info!(listen = %server.addr, admin = ?server.admin, driver = server.driver, "gantry serve is up");
     for sig in signals.forever() {
         match sig {

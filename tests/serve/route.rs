@@ -95,17 +95,20 @@ fn proxy_tokens_equal_the_mock_tokenize_endpoint() {
 fn shared_prefixes_go_to_their_holder_until_it_is_loaded() {
     // Decode of at least 40 ms per token keeps streams in flight long enough to load an engine.
     let (m, p) = kv_stack(&["--speedup", "1", "--decode-min-ms", "40"], PolicyKind::Kv);
-    let first = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(1, 400, 0));
+    // The first request goes to engine 2 directly, past the proxy: only its KV events can tell
+    // the index (the proxy made no prediction). Wait for them, reading the same shared-memory
+    // segment the proxy reads.
+    let first = post(m.engines[2].http, "/v1/chat/completions", &shared_prefix_chat(1, 400, 0));
     assert_eq!(first.status, 200, "{}", String::from_utf8_lossy(&first.body));
-    let holder = first.header("x-gantry-engine").unwrap().to_owned();
-    // The index learns the holder from its events (or the proxy's prediction) within moments:
-    // wait for it, reading the same shared-memory segment the proxy reads.
-    let reader =
-        gantry_kvindex::index::IndexReader::open(p.fleet.load().pools[0].index.as_ref().unwrap().path.clone()).unwrap();
+    let holder = m.engines[2].url();
+    let index = p.fleet.load().pools[0].index.clone().unwrap();
+    let slot = index.slot_of(&holder).unwrap();
+    let reader = gantry_kvindex::index::IndexReader::open(index.path.clone()).unwrap();
     let hashes = prompt_hashes(&shared_prefix_chat(1, 400, 1));
     let mut overlaps = reader.new_overlaps();
-    wait_until("the index to hold the first prompt", Duration::from_secs(10), || {
-        reader.overlaps(&hashes, &mut overlaps) >= 400 / 16
+    wait_until("the holder's events in the index", Duration::from_secs(10), || {
+        reader.overlaps(&hashes, &mut overlaps);
+        overlaps.get(slot) >= 400 / 16
     });
     for tail in 1..6 {
         let r = post(p.addr, "/v1/chat/completions", &shared_prefix_chat(1, 400, tail));
@@ -118,6 +121,20 @@ fn shared_prefixes_go_to_their_holder_until_it_is_loaded() {
         let overlap: u32 = r.header("x-gantry-overlap-blocks").unwrap().parse().unwrap();
         assert!(overlap >= 400 / 16, "request {tail}: overlap {overlap} blocks");
     }
+    // What routing predicted of those five, against what the holder reported cached; and the
+    // decisions and their cost terms.
+    let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
+    let pool = |name: &str| metric(&text, &format!("{name}{{pool=\"agg-0\"}}"));
+    let (predicted, reported) =
+        (pool("gantry_route_accuracy_predicted_tokens_total"), pool("gantry_route_accuracy_reported_tokens_total"));
+    assert!(predicted >= 5.0 * 400.0, "predicted {predicted} cached tokens");
+    assert!((0.8..=1.25).contains(&(reported / predicted)), "reported {reported}, predicted {predicted}");
+    assert_eq!(metric(&text, "gantry_route_decisions_total{pool=\"agg-0\",outcome=\"overlap\"}"), 5.0);
+    let (prompt, uncached) =
+        (pool("gantry_pool_prompt_tokens_total"), pool("gantry_pool_uncached_prompt_tokens_total"));
+    assert_eq!(uncached, prompt - predicted, "uncached demand: the prompts less what the index held");
+    assert!(uncached > 0.0, "each prompt's own tail is uncached");
+    assert!(pool("gantry_route_cost_prefill_blocks_total") > 0.0, "{text}");
     // Six long streams at once: past the in-flight bound (2 × mean + 1) the holder is passed
     // over, so they spread.
     let mut stream_body = shared_prefix_chat(1, 400, 99);
@@ -401,11 +418,11 @@ fn bad_prompts_and_targets_get_a_400_naming_the_field() {
         (json!({"model": "mock-model", "prompt": [1, 2, 99_999_999]}), "prompt"),
         (
             json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "nvext": {"router": {"ttft_target": -5}}}),
-            "nvext",
+            "nvext.router.ttft_target",
         ),
         (
             json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "extra_args": {"itl_target": "fast"}}),
-            "nvext",
+            "extra_args.itl_target",
         ),
         (
             json!({"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "cache_salt": ""}),
@@ -418,6 +435,29 @@ fn bad_prompts_and_targets_get_a_400_naming_the_field() {
         assert_eq!(r.status, 400, "{body}");
         assert_eq!(r.json()["error"]["param"], json!(param), "{body}: {}", String::from_utf8_lossy(&r.body));
     }
+}
+
+#[test]
+fn the_engines_context_length_is_learned_and_longer_prompts_get_a_400_at_the_proxy() {
+    // No `max_model_len` in the proxy's config: the prober reads it from the engine's /v1/models.
+    // (The proxy reads prompts where routing needs them: a `kv` pool, or a grid.)
+    let m = mock(&["--max-model-len", "64"]);
+    let p = proxy(&[m.engines[0].url()], "auto", |cfg| {
+        cfg.model[0].tokenizer = Some("builtin".into());
+        cfg.pool[0].policy = PolicyKind::Kv;
+        cfg.pool[0].index_path = Some(scratch_dir("gantry-context").join("index"));
+        cfg.health.interval_ms = 20;
+    });
+    wait_until("the engine's context length learned", Duration::from_secs(10), || {
+        p.fleet.load().model("mock-model").and_then(|i| i.context_len()) == Some(64)
+    });
+    let words = |n| gantry_tokenizer::builtin_word_text(0, n);
+    let long = post(p.addr, "/v1/completions", &json!({"model": "mock-model", "prompt": words(64), "max_tokens": 1}));
+    assert_eq!(long.status, 400, "{}", String::from_utf8_lossy(&long.body));
+    assert_eq!(long.header("x-gantry-engine"), None, "refused by the proxy, not the engine");
+    assert!(long.json()["error"]["message"].as_str().unwrap().contains("maximum context length is 64"));
+    let fits = post(p.addr, "/v1/completions", &json!({"model": "mock-model", "prompt": words(40), "max_tokens": 1}));
+    assert_eq!(fits.status, 200, "{}", String::from_utf8_lossy(&fits.body));
 }
 
 #[test]
@@ -435,6 +475,82 @@ fn an_unavailable_index_degrades_the_pool_to_load_only_routing() {
     let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
     assert_eq!(metric(&text, "gantry_route_index_available{pool=\"agg-0\"}"), 0.0);
     assert_eq!(metric(&text, "gantry_route_decisions_total{pool=\"agg-0\",outcome=\"load_only\"}"), 1.0);
+}
+
+#[test]
+fn the_grid_picks_pools_by_request_targets_defaults_and_priority() {
+    let m = mock(&["--engines", "3"]);
+    let dir = scratch_dir("gantry-grid-targets");
+    // TTFT below the axis' midpoint (505 ms) goes to `fast`, above to `cheap`; priorities 10..=100
+    // go to `vip` whatever their targets.
+    let grid = json!({
+        "mode": "agg",
+        "num_agg_pools": 3,
+        "agg_pool_dynamo_namespaces": ["fast", "cheap", "vip"],
+        "agg_pool_selection_strategy": {
+            "ttft_min_ms": 10, "ttft_max_ms": 1000, "ttft_resolution": 2,
+            "itl_min_ms": 5, "itl_max_ms": 100, "itl_resolution": 1,
+            "agg_pool_mapping": [[0], [1]],
+            "priority_overrides": [{"min_priority": 10, "max_priority": 100, "target_pool": 2}]
+        }
+    });
+    let path = dir.join("global_router.json");
+    std::fs::write(&path, grid.to_string()).unwrap();
+    let urls: Vec<String> = m.engines.iter().map(|e| e.url()).collect();
+    let p = proxy(&urls[..1], "auto", |cfg| {
+        cfg.model[0].tokenizer = Some("builtin".into());
+        let base = cfg.pool[0].clone();
+        cfg.pool = ["fast", "cheap", "vip"]
+            .iter()
+            .zip(&urls)
+            .map(|(name, url)| {
+                let mut pool = base.clone();
+                pool.name = (*name).into();
+                pool.engine[0].url.clone_from(url);
+                pool
+            })
+            .collect();
+        cfg.server.global_router = Some(path.clone());
+        // A request without a TTFT target is held to 0 ms: the `fast` cell, and always over it.
+        cfg.routing.default_ttft_target_ms = Some(0.0);
+    });
+    let with = |extra: Value| {
+        let mut body = chat(2);
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        post(p.addr, "/v1/chat/completions", &body)
+    };
+    let cases = [
+        (json!({"nvext": {"router": {"ttft_target": 500}}}), "fast"),
+        (json!({"extra_args": {"ttft_target": 800}}), "cheap"),
+        (json!({}), "fast"),
+        (json!({"nvext": {"router": {"ttft_target": 800}, "agent_hints": {"priority": 50}}}), "vip"),
+    ];
+    let mut usage: std::collections::HashMap<&str, (f64, f64)> = std::collections::HashMap::new();
+    for (extra, pool) in cases {
+        let r = with(extra.clone());
+        assert_eq!(r.status, 200, "{extra}");
+        assert_eq!(r.header("x-gantry-pool"), Some(pool), "{extra}");
+        let u = &r.json()["usage"];
+        let (prompt, cached) =
+            (u["prompt_tokens"].as_f64().unwrap(), u["prompt_tokens_details"]["cached_tokens"].as_f64().unwrap());
+        let e = usage.entry(pool).or_default();
+        *e = (e.0 + prompt, e.1 + prompt - cached);
+    }
+
+    // The planner's demand counters, per pool, from what the engines reported.
+    let text = String::from_utf8(get(p.addr, "/metrics").body).unwrap();
+    for (pool, (prompt, uncached)) in usage {
+        assert_eq!(metric(&text, &format!("gantry_pool_prompt_tokens_total{{pool=\"{pool}\"}}")), prompt, "{pool}");
+        assert_eq!(
+            metric(&text, &format!("gantry_pool_uncached_prompt_tokens_total{{pool=\"{pool}\"}}")),
+            uncached,
+            "{pool}"
+        );
+    }
+    // Only the request held to the default 0 ms target went over it (the mock answers in
+    // milliseconds; the others' targets are 500 and 800 ms).
+    assert_eq!(metric(&text, "gantry_pool_over_ttft_target_total{pool=\"fast\"}"), 1.0, "{text}");
+    assert_eq!(metric(&text, "gantry_pool_over_ttft_target_total{pool=\"cheap\"}"), 0.0);
 }
 
 #[test]
@@ -477,5 +593,6 @@ fn the_global_router_grid_picks_the_pool_by_prompt_length() {
     cfg.pool[0].name = "short".into();
     cfg.server.global_router = Some(path);
     let err = serve::spawn(cfg, None).unwrap_err().to_string();
+    assert!(err.starts_with("invalid `server.global_router`: "), "the error names the setting: {err}");
     assert!(err.contains("agg_pool_dynamo_namespaces[1]") && err.contains("nowhere"), "{err}");
 }

@@ -32,6 +32,7 @@ fn the_documented_shape_parses() {
     let cfg = parse(EXAMPLE).unwrap();
     assert_eq!(cfg.server.workers, 2);
     assert_eq!(cfg.pool[0].engine[0].kv_replay.as_deref(), Some("tcp://127.0.0.1:5558"));
+    assert_eq!((cfg.pool[0].engine[0].dp_ranks, cfg.pool[0].engine[0].kv_topic.as_str()), (1, ""), "defaults");
     assert_eq!(cfg.pool[0].policy, PolicyKind::RoundRobin);
     assert_eq!(cfg.retry.attempts, DEFAULT_RETRY_ATTEMPTS);
     assert_eq!(cfg.listen_addr().unwrap().port(), 8000);
@@ -50,6 +51,7 @@ fn bad_values_name_their_key() {
         ),
         (EXAMPLE.replace("policy = \"round_robin\"", "policy = \"fastest\""), "policy"),
         (EXAMPLE.replace("block_size = 16", "block_size = 0"), "pool[0].block_size"),
+        (EXAMPLE.replace("kv_replay = ", "dp_ranks = 0\nkv_replay = "), "pool[0].engine[0].dp_ranks"),
         (EXAMPLE.replace("[server]", "[server]\nbogus = 1"), "bogus"),
         (format!("{EXAMPLE}\n[retry]\nattempts = 0\n"), "retry.attempts"),
         (format!("{EXAMPLE}\n[admin]\nlisten = \"127.0.0.1:9000\"\ntoken = \"short\"\n"), "admin.token"),
@@ -106,4 +108,40 @@ fn a_lora_adapter_names_its_base_model() {
     );
     let cfg = parse(&text).unwrap();
     assert_eq!(cfg.model[1].base.as_deref(), Some("mock-model"));
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_files_folder() {
+    let dir = std::env::temp_dir().join(format!("gantry-config-paths-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gantry.toml");
+    let text = EXAMPLE.replace("workers = 2", "workers = 2\nglobal_router = \"router/global.json\"")
+        .replace("name = \"mock-model\"\n[[pool]]", "name = \"mock-model\"\ntokenizer = \"models/m\"\n[[model]]\nname = \"b\"\ntokenizer = \"builtin\"\n[[pool]]")
+        .replace("block_size = 16", "block_size = 16\nindex_path = \"/dev/shm/absolute\"");
+    std::fs::write(&path, text).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(cfg.server.global_router, Some(dir.join("router/global.json")));
+    assert_eq!(cfg.model[0].tokenizer, Some(dir.join("models/m")));
+    assert_eq!(cfg.model[1].tokenizer.as_deref(), Some(std::path::Path::new("builtin")), "a name, not a folder");
+    assert_eq!(cfg.pool[0].index_path.as_deref(), Some(std::path::Path::new("/dev/shm/absolute")), "absolute stays");
+}
+
+#[test]
+fn overrides_set_only_what_they_name() {
+    let mut cfg = parse(EXAMPLE).unwrap();
+    Overrides::default().apply(&mut cfg);
+    assert_eq!((cfg.server.workers, cfg.pool[0].policy), (2, PolicyKind::RoundRobin), "none given: unchanged");
+    let o = Overrides {
+        listen: Some("127.0.0.1:9".into()),
+        workers: Some(5),
+        driver: Some("legacy".into()),
+        global_router: Some("g.json".into()),
+        policy: Some(PolicyKind::Kv),
+    };
+    o.apply(&mut cfg);
+    assert_eq!(cfg.server.listen, "127.0.0.1:9");
+    assert_eq!((cfg.server.workers, cfg.server.driver.as_str()), (5, "legacy"));
+    assert_eq!(cfg.server.global_router.as_deref(), Some(std::path::Path::new("g.json")));
+    assert!(cfg.pool.iter().all(|p| p.policy == PolicyKind::Kv));
 }

@@ -430,25 +430,46 @@ impl GlobalRouterConfig {
 ///
 /// `null` counts as absent. A target that is not a non-negative number, or a priority that is
 /// not an integer, is an error naming the field (the proxy answers 400).
-pub fn targets_from_body(body: &Value) -> Result<Targets, String> {
+pub fn targets_from_body(body: &Value) -> Result<Targets, BadHint> {
     let nvext = object_at(body, "nvext", "nvext")?;
     let router = nvext.map(|n| object_at(n, "router", "nvext.router")).transpose()?.flatten();
     let hints = nvext.map(|n| object_at(n, "agent_hints", "nvext.agent_hints")).transpose()?.flatten();
     let extra = object_at(body, "extra_args", "extra_args")?;
-    let target = |name: &str| -> Result<Option<f64>, String> {
+    let target = |name: &str| -> Result<Option<f64>, BadHint> {
         for (scope, prefix) in [(router, "nvext.router"), (extra, "extra_args")] {
             if let Some(v) = scope.and_then(|s| s.get(name)).filter(|v| !v.is_null()) {
-                let ms = v.as_f64().ok_or_else(|| format!("{prefix}.{name}: expected milliseconds, got {v}"))?;
-                return check_target(ms).map(Some).map_err(|p| format!("{prefix}.{name}: {p}"));
+                let param = format!("{prefix}.{name}");
+                let ms = match v.as_f64() {
+                    Some(ms) => ms,
+                    None => return Err(BadHint::new(param, format!("expected milliseconds, got {v}"))),
+                };
+                return check_target(ms).map(Some).map_err(|p| BadHint::new(param, p));
             }
         }
         Ok(None)
     };
     let priority = match hints.and_then(|h| h.get("priority")).filter(|v| !v.is_null()) {
         None => None,
-        Some(v) => Some(v.as_i64().ok_or_else(|| format!("nvext.agent_hints.priority: expected an integer, got {v}"))?),
+        Some(v) => Some(v.as_i64().ok_or_else(|| {
+            BadHint::new("nvext.agent_hints.priority".into(), format!("expected an integer, got {v}"))
+        })?),
     };
     Ok(Targets { ttft_target_ms: target("ttft_target")?, itl_target_ms: target("itl_target")?, priority })
+}
+
+/// A routing hint in a request body that the proxy refuses with a 400.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadHint {
+    /// The field's path, e.g. `nvext.router.ttft_target` (the error's `param`).
+    pub param: String,
+    /// What is wrong, starting with the path.
+    pub message: String,
+}
+
+impl BadHint {
+    fn new(param: String, problem: String) -> BadHint {
+        BadHint { message: format!("{param}: {problem}"), param }
+    }
 }
 
 #[cfg(test)]
@@ -494,11 +515,11 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// `parent[name]` as an object: None when absent or null, an error naming `path` otherwise.
-fn object_at<'a>(parent: &'a Value, name: &str, path: &str) -> Result<Option<&'a Value>, String> {
+fn object_at<'a>(parent: &'a Value, name: &str, path: &str) -> Result<Option<&'a Value>, BadHint> {
     match parent.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(v @ Value::Object(_)) => Ok(Some(v)),
-        Some(v) => Err(format!("{path}: expected an object, got {}", kind(v))),
+        Some(v) => Err(BadHint::new(path.into(), format!("expected an object, got {}", kind(v)))),
     }
 }
 
@@ -707,7 +728,9 @@ fn parse_group(root: &Section<'_>, role: PoolRole, warnings: &mut Vec<String>) -
     strategy.warn_unknown(&known, warnings);
 
     let mapping = strategy.required(&mapping_key)?;
-    let mut cells = Vec::with_capacity(res_names.iter().map(|(n, _)| n).product());
+    // Not sized from the resolutions up front: their product may be absurd (or overflow) in a bad
+    // file, and the mapping's own shape, checked level by level, bounds it.
+    let mut cells = Vec::new();
     flatten_mapping(mapping, &strategy.key(&mapping_key), &res_names, pools, &mut cells)?;
 
     let mut priority_overrides = Vec::new();

@@ -64,6 +64,10 @@ pub struct PoolIndex {
     pub predictor: Predictor,
     /// Engine slots of the segment (to size [`Overlaps`]).
     pub engine_slots: usize,
+    /// Blocks the exact tier holds (`pool[].index_capacity`).
+    capacity: usize,
+    /// Times a worker failed to open the segment (it then routes on load alone for a while).
+    pub open_failures: std::sync::atomic::AtomicU64,
     /// The segment's writer generation: a worker that opens the path and finds another (the
     /// index was replaced by a reload meanwhile) does not read it for this index.
     generation: u64,
@@ -80,8 +84,17 @@ pub struct PoolIndex {
 #[derive(Debug, Clone, PartialEq)]
 struct Member {
     slot: EngineSlot,
-    kv_events: Option<String>,
+    /// How its events are followed (None: they are not).
+    events: Option<Events>,
+}
+
+/// Where an engine's events come from (a change re-follows it from scratch).
+#[derive(Debug, Clone, PartialEq)]
+struct Events {
+    kv_events: String,
     kv_replay: Option<String>,
+    dp_ranks: u32,
+    topic: String,
 }
 
 impl std::fmt::Debug for PoolIndex {
@@ -112,6 +125,8 @@ impl PoolIndex {
             seed: DEFAULT_SEED,
             predictor,
             engine_slots,
+            capacity: pool.index_capacity,
+            open_failures: Default::default(),
             generation,
             pool: pool.name.clone(),
             block_size: pool.block_size,
@@ -135,10 +150,17 @@ impl PoolIndex {
         self.lock().get(url.trim_end_matches('/')).map(|m| m.slot)
     }
 
+    /// Blocks one engine of a pool of `engines` may hold in the index: an equal share of its
+    /// capacity, so the engines together never fill it and one engine's flood of events never
+    /// evicts another's blocks (the subscriber drops that engine's own oldest instead).
+    pub fn share(&self, engines: usize) -> usize {
+        (self.capacity / engines.max(1)).max(1)
+    }
+
     /// Whether the index follows the KV events of the engine at `url`: it has `kv_events` and
     /// subscribing to them worked (a failure is retried on the next [`PoolIndex::sync`]).
     pub fn follows_events(&self, url: &str) -> bool {
-        self.lock().get(url.trim_end_matches('/')).is_some_and(|m| m.kv_events.is_some())
+        self.lock().get(url.trim_end_matches('/')).is_some_and(|m| m.events.is_some())
     }
 
     /// Makes the index follow exactly `engines`: newcomers get a slot (and their events are
@@ -160,7 +182,13 @@ impl PoolIndex {
         // In the given order, so slots follow the config's order at startup.
         for e in engines {
             let url = e.url.trim_end_matches('/');
-            let member = |slot| Member { slot, kv_events: e.kv_events.clone(), kv_replay: e.kv_replay.clone() };
+            let events = e.kv_events.as_ref().map(|ev| Events {
+                kv_events: ev.clone(),
+                kv_replay: e.kv_replay.clone(),
+                dp_ranks: e.dp_ranks,
+                topic: e.kv_topic.clone(),
+            });
+            let member = |slot| Member { slot, events: events.clone() };
             let slot = match members.get(url) {
                 Some(m) if *m == member(m.slot) => continue,
                 Some(m) => {
@@ -176,18 +204,20 @@ impl PoolIndex {
                     }
                 },
             };
-            let Some(events) = &e.kv_events else {
+            let Some(ev) = &events else {
                 members.insert(url.to_owned(), member(slot));
                 continue;
             };
             let source = EngineSource {
                 slot,
                 name: url.to_owned(),
-                events: events.clone(),
-                replay: e.kv_replay.clone(),
+                events: ev.kv_events.clone(),
+                replay: ev.kv_replay.clone(),
+                topic: ev.topic.clone(),
+                dp_ranks: ev.dp_ranks,
                 block_size: self.block_size,
                 seed: self.seed,
-                ..EngineSource::default()
+                max_blocks: self.share(engines.len()),
             };
             match self.subscriber.add_engine(source) {
                 Ok(()) => {
@@ -196,7 +226,7 @@ impl PoolIndex {
                 Err(err) => {
                     tracing::warn!(pool = %self.pool, engine = %url, error = %err, "kv index: cannot follow the engine's events; it is routed on its predictions");
                     // Remembered as not followed, so the next sync tries again.
-                    members.insert(url.to_owned(), Member { slot, kv_events: None, kv_replay: None });
+                    members.insert(url.to_owned(), Member { slot, events: None });
                 }
             }
         }

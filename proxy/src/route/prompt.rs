@@ -101,7 +101,8 @@ impl PromptInput {
         };
         let ids = tokens(body, endpoint, tok, cache)?;
         if let Some(max) = max_model_len {
-            if ids.len() > max {
+            // As vLLM: the prompt must leave room for at least one generated token.
+            if ids.len() >= max {
                 return Err(bad(
                     format!(
                         "This model's maximum context length is {max} tokens. However, your request has {} input tokens. Please reduce the length of the input messages.",
@@ -301,6 +302,11 @@ mod tests {
         let long =
             run(json!({"prompt": gantry_tokenizer::builtin_word_text(0, 65)}), Endpoint::Completions, Some(&tok));
         assert!(long.unwrap_err().message.contains("maximum context length is 64"));
+        // As vLLM (and `gantry mock`): a prompt of the whole context leaves no room to generate.
+        let whole =
+            |n| run(json!({"prompt": gantry_tokenizer::builtin_word_text(0, n)}), Endpoint::Completions, Some(&tok));
+        assert!(whole(64).is_err(), "64 tokens of a 64-token context");
+        assert_eq!(whole(63).expect("63 tokens fit").tokens, 63);
     }
 
     #[test]

@@ -160,34 +160,36 @@ fn grid_targets_read_from_nvext_router_and_extra_args() {
 fn grid_targets_priority_from_agent_hints() {
     let t = targets_from_body(&json!({"nvext": {"agent_hints": {"priority": -3}}, "priority": 9})).unwrap();
     assert_eq!(t.priority, Some(-3), "vLLM's top-level priority is not ours");
-    let e = targets_from_body(&json!({"nvext": {"agent_hints": {"priority": 1.5}}})).unwrap_err();
+    let e = targets_from_body(&json!({"nvext": {"agent_hints": {"priority": 1.5}}})).unwrap_err().message;
     assert_eq!(e, "nvext.agent_hints.priority: expected an integer, got 1.5");
 }
 
 #[test]
 fn grid_negative_target_rejected() {
-    let e = targets_from_body(&json!({"nvext": {"router": {"ttft_target": -5}}})).unwrap_err();
+    let e = targets_from_body(&json!({"nvext": {"router": {"ttft_target": -5}}})).unwrap_err().message;
     assert!(e.starts_with("nvext.router.ttft_target: must be a non-negative"), "{e}");
-    let e = targets_from_body(&json!({"extra_args": {"itl_target": -0.5}})).unwrap_err();
+    let e = targets_from_body(&json!({"extra_args": {"itl_target": -0.5}})).unwrap_err().message;
     assert!(e.starts_with("extra_args.itl_target: "), "{e}");
 }
 
 #[test]
 fn grid_nan_target_rejected() {
     // JSON has no NaN literal: a NaN arrives as a string (and the grid never sees one).
-    let e = targets_from_body(&json!({"nvext": {"router": {"itl_target": "NaN"}}})).unwrap_err();
+    let e = targets_from_body(&json!({"nvext": {"router": {"itl_target": "NaN"}}})).unwrap_err().message;
     assert_eq!(e, "nvext.router.itl_target: expected milliseconds, got \"NaN\"");
     assert!(serde_json::from_str::<Value>(r#"{"extra_args": {"ttft_target": NaN}}"#).is_err());
 }
 
 #[test]
 fn grid_string_target_rejected() {
-    let e = targets_from_body(&json!({"extra_args": {"ttft_target": "100"}})).unwrap_err();
+    let e = targets_from_body(&json!({"extra_args": {"ttft_target": "100"}})).unwrap_err().message;
     assert_eq!(e, "extra_args.ttft_target: expected milliseconds, got \"100\"");
-    let e = targets_from_body(&json!({"nvext": {"router": {"ttft_target": true}}})).unwrap_err();
+    let e = targets_from_body(&json!({"nvext": {"router": {"ttft_target": true}}})).unwrap_err().message;
     assert!(e.starts_with("nvext.router.ttft_target: "), "{e}");
     let e = targets_from_body(&json!({"nvext": "fast"})).unwrap_err();
-    assert_eq!(e, "nvext: expected an object, got a string");
+    assert_eq!((e.param.as_str(), e.message.as_str()), ("nvext", "nvext: expected an object, got a string"));
+    let e = targets_from_body(&json!({"extra_args": {"itl_target": -1}})).unwrap_err();
+    assert_eq!(e.param, "extra_args.itl_target", "the error names the field, for the 400's `param`");
 }
 
 // ---- config errors ----
@@ -252,6 +254,17 @@ fn grid_error_mapping_wrong_shape() {
     assert_eq!(problem, "expected 3 entries (itl_resolution), got 2");
     let (key, _) = error(disagg(), |v| v["prefill_pool_selection_strategy"]["prefill_pool_mapping"] = json!([0, 1]));
     assert_eq!(key, "prefill_pool_selection_strategy.prefill_pool_mapping[0]");
+}
+
+#[test]
+fn grid_error_absurd_resolutions_name_the_mapping() {
+    // Resolutions whose product overflows: a config error naming the mapping, not an abort.
+    let (key, problem) = error(disagg(), |v| {
+        v["prefill_pool_selection_strategy"]["isl_resolution"] = json!(u64::MAX);
+        v["prefill_pool_selection_strategy"]["ttft_resolution"] = json!(u64::MAX);
+    });
+    assert_eq!(key, "prefill_pool_selection_strategy.prefill_pool_mapping");
+    assert_eq!(problem, format!("expected {} entries (isl_resolution), got 2", u64::MAX));
 }
 
 #[test]
