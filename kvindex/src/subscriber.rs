@@ -84,7 +84,9 @@ pub const DEFAULT_MAINTAIN_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_MAX_REPLAY_BUFFER: usize = 4096;
 /// Payload bytes buffered per stream while its replay is in flight.
 pub const DEFAULT_MAX_REPLAY_BUFFER_BYTES: usize = 64 << 20;
-/// Largest message frame accepted (`ZMQ_MAXMSGSIZE`); a larger one drops the connection.
+/// Largest message frame accepted (`ZMQ_MAXMSGSIZE`); a larger one drops the connection (libzmq
+/// reconnects), and the batch lost with it shows as a sequence gap: counted, then replayed, or the
+/// engine resynced if the replay cannot deliver it either.
 pub const DEFAULT_MAX_MESSAGE_BYTES: i64 = 64 << 20;
 /// Receive high-water mark of every SUB and DEALER socket (vLLM's PUB default).
 pub const DEFAULT_RCVHWM: i32 = 100_000;

@@ -1,5 +1,6 @@
 //! The shared-memory index against a plain `HashMap` model, plus segment handling: reopening,
-//! refusing foreign or truncated files, the writer lock, and a writer in another process.
+//! refusing foreign or truncated files, the writer lock, and a writer in another process (idle, and
+//! churning under a concurrent reader).
 
 use gantry_kvindex::hash::chain_pos;
 use gantry_kvindex::index::{IndexError, IndexOptions, IndexReader, IndexWriter, Overlaps};
@@ -465,4 +466,152 @@ fn child_writer() {
     // Wait for the parent to kill us (stdin stays open until then).
     let mut buf = String::new();
     let _ = std::io::stdin().read_line(&mut buf);
+}
+
+/// The churn schedule shared by the two halves of the next test: engines `0..CHURN_ENGINES`,
+/// `CHURN_CHAINS` disjoint chains of `CHURN_LEN` blocks, and `CHURN_DECOYS` more that no engine
+/// ever stores.
+const CHURN_ENGINES: EngineSlot = 4;
+const CHURN_CHAINS: usize = 8;
+const CHURN_DECOYS: usize = 2;
+const CHURN_LEN: usize = 16;
+
+fn churn_chains() -> Vec<Vec<u64>> {
+    let mut rng = fastrand::Rng::with_seed(0xc4a1);
+    (0..CHURN_CHAINS + CHURN_DECOYS).map(|_| (0..CHURN_LEN).map(|_| rng.u64(..)).collect()).collect()
+}
+
+/// Whether engine `e` ever stores chain `c`: two engines per chain, no engine for a decoy.
+fn churn_allowed(e: EngineSlot, c: usize) -> bool {
+    c < CHURN_CHAINS && (c % 4 == usize::from(e) || (c + 1) % 4 == usize::from(e))
+}
+
+/// The most leading blocks of chain `c` engine `e` ever stores (2 to 16, varying per pair).
+fn churn_max_len(e: EngineSlot, c: usize) -> usize {
+    2 + (3 * usize::from(e) + 5 * c) % (CHURN_LEN - 1)
+}
+
+/// Kills (SIGKILL, by PID) and reaps the child when dropped, on a failed assertion too.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Checks one lookup of chain `c` against the churn schedule; returns the result as
+/// `(engine, blocks)` pairs, sorted.
+fn check_churn_lookup(reader: &IndexReader, chains: &[Vec<u64>], c: usize, out: &mut Overlaps) -> Vec<(u16, u32)> {
+    let deepest = reader.overlaps(&chains[c], out);
+    let mut got: Vec<(u16, u32)> = out.as_slice().iter().map(|o| (o.engine, o.blocks)).collect();
+    got.sort_unstable();
+    for &(e, blocks) in &got {
+        assert!(churn_allowed(e, c), "chain {c}: engine {e} never stores it, yet holds {blocks} blocks ({got:?})");
+        assert!(
+            (1..=churn_max_len(e, c) as u32).contains(&blocks),
+            "chain {c}: engine {e} holds {blocks} blocks, beyond the {} it ever stores",
+            churn_max_len(e, c)
+        );
+    }
+    assert_eq!(deepest, got.iter().map(|&(_, b)| b).max().unwrap_or(0), "chain {c}: deepest of {got:?}");
+    got
+}
+
+/// A writer process stores and removes blocks without pause (`child_churner`) while this
+/// process looks prompts up: every answer must be one the writer's schedule could have produced
+/// (the right engines, never deeper than they store, nothing for prompts nobody stores), and the
+/// answers must change while we watch (the reader really follows the writer).
+#[test]
+fn a_reader_process_never_sees_invented_blocks_while_a_writer_process_churns() {
+    /// Lookups at least; then on until `MIN_CHANGES` answers differed from the previous one.
+    const LOOKUPS: usize = 100_000;
+    const MIN_CHANGES: usize = 1_000;
+    let dir = TempDir::new("xproc-churn");
+    let path = dir.path();
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_churner", "--nocapture", "--test-threads=1"])
+        .env("GANTRY_KVINDEX_CHILD_CHURNER", &path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The child registers its engines, then churns.
+    let reader = loop {
+        if let Ok(r) = IndexReader::open(&path) {
+            if r.engine_slot(&format!("churn-{}", CHURN_ENGINES - 1)).is_some() {
+                break r;
+            }
+        }
+        assert!(Instant::now() < deadline, "the child writer never registered its engines");
+        std::thread::yield_now();
+    };
+    assert_eq!(reader.stats().writer_pid, u64::from(child.0.id()), "reading the child's segment");
+    let chains = churn_chains();
+    let mut out = reader.new_overlaps();
+    let mut last = vec![Vec::new(); chains.len()];
+    let mut seen = HashSet::new();
+    let (mut lookups, mut changes) = (0, 0);
+    while lookups < LOOKUPS || changes < MIN_CHANGES {
+        assert!(
+            Instant::now() < deadline,
+            "{changes} changes in {lookups} lookups: the reader does not follow the writer"
+        );
+        let c = lookups % chains.len();
+        let got = check_churn_lookup(&reader, &chains, c, &mut out);
+        seen.extend(got.iter().map(|&(e, _)| e));
+        if got != last[c] {
+            changes += 1;
+            last[c] = got;
+        }
+        lookups += 1;
+    }
+    assert_eq!(seen.len(), usize::from(CHURN_ENGINES), "every engine seen holding blocks: {seen:?}");
+    assert!(child.0.try_wait().unwrap().is_none(), "the child was still writing");
+    drop(child); // SIGKILL by PID, mid-write perhaps
+    for c in 0..chains.len() {
+        check_churn_lookup(&reader, &chains, c, &mut out);
+    }
+}
+
+/// The child half of the test above (does nothing unless run as that child): stores and
+/// removes blocks in a loop until killed (or until its stdin closes: the parent is gone).
+#[test]
+fn child_churner() {
+    let Some(path) = std::env::var_os("GANTRY_KVINDEX_CHILD_CHURNER") else { return };
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+    let mut w = IndexWriter::create(PathBuf::from(path), &opts(8, 1024)).unwrap();
+    for e in 0..CHURN_ENGINES {
+        assert_eq!(w.register_engine(&format!("churn-{e}")).unwrap(), e);
+    }
+    let chains = churn_chains();
+    let pos: Vec<Vec<u64>> = chains.iter().map(|c| positions(c)).collect();
+    let mut rng = fastrand::Rng::with_seed(77);
+    let started = Instant::now();
+    for step in 0u64.. {
+        let e = rng.u16(..CHURN_ENGINES);
+        // A chain this engine stores: c % 4 is e or e - 1.
+        let c = 4 * rng.usize(..CHURN_CHAINS / 4) + (usize::from(e) + 4 - rng.usize(..2)) % 4;
+        assert!(churn_allowed(e, c));
+        match rng.u8(..100) {
+            0..=59 => w.store_chain(e, None, &chains[c][..rng.usize(1..=churn_max_len(e, c))]),
+            60..=98 => {
+                let b = rng.usize(..churn_max_len(e, c));
+                w.remove(e, chains[c][b], pos[c][b]);
+            }
+            _ => {
+                w.clear_engine(e);
+            }
+        }
+        if step % 256 == 0 {
+            w.maintain();
+            assert!(started.elapsed() < Duration::from_secs(120), "never killed");
+        }
+    }
 }

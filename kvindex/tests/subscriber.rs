@@ -4,10 +4,15 @@
 //! Engines are either the crate's [`Publisher`] (a vLLM clone) or, where a test needs exact
 //! control of sequence numbers and replay answers, a [`FakeEngine`] made of raw sockets: an XPUB
 //! (which sees the subscription, so the test knows the subscriber has joined: no slow-joiner
-//! guesswork) and a ROUTER the test answers by hand.
+//! guesswork) and a ROUTER the test answers by hand. The restart, gap and short-replay scenarios
+//! are also run against the [`Publisher`] itself (the one `gantry mock` runs per engine): a
+//! restart is a new `Publisher` on the same endpoints, and a gap is what a stalled consumer gets
+//! from a real PUB socket: the subscriber thread is held in the sink ([`Gated`]) while a flood of
+//! large batches overflows the PUB and SUB high-water marks and the TCP buffers, so libzmq drops
+//! batches the replay must then fill.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use gantry_kvindex::hash::{hash_blocks, DEFAULT_SEED};
@@ -619,4 +624,242 @@ fn a_block_the_index_evicted_is_found_again_once_stored_again() {
     drop(a);
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(format!("{}.lock", path.display()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restarts, gaps and short replays against the real `Publisher` (what `gantry mock` runs).
+
+/// A [`Shared`] sink whose upkeep can be held: while held, the subscriber thread blocks in
+/// [`BlockSink::maintain`] and reads no socket, as a stalled consumer would.
+#[derive(Clone, Default)]
+struct Gated {
+    inner: Shared,
+    gate: Arc<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// (held, the subscriber thread is blocked in the sink)
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+impl BlockSink for Gated {
+    fn store(&mut self, engine: EngineSlot, hash: u64, pos: u64) {
+        self.inner.store(engine, hash, pos);
+    }
+    fn remove(&mut self, engine: EngineSlot, hash: u64, pos: u64) {
+        self.inner.remove(engine, hash, pos);
+    }
+    fn count(&mut self, counter: Counter, n: u64) {
+        self.inner.count(counter, n);
+    }
+    fn maintain(&mut self) {
+        self.inner.maintain();
+        let mut s = self.gate.state.lock().unwrap();
+        while s.0 {
+            s.1 = true;
+            self.gate.cv.notify_all();
+            s = self.gate.cv.wait(s).unwrap();
+        }
+        s.1 = false;
+    }
+}
+
+/// Holds the subscriber thread in the sink until dropped (also when the test panics, so that
+/// dropping the subscriber does not hang).
+struct Hold<'a>(&'a Gate);
+
+impl Gate {
+    /// Returns once the subscriber thread is blocked in the sink.
+    fn hold(&self) -> Hold<'_> {
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        let deadline = Instant::now() + DEADLINE;
+        while !s.1 {
+            let left =
+                deadline.checked_duration_since(Instant::now()).expect("the subscriber never blocked in the sink");
+            s = self.cv.wait_timeout(s, left).unwrap().0;
+        }
+        Hold(self)
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().0 = false;
+        self.0.cv.notify_all();
+    }
+}
+
+/// Block size of the flood tests: one block is a large batch (about 80 KB of msgpack).
+const FLOOD_BS: u32 = 16_384;
+/// Batches published while the subscriber is held: about 80 MB, more than the high-water marks
+/// of 1 message and the largest loopback TCP buffers Linux grows to by default (`tcp_rmem` 6 to
+/// 32 MB plus `tcp_wmem` 4 MB) can hold. (In practice one or two batches get through.)
+const FLOOD: u32 = 1000;
+
+/// Batch `k` of a flood test: one block that starts a prompt, `FLOOD_BS` tokens of its own.
+fn big(k: u32) -> KvEvent {
+    KvEvent::BlockStored(BlockStored {
+        block_hashes: vec![1_000_000 + u64::from(k)],
+        token_ids: (k * FLOOD_BS..(k + 1) * FLOOD_BS).collect(),
+        block_size: FLOOD_BS,
+        medium: Some("GPU".into()),
+        ..BlockStored::default()
+    })
+}
+
+/// Gantry's hash of the block of [`big`]`(k)`.
+fn big_hash(k: u32) -> u64 {
+    let tokens: Vec<u32> = (k * FLOOD_BS..(k + 1) * FLOOD_BS).collect();
+    let mut out = Vec::new();
+    hash_blocks(DEFAULT_SEED, &tokens, FLOOD_BS as usize, 0, &mut out);
+    out[0]
+}
+
+/// A publisher whose PUB socket drops a batch as soon as one is queued for a slow subscriber.
+fn flood_publisher(ctx: &zmq::Context, buffer_steps: usize) -> Publisher {
+    publisher(ctx, PublisherConfig { hwm: 1, buffer_steps, ..with_replay() })
+}
+
+/// A subscriber whose sockets queue one message each, feeding a [`Gated`] sink.
+fn spawn_gated(ctx: &zmq::Context, sources: Vec<EngineSource>, sink: &Gated) -> Subscriber {
+    let options = SubscriberOptions { rcvhwm: 1, ..SubscriberOptions::default() };
+    Subscriber::spawn_with(ctx, options, sources, sink.clone()).unwrap()
+}
+
+/// Publishes batches `range` of the flood while the subscriber is held, and returns once the
+/// publisher has sent (or dropped) all of them.
+fn flood(p: &Publisher, range: std::ops::Range<u32>) {
+    let before = p.stats().published;
+    for k in range.clone() {
+        p.publish(vec![big(k)]);
+    }
+    let want = before + u64::from(range.end - range.start);
+    wait_until("the flood published", || p.stats().published == want);
+    assert_eq!(p.stats().dropped, 0, "the publisher's queue took every batch");
+}
+
+/// Starts a publisher on `old`'s endpoints after `old` is dropped (libzmq unbinds in the
+/// background, so the port may stay taken for a moment).
+fn restart(ctx: &zmq::Context, old: Publisher) -> Publisher {
+    let cfg = PublisherConfig {
+        endpoint: old.endpoint().to_owned(),
+        replay_endpoint: old.replay_endpoint().map(str::to_owned),
+        topic: TOPIC.into(),
+        ..PublisherConfig::default()
+    };
+    drop(old);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match Publisher::start(ctx, cfg.clone()) {
+            Ok(p) => return p,
+            Err(PublisherError::Bind { .. }) if Instant::now() < deadline => std::thread::yield_now(),
+            Err(e) => panic!("restarting the publisher on {}: {e}", cfg.endpoint),
+        }
+    }
+}
+
+/// `gantry mock`'s publisher restarts (dropped, then a new one on the same endpoints, counting
+/// from 0 again): the subscriber clears that engine's blocks, and only that engine's, then
+/// follows the new process.
+#[test]
+fn a_restarted_publisher_clears_only_its_engine() {
+    let ctx = zmq::Context::new();
+    let (a, b) = (publisher(&ctx, with_replay()), publisher(&ctx, with_replay()));
+    let sink = Shared::default();
+    let sub = spawn(&ctx, vec![source_of(0, &a), source_of(1, &b)], &sink);
+    // The old process gets far enough that the new one's first live batches are behind it
+    // (a restart is told by the live sequence going backwards).
+    for _ in 0..500 {
+        a.publish(Vec::new());
+    }
+    a.publish(vec![stored(&[1, 2], None, 0)]);
+    b.publish(vec![stored(&[1], None, 0)]);
+    wait_nudging("both engines", &[&a, &b], || sink.of(0) == set(&chain(0, 2)) && sink.of(1) == set(&chain(0, 1)));
+    // One more batch, on the live stream for sure now that the SUB has joined.
+    a.publish(vec![stored(&[3], Some(2), 8)]);
+    wait_until("engine 0's last batch", || sink.of(0) == set(&chain(0, 3)));
+    let published = a.stats().published;
+    assert!(published > 500);
+
+    let a = restart(&ctx, a);
+    // Empty batches from the new process until one reaches the subscriber (it reconnects).
+    wait_nudging("the old process's blocks to go", &[&a], || sink.of(0).is_empty());
+    assert_eq!(counter(&sub, 0, Counter::Resyncs), 1);
+    assert!(a.stats().published < published, "seen as a restart, not as a gap");
+    assert_eq!(sink.of(1), set(&chain(0, 1)), "the other engine keeps its blocks");
+    // The new process's events are applied.
+    a.publish(vec![stored(&[50], None, 500)]);
+    a.publish(vec![stored(&[51], Some(50), 504)]);
+    wait_until("the new process's blocks", || sink.of(0) == set(&chain(500, 2)));
+    assert_eq!(sink.of(1), set(&chain(0, 1)));
+    assert_eq!(counter(&sub, 0, Counter::Resyncs), 1);
+    assert_eq!(counter(&sub, 1, Counter::Resyncs), 0);
+    assert_eq!(sub.stats().totals[Counter::DecodeErrors], 0);
+}
+
+/// A consumer stalls while `gantry mock`'s publisher floods it: libzmq drops batches at the
+/// high-water marks, the subscriber sees the gap once it runs again, and the replay fills it:
+/// every batch applied exactly once, nothing cleared.
+#[test]
+fn a_gap_from_a_real_publisher_is_filled_by_replay() {
+    let ctx = zmq::Context::new();
+    let a = flood_publisher(&ctx, 2 * FLOOD as usize);
+    let sink = Gated::default();
+    let sub = spawn_gated(&ctx, vec![EngineSource { block_size: FLOOD_BS, ..source_of(0, &a) }], &sink);
+    a.publish(vec![big(0)]);
+    wait_nudging("batch 0", &[&a], || sink.inner.of(0).contains(&big_hash(0)));
+
+    let hold = sink.gate.hold();
+    flood(&a, 1..FLOOD);
+    drop(hold);
+    let want: HashSet<u64> = (0..FLOOD).map(big_hash).collect();
+    wait_nudging("every batch of the flood", &[&a], || sink.inner.of(0) == want);
+    let c = sub.stats().engine(0).unwrap().counters;
+    assert!(c[Counter::Gaps] >= 1, "the flood overflowed nothing: no gap to test");
+    assert!(c[Counter::Replays] >= 2, "the join, then the gap");
+    assert_eq!(c[Counter::Resyncs], 0);
+    assert_eq!(c[Counter::EventsApplied], u64::from(FLOOD), "each batch applied once");
+}
+
+/// As above, but the publisher keeps only the last 4 batches (`--kv-events-buffer-steps 4`):
+/// the replay cannot reach back to the gap, so the engine is cleared and rebuilt from what the
+/// replay has; another engine keeps its blocks.
+#[test]
+fn a_gap_a_short_replay_buffer_cannot_fill_clears_the_engine() {
+    const STEPS: u32 = 4;
+    let ctx = zmq::Context::new();
+    let a = flood_publisher(&ctx, STEPS as usize);
+    let b = publisher(&ctx, with_replay());
+    let sources = vec![EngineSource { block_size: FLOOD_BS, ..source_of(0, &a) }, source_of(1, &b)];
+    let sink = Gated::default();
+    let sub = spawn_gated(&ctx, sources, &sink);
+    a.publish(vec![big(0)]);
+    b.publish(vec![stored(&[1], None, 0)]);
+    wait_nudging("both engines", &[&a, &b], || {
+        sink.inner.of(0).contains(&big_hash(0)) && sink.inner.of(1) == set(&chain(0, 1))
+    });
+
+    let hold = sink.gate.hold();
+    flood(&a, 1..FLOOD);
+    drop(hold);
+    wait_nudging("batch 0, from before the gap, to go", &[&a], || !sink.inner.of(0).contains(&big_hash(0)));
+    // A batch after the resync is applied on top of whatever the replay still had.
+    a.publish(vec![big(FLOOD)]);
+    wait_nudging("the batch after the resync", &[&a], || sink.inner.of(0).contains(&big_hash(FLOOD)));
+    let c = sub.stats().engine(0).unwrap().counters;
+    assert!(c[Counter::Gaps] >= 1, "the flood overflowed nothing: no gap to test");
+    assert_eq!(c[Counter::Resyncs], 1);
+    // Only the batches the replay could return (the last STEPS) and the new one may remain.
+    let replayable: HashSet<u64> = (FLOOD - STEPS..=FLOOD).map(big_hash).collect();
+    let got = sink.inner.of(0);
+    assert!(
+        got.is_subset(&replayable),
+        "{} blocks from before the replayable window",
+        got.difference(&replayable).count()
+    );
+    assert_eq!(sink.inner.of(1), set(&chain(0, 1)), "the other engine keeps its blocks");
+    assert_eq!(counter(&sub, 1, Counter::Resyncs), 0);
 }

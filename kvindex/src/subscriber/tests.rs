@@ -404,6 +404,238 @@ fn counter_indices_follow_all() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The applier against a model of its rules, on random event sequences.
+
+/// One engine as the module doc of `apply.rs` describes it, written as plainly as possible: a
+/// list of private-map entries, scanned linearly. The sink must hold exactly the Gantry hashes
+/// of the entries on the GPU; no refcounts, bit sets or FIFO here.
+struct RefEngine {
+    source: EngineSource,
+    entries: Vec<RefEntry>,
+    next_stamp: u64,
+}
+
+struct RefEntry {
+    rank: u32,
+    /// `group_idx` as sent; `None` (absent) is a group of its own.
+    group: Option<u32>,
+    vllm: u64,
+    gantry: u64,
+    /// Media names, `"GPU"` for an absent medium.
+    media: HashSet<String>,
+    /// When it was last stored: the cap drops the smallest first.
+    stamp: u64,
+}
+
+impl RefEngine {
+    fn new(source: EngineSource) -> Self {
+        RefEngine { source, entries: Vec::new(), next_stamp: 0 }
+    }
+
+    fn find(&self, rank: u32, group: Option<u32>, vllm: u64) -> Option<usize> {
+        self.entries.iter().position(|e| (e.rank, e.group, e.vllm) == (rank, group, vllm))
+    }
+
+    fn apply(&mut self, rank: u32, event: &KvEvent) {
+        if rank >= self.source.dp_ranks {
+            return;
+        }
+        match event {
+            KvEvent::BlockStored(e) => self.stored(rank, e),
+            KvEvent::BlockRemoved(e) => {
+                let medium = e.medium.as_deref().unwrap_or("GPU");
+                for &vllm in &e.block_hashes {
+                    if let Some(i) = self.find(rank, e.group_idx, vllm) {
+                        self.entries[i].media.remove(medium);
+                        if self.entries[i].media.is_empty() {
+                            self.entries.remove(i);
+                        }
+                    }
+                }
+            }
+            KvEvent::AllBlocksCleared => self.entries.retain(|e| e.rank != rank),
+        }
+    }
+
+    fn stored(&mut self, rank: u32, e: &BlockStored) {
+        let bs = self.source.block_size as usize;
+        let indexed = matches!(e.kv_cache_spec_kind.as_deref(), None | Some("full_attention" | "mla_attention"));
+        if !indexed
+            || e.block_size != self.source.block_size
+            || e.token_ids.len() != e.block_hashes.len() * bs
+            || e.extra_keys.as_ref().is_some_and(|k| k.len() != e.block_hashes.len())
+            || e.group_idx == Some(u32::MAX)
+        {
+            return;
+        }
+        let mut parent = match e.parent_block_hash {
+            None => self.source.seed,
+            Some(p) => match self.find(rank, e.group_idx, p) {
+                Some(i) => self.entries[i].gantry,
+                None => return,
+            },
+        };
+        let medium = e.medium.clone().unwrap_or_else(|| "GPU".into());
+        for (i, (&vllm, tokens)) in e.block_hashes.iter().zip(e.token_ids.chunks(bs)).enumerate() {
+            let extra = match (&e.extra_keys, &e.lora_name) {
+                (Some(keys), _) => keys[i].as_deref().map_or(0, crate::extra_keys_hash),
+                (None, Some(lora)) => crate::extra_keys_hash(&[ExtraKey::Str(lora.clone())]),
+                (None, None) => 0,
+            };
+            let gantry = block_hash(parent, tokens, extra);
+            let stamp = self.next_stamp;
+            self.next_stamp += 1;
+            match self.find(rank, e.group_idx, vllm) {
+                Some(i) => {
+                    let entry = &mut self.entries[i];
+                    entry.gantry = gantry;
+                    entry.media.insert(medium.clone());
+                    entry.stamp = stamp;
+                }
+                None => self.entries.push(RefEntry {
+                    rank,
+                    group: e.group_idx,
+                    vllm,
+                    gantry,
+                    media: HashSet::from([medium.clone()]),
+                    stamp,
+                }),
+            }
+            parent = gantry;
+        }
+        while self.entries.len() > self.source.max_blocks {
+            let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].stamp).unwrap();
+            self.entries.remove(oldest);
+        }
+    }
+
+    fn held(&self) -> HashSet<u64> {
+        self.entries.iter().filter(|e| e.media.contains("GPU")).map(|e| e.gantry).collect()
+    }
+}
+
+/// A random event for one engine. vLLM hashes come from a small pool so that stores repeat
+/// (refreshes, collisions), removals hit, and parents resolve; token chunks come from a small
+/// pool so that different vLLM hashes, ranks and groups share Gantry blocks (refcounts).
+fn random_event(rng: &mut fastrand::Rng, history: &mut Vec<u64>) -> KvEvent {
+    // (group_idx, kv_cache_spec_kind), repeated by weight: sliding-window stores are skipped,
+    // u32::MAX is out of range.
+    const GROUPS: [(Option<u32>, Option<&str>); 9] = [
+        (None, None),
+        (None, None),
+        (Some(0), None),
+        (Some(0), Some("full_attention")),
+        (Some(0), Some("full_attention")),
+        (Some(1), Some("sliding_window")),
+        (Some(1), Some("sliding_window")),
+        (Some(2), Some("mla_attention")),
+        (Some(u32::MAX), None),
+    ];
+    let pick = |rng: &mut fastrand::Rng| GROUPS[rng.usize(..GROUPS.len())];
+    match rng.u32(..20) {
+        0..=11 => {
+            let (group_idx, kind) = pick(rng);
+            let n = rng.usize(1..=3);
+            let block_hashes: Vec<u64> = (0..n).map(|_| rng.u64(1..=10)).collect();
+            let parent_block_hash = match rng.u32(..20) {
+                0..=5 => None,
+                6..=16 if !history.is_empty() => Some(history[rng.usize(..history.len())]),
+                _ => Some(1000 + rng.u64(..100)),
+            };
+            let mut token_ids: Vec<u32> = (0..n)
+                .flat_map(|_| {
+                    let first = rng.u32(..3) * 10;
+                    first..first + BS
+                })
+                .collect();
+            let mut block_size = BS;
+            match rng.u32(..40) {
+                0 => block_size = 2 * BS,
+                1 => {
+                    token_ids.pop();
+                }
+                _ => {}
+            }
+            let medium = match rng.u32(..10) {
+                0 => None,
+                1 | 2 => Some("CPU".into()),
+                _ => Some("GPU".into()),
+            };
+            let (lora_name, extra_keys) = match rng.u32(..10) {
+                0 => (Some("lora".into()), None),
+                1 => (
+                    rng.bool().then(|| "lora".into()),
+                    Some((0..n).map(|_| rng.bool().then(|| vec![ExtraKey::Str("salt".into())])).collect()),
+                ),
+                2 if n > 1 => (None, Some(vec![None])),
+                _ => (None, None),
+            };
+            history.extend(&block_hashes);
+            KvEvent::BlockStored(BlockStored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                block_size,
+                medium,
+                lora_name,
+                extra_keys,
+                group_idx,
+                kv_cache_spec_kind: kind.map(Into::into),
+                ..BlockStored::default()
+            })
+        }
+        12..=18 => {
+            let n = rng.usize(1..=2);
+            let block_hashes = (0..n).map(|_| if rng.u32(..8) == 0 { 900 } else { rng.u64(1..=10) }).collect();
+            let medium = [None, Some("GPU"), Some("GPU"), Some("GPU"), Some("CPU"), Some("DISK")][rng.usize(..6)];
+            let group_idx = pick(rng).0;
+            KvEvent::BlockRemoved(BlockRemoved { block_hashes, medium: medium.map(Into::into), group_idx })
+        }
+        _ => KvEvent::AllBlocksCleared,
+    }
+}
+
+/// Random batches for three engines (two DP ranks, a cap, another seed), decoded from msgpack,
+/// checked after each batch against [`RefEngine`]. `log` gets every batch, for the report.
+fn check_random_sequence(seed: u64, log: &mut Vec<String>) {
+    let sources = [
+        EngineSource { dp_ranks: 2, ..source(0) },
+        EngineSource { max_blocks: 5, ..source(1) },
+        EngineSource { dp_ranks: 2, max_blocks: 9, seed: 42, ..source(2) },
+    ];
+    let mut a = applier(&sources);
+    let mut models: Vec<RefEngine> = sources.iter().cloned().map(RefEngine::new).collect();
+    let mut histories = vec![Vec::new(); sources.len()];
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for batch in 0..60 {
+        let slot = rng.usize(..sources.len());
+        let rank = rng.u32(..2);
+        let events: Vec<KvEvent> =
+            (0..rng.usize(1..=4)).map(|_| random_event(&mut rng, &mut histories[slot])).collect();
+        log.push(format!("batch {batch}: engine {slot} rank {rank}: {events:?}"));
+        for e in &events {
+            models[slot].apply(rank, e);
+        }
+        apply(&mut a, slot as EngineSlot, rank, events);
+        for (m, s) in models.iter().zip(&sources) {
+            assert_eq!(a.sink().of(s.slot), m.held(), "engine {} after batch {batch}", s.slot);
+            assert_eq!(a.engine_stats(s.slot).unwrap().1, m.entries.len() as u64, "private map of engine {}", s.slot);
+        }
+    }
+}
+
+#[test]
+fn random_event_sequences_match_a_model_of_the_rules() {
+    for seed in 0..300 {
+        let mut log = Vec::new();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check_random_sequence(seed, &mut log)));
+        if run.is_err() {
+            panic!("seed {seed} failed (message above) after these batches:\n{}", log.join("\n"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The sequence state machine.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
