@@ -6,7 +6,8 @@
 //! [`client::Pacing`] (closed loop, open loop, or the trace's timestamps). Every request leaves a
 //! [`client::Record`]; [`report::Summary`] turns them into exact percentiles, error counts by
 //! kind and a timeline, [`scrape`] adds the engines' own prefix-cache hit rates, and
-//! [`report::Report::write`] writes `report.json`, `report.md` and the [`plot`]s.
+//! [`report::Report::write`] writes `report.json`, `report.md` and the [`plot`]s, and
+//! [`report::write_requests`] one line per request (`requests.jsonl`).
 //!
 //! `compare` splits the workload into `--rounds` slices and sends each slice to every target in
 //! turn (A, B, A, B, …), so drift over time hits every target alike; ratios are against the first.
@@ -137,7 +138,8 @@ pub struct RunArgs {
     /// Engines whose /metrics are scraped before and after (prefix-cache hit rate, requests).
     #[arg(long, num_args = 1.., value_name = "URL")]
     pub engine_metrics: Vec<String>,
-    /// Write report.json, report.md and PNG plots into this directory.
+    /// Write report.json, report.md, PNG plots and requests.jsonl (one line per request; with
+    /// several targets requests-TARGET.jsonl each) into this directory.
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
     /// Seed of synthetic prompts and lengths.
@@ -524,6 +526,16 @@ pub fn run_workload(
     let report = Report::new(info, summaries);
     if let Some(dir) = &run.report {
         report.write(dir).map_err(BenchError::Report)?;
+        for (t, recs) in targets.iter().zip(&merged) {
+            let name = if targets.len() == 1 {
+                "requests.jsonl".to_owned()
+            } else {
+                let safe: String =
+                    t.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+                format!("requests-{safe}.jsonl")
+            };
+            report::write_requests(&dir.join(name), recs).map_err(BenchError::Report)?;
+        }
     }
     Ok(report)
 }

@@ -209,6 +209,16 @@ fn replay_reports_prefix_hits_and_writes_every_file() {
         }
     }
     assert_eq!(v["requests"], json!(6));
+    let lines = std::fs::read_to_string(dir.join("requests.jsonl")).expect("requests.jsonl");
+    let rows: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(rows.len(), 6, "one line per request: {lines}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["index"], json!(i), "workload order");
+        let (start, ttft, end) =
+            (r["start_ms"].as_f64().unwrap(), r["ttft_ms"].as_f64().unwrap(), r["end_ms"].as_f64().unwrap());
+        assert!(ttft > 0.0 && start + ttft <= end, "{r}");
+        assert!(r["input_tokens"].as_u64().unwrap() > 0 && r["error"].is_null(), "{r}");
+    }
     let md = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
     assert!(md.contains("| TTFT p99 (ms) |") && md.contains("| prefix-cache hit rate |"), "{md}");
     for p in bench::plot::PLOTS {

@@ -336,3 +336,31 @@ impl Report {
         super::plot::write_all(&self.targets, dir)
     }
 }
+
+/// Writes one JSON line per request of `recs` to `path`, in workload order: `index` (the
+/// workload's), `scheduled_ms`, `start_ms`, `ttft_ms` (from the start; streaming only), `end_ms`
+/// (times from the run's start), `input_tokens`, `output_tokens`, `engine` (its
+/// `x-gantry-engine`) and `error` (its kind). For analyses the summary cannot answer, such as what
+/// was in flight at each moment.
+pub fn write_requests(path: &Path, recs: &super::client::Records) -> Result<(), String> {
+    let mut rows: Vec<&super::client::Record> = recs.records.iter().collect();
+    rows.sort_by_key(|r| (r.index, r.start_us));
+    let ms = |us: u64| us as f64 / 1e3;
+    let mut out = String::with_capacity(rows.len() * 160);
+    for r in rows {
+        let line = json!({
+            "index": r.index,
+            "scheduled_ms": ms(r.scheduled_us),
+            "start_ms": ms(r.start_us),
+            "ttft_ms": r.ttft_us.map(|t| ms(t.saturating_sub(r.start_us))),
+            "end_ms": ms(r.end_us),
+            "input_tokens": r.input_tokens,
+            "output_tokens": r.output_tokens,
+            "engine": r.engine.and_then(|e| recs.engines.get(usize::from(e))),
+            "error": r.error.map(|e| e.name()),
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(|e| format!("writing {}: {e}", path.display()))
+}
