@@ -34,7 +34,7 @@
 //! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session`, `kv` |
 //! | `pool[].index_path` | `/dev/shm/gantry-kvindex-<port>-<pool>` | `kv`: the pool's shared-memory prefix index |
 //! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each). Each engine's events may fill an equal share (capacity / the pool's engines when it is first followed; beyond it its own oldest blocks go), so one engine never evicts another's: size it to engines × the largest engine's GPU blocks. Changing it (or `block_size`, or `index_path`) on a reload replaces the pool's index with an empty one, which fills from the engines' events from then on |
-//! | `pool[].kv.prefill_weight` … | see `route/kv.rs` | `kv` cost weights: `prefill_weight`, `decode_weight`, `waiting_weight`, `usage_weight`, `load_factor`, `temperature` |
+//! | `pool[].kv.prefill_weight` … | see `route/kv.rs` | `kv` cost weights: `prefill_weight`, `uncached_weight`, `decode_weight`, `waiting_weight`, `usage_weight`, `load_factor`, `temperature` |
 //! | `pool[].session_header` | `x-session-id` | header keyed by the `session` policy |
 //! | `pool[].block_size` | 16 | KV block size of the pool's engines |
 //! | `pool[].engine[].url` | — | `http://host:port` of a `vllm serve` |
@@ -235,6 +235,8 @@ impl Default for RoutingConf {
 pub struct KvConf {
     /// Weight of uncached plus pending prefill blocks.
     pub prefill_weight: f64,
+    /// Weight of the prompt's uncached blocks within the prefill term.
+    pub uncached_weight: f64,
     /// Weight of decode blocks.
     pub decode_weight: f64,
     /// Weight of the engine-reported waiting queue.
@@ -252,6 +254,7 @@ impl Default for KvConf {
         let w = crate::route::kv::Weights::default();
         KvConf {
             prefill_weight: w.prefill,
+            uncached_weight: w.uncached,
             decode_weight: w.decode,
             waiting_weight: w.waiting,
             usage_weight: w.usage,
@@ -266,6 +269,7 @@ impl KvConf {
     pub fn weights(&self) -> crate::route::kv::Weights {
         crate::route::kv::Weights {
             prefill: self.prefill_weight,
+            uncached: self.uncached_weight,
             decode: self.decode_weight,
             waiting: self.waiting_weight,
             usage: self.usage_weight,
@@ -702,6 +706,7 @@ impl Config {
             let k = &p.kv;
             for (key, v) in [
                 ("prefill_weight", k.prefill_weight),
+                ("uncached_weight", k.uncached_weight),
                 ("decode_weight", k.decode_weight),
                 ("waiting_weight", k.waiting_weight),
                 ("usage_weight", k.usage_weight),

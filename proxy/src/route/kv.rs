@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! uncached  = max(prompt_blocks − overlap, 0)
-//! prefill   = pending_prefill_tokens / block_size + uncached
+//! prefill   = pending_prefill_tokens / block_size + uncached_weight·uncached
 //! decode    = active_blocks + uncached       (its requests' blocks, plus the blocks this prompt
 //!                                              adds: a shared prefix is counted once)
 //! pressure  = waiting · prompt_blocks            (engine-reported queue: each waiting request is
@@ -17,6 +17,11 @@
 //! With [`Weights::REFERENCE`] and nothing pending or reported this is the reference router's
 //! form, and its worked example (10 blocks, overlaps 2/5/8, decode loads 10/5/9 → costs 18/10/11 → the
 //! second engine) comes out the same (see the tests).
+//!
+//! The overlap is the device (GPU) overlap only: the index holds the blocks in GPU memory
+//! (issue 4: other media are tracked by the subscriber, not stored), so the reference's partial
+//! credit for host (0.75) and disk (0.25) blocks has no input here. A fleet offloading KV to CPU
+//! or disk is routed as if those blocks were uncached: conservative, never a wrong hit.
 //!
 //! Two guards keep a popular prefix from piling onto one engine: engines whose in-flight count
 //! exceeds `load_factor · mean + 1` over the candidates are passed over while any other is
@@ -78,6 +83,9 @@ pub fn fill_candidates<'a>(
 pub struct Weights {
     /// Weight of uncached plus pending prefill blocks.
     pub prefill: f64,
+    /// Weight of this prompt's uncached blocks against those already queued on the engine
+    /// (1: a block is a block; above 1, a cache hit counts for more than the queue it waits in).
+    pub uncached: f64,
     /// Weight of decode blocks.
     pub decode: f64,
     /// Weight of the engine's waiting queue (per waiting request, in units of this prompt).
@@ -93,14 +101,22 @@ pub struct Weights {
 impl Weights {
     /// The reference router's form: prefill and decode blocks at weight 1 (and the engine's
     /// waiting queue at 1). Kept for comparison; see [`Weights::default`].
-    pub const REFERENCE: Weights =
-        Weights { prefill: 1.0, decode: 1.0, waiting: 1.0, usage: 0.0, load_factor: 2.0, temperature: 0.0 };
+    pub const REFERENCE: Weights = Weights {
+        prefill: 1.0,
+        uncached: 1.0,
+        decode: 1.0,
+        waiting: 1.0,
+        usage: 0.0,
+        load_factor: 2.0,
+        temperature: 0.0,
+    };
 }
 
 impl Default for Weights {
     /// Chosen by measurement (`scripts/bench-routing.sh`: the Mooncake conversation trace, first
-    /// 1,500 requests at 8× through 8 mock engines of 8,192 blocks, token scale 0.25; engine
-    /// prefix hit rate / TTFT p50, against round robin's 0.057 / 92.5 ms):
+    /// 1,500 requests through 8 mock engines of 8,192 blocks, token scale 0.25; engine prefix hit
+    /// rate / TTFT p50). First at 8× the trace's rate, against round robin's 0.057 / 92.5 ms
+    /// (uncached weight 1):
     ///
     /// | prefill | decode | waiting | load_factor | hit rate | TTFT p50 |
     /// |---|---|---|---|---|---|
@@ -113,8 +129,33 @@ impl Default for Weights {
     /// Decode blocks, in the same units as prefill, pull a burst of prompts onto engines that
     /// happen to decode little, and their prefills queue there; the in-flight bound already keeps
     /// decode load even. The scraped waiting count is up to a scrape interval old, so it herds.
+    ///
+    /// Then the uncached weight, at 8× and at 17× (where round robin saturates), two runs each
+    /// (means; round robin 91.0 ms at 8×, 214–352 ms at 17×):
+    ///
+    /// | uncached | 8×: hit rate | 8×: TTFT p50 | 17×: hit rate | 17×: TTFT p50 |
+    /// |---|---|---|---|---|
+    /// | 1 | 0.164 | 83.0 ms | 0.146 | 136.8 ms |
+    /// | 4 | 0.174 | 83.0 ms | 0.169 | 131.6 ms |
+    /// | **16** | **0.166** | **82.5 ms** | **0.180** | **128.1 ms** |
+    /// | 64 | 0.166 | 89.5 ms | 0.179 | 128.9 ms |
+    ///
+    /// With a block of queued prefill worth as much as a block this prompt would not find cached,
+    /// a loaded holder loses its prefix's next turn to an idle engine: that engine prefills it all
+    /// again, and the fleet does more work exactly when it has the least to spare. Weighting the
+    /// uncached blocks 16× keeps a conversation on its holder until the in-flight bound moves it;
+    /// at light load it changes little, and far above 16 a holder's queue grows before the bound
+    /// acts (64: one 8× run at 96 ms).
     fn default() -> Self {
-        Weights { prefill: 1.0, decode: 0.0, waiting: 0.0, usage: 0.0, load_factor: 2.0, temperature: 0.0 }
+        Weights {
+            prefill: 1.0,
+            uncached: 16.0,
+            decode: 0.0,
+            waiting: 0.0,
+            usage: 0.0,
+            load_factor: 2.0,
+            temperature: 0.0,
+        }
     }
 }
 
@@ -142,7 +183,7 @@ pub fn cost(c: &Candidate, prompt_blocks: u32, block_size: u32, w: &Weights) -> 
     let uncached = f64::from(prompt_blocks.saturating_sub(c.overlap_blocks));
     let pending = c.pending_prefill_tokens as f64 / f64::from(block_size.max(1));
     Cost {
-        prefill: w.prefill * (pending + uncached),
+        prefill: w.prefill * (pending + w.uncached * uncached),
         decode: w.decode * (c.active_blocks as f64 + uncached),
         pressure: w.waiting * c.waiting.max(0.0) * prompt + w.usage * c.kv_usage.clamp(0.0, 1.0) * prompt,
     }
