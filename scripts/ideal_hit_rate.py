@@ -16,8 +16,9 @@ min(hit_blocks * BLOCK_TOKENS, input_tokens) / input_tokens, summed over request
   replay` of the same requests): the pooled LRU again, but the blocks of every request that is
   decoding at that moment of that run (from its first token to its end) stay in memory and cannot
   be evicted, so what the cache can keep shrinks with the load, as it does on the engines. Still
-  generous: a request is taken to hold nothing while it waits or prefills, and its output
-  tokens' blocks are not counted.
+  generous: a request is taken to hold nothing while it waits or prefills, its output tokens'
+  blocks are not counted, and held blocks beyond the capacity are kept. Over the run's requests
+  that completed with a first token (null when none did).
 
 light_load_prefill_ms: the TTFT floor of an idle engine, the mock's default prefill polynomial
 (benches/src/mock/timing.rs) of each request's uncached tokens, p50 and mean, with no cache, the
@@ -81,7 +82,7 @@ def pooled_lru_under_load(reqs, runs, block_tokens, cap_blocks, scale):
         if len(lru) > cap_blocks:
             for h in [h for h in lru if h not in pins][: len(lru) - cap_blocks]:
                 del lru[h]
-    return hit / total if total else 0.0
+    return hit / total if total else None
 
 
 def read_runs(path):

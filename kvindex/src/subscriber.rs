@@ -114,6 +114,10 @@ pub struct EngineSource {
     pub seed: u64,
     /// Cap of the engine's private map ([`DEFAULT_MAX_BLOCKS`]).
     pub max_blocks: usize,
+    /// Most distinct GPU blocks of the engine the sink holds (unbounded by default): beyond it
+    /// its oldest entries go, so one engine cannot fill a shared index. Changed while it runs
+    /// with [`Subscriber::set_max_index_blocks`].
+    pub max_index_blocks: usize,
 }
 
 impl Default for EngineSource {
@@ -128,6 +132,7 @@ impl Default for EngineSource {
             block_size: DEFAULT_BLOCK_SIZE,
             seed: DEFAULT_SEED,
             max_blocks: DEFAULT_MAX_BLOCKS,
+            max_index_blocks: usize::MAX,
         }
     }
 }
@@ -157,6 +162,9 @@ impl EngineSource {
         }
         if self.max_blocks == 0 {
             return bad("max_blocks", "must be at least 1".into());
+        }
+        if self.max_index_blocks == 0 {
+            return bad("max_index_blocks", "must be at least 1".into());
         }
         Ok(())
     }
@@ -379,6 +387,15 @@ impl Subscriber {
         let removed = rx.recv().map_err(|_| SubscriberError::Stopped)?;
         self.engines.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, _, _)| *s != slot);
         Ok(removed)
+    }
+
+    /// Sets how many GPU blocks of the engine in `slot` the sink may hold
+    /// ([`EngineSource::max_index_blocks`]), dropping its oldest entries now if it holds more.
+    /// `Ok(false)` when no engine is followed in that slot.
+    pub fn set_max_index_blocks(&self, slot: EngineSlot, blocks: usize) -> Result<bool, SubscriberError> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.command(Command::SetMaxIndexBlocks(slot, blocks.max(1), reply))?;
+        rx.recv().map_err(|_| SubscriberError::Stopped)
     }
 
     /// Asks the sink, on the subscriber's thread (which owns it), for the slot of the engine

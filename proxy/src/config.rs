@@ -24,7 +24,7 @@
 //! | `health.eject_ms` | 5000 | first passive ejection; doubles per repeat, up to 60 s |
 //! | `model[].name` | — | a served model name |
 //! | `model[].tokenizer` | none | `builtin` or an HF model directory: exact KV-aware routing (none: approximate, over text) |
-//! | `model[].max_model_len` | learned | vLLM's `max_model_len`: a prompt of this many tokens or more gets a 400 where routing reads prompts (a `kv` pool or a grid); none: the least its engines list on `/v1/models`, read by the health prober (`health.interval_ms` > 0); an adapter's defaults to its base's |
+//! | `model[].max_model_len` | learned | vLLM's `max_model_len`: a prompt of this many tokens or more gets a 400 where routing tokenizes prompts (a model with a `tokenizer`, in a `kv` pool or under a grid); none: the least its engines list on `/v1/models`, read by the health prober (`health.interval_ms` > 0); an adapter's defaults to its base's |
 //! | `model[].base` | none | this model is a LoRA adapter of that `[[model]]`: served by its engines (started with `--lora-modules NAME=PATH`), tokenized by its tokenizer, its KV blocks keyed by the adapter's name as vLLM keys them |
 //! | `server.global_router` | none | Dynamo global-router JSON config: pool choice by grid (`--global-router-config`) |
 //! | `routing.engine_metrics_interval_ms` | 1000 | scrape of engines' `/metrics` for the `kv` cost (0: off) |
@@ -33,7 +33,7 @@
 //! | `pool[].role` | `agg` | `agg`, `prefill` or `decode` |
 //! | `pool[].policy` | `round_robin` | `round_robin`, `random`, `least_loaded`, `power_of_two`, `session`, `kv` |
 //! | `pool[].index_path` | `/dev/shm/gantry-kvindex-<port>-<pool>` | `kv`: the pool's shared-memory prefix index |
-//! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each). Each engine's events may fill an equal share (capacity / the pool's engines when it is first followed; beyond it its own oldest blocks go), so one engine never evicts another's: size it to engines × the largest engine's GPU blocks. Changing it (or `block_size`, or `index_path`) on a reload replaces the pool's index with an empty one, which fills from the engines' events from then on |
+//! | `pool[].index_capacity` | 1048576 | `kv`: blocks the index holds (exact and predicted tiers each). Each engine's events may fill an equal share (capacity / the pool's engines, updated as engines join and leave; beyond it its own oldest blocks go), so one engine never evicts another's: size it to engines × the largest engine's GPU blocks. Changing it (or `block_size`, or `index_path`) on a reload replaces the pool's index with an empty one, which fills from the engines' events from then on |
 //! | `pool[].kv.prefill_weight` … | see `route/kv.rs` | `kv` cost weights: `prefill_weight`, `uncached_weight`, `decode_weight`, `waiting_weight`, `usage_weight`, `load_factor`, `temperature` |
 //! | `pool[].session_header` | `x-session-id` | header keyed by the `session` policy |
 //! | `pool[].block_size` | 16 | KV block size of the pool's engines |
@@ -298,7 +298,7 @@ pub struct ModelConf {
     /// `builtin` or an HF model directory.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
-    /// Longest prompt, tokens.
+    /// vLLM's `max_model_len`: prompts of this many tokens or more are refused.
     #[serde(default)]
     pub max_model_len: Option<usize>,
     /// A LoRA adapter of this model (its `[[model]]` name): served by that model's engines.
@@ -654,6 +654,9 @@ impl Config {
             if self.model[..i].iter().any(|o| o.name == m.name) {
                 return Err(invalid(format!("model[{i}].name"), format!("`{}` is listed twice", m.name)));
             }
+            if m.max_model_len == Some(0) {
+                return Err(invalid(format!("model[{i}].max_model_len"), "must be at least 1"));
+            }
             if let Some(base) = &m.base {
                 match self.model.iter().find(|o| &o.name == base) {
                     Some(b) if b.name == m.name => {
@@ -752,6 +755,13 @@ impl Config {
                         format!("pool[{i}].engine[{j}].dp_ranks"),
                         format!("must be in 1..={max} (got {})", e.dp_ranks),
                     ));
+                }
+                // The last rank's ports must exist.
+                for (key, ep) in [("kv_events", &e.kv_events), ("kv_replay", &e.kv_replay)] {
+                    if let Some(ep) = ep {
+                        gantry_kvindex::subscriber::offset_endpoint(ep, e.dp_ranks - 1)
+                            .map_err(|m| invalid(format!("pool[{i}].engine[{j}].{key}"), m))?;
+                    }
                 }
             }
         }

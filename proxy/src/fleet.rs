@@ -63,7 +63,8 @@ pub struct EngineState {
     pub probe_ok_streak: AtomicU32,
     /// Probe streaks.
     pub probe_fail_streak: AtomicU32,
-    /// Its context length, learned from its `/v1/models` by the health prober (0: not yet).
+    /// Its context length, learned from its `/v1/models` by the health prober (0: not yet;
+    /// [`NO_MAX_MODEL_LEN`]: its answer had none).
     pub max_model_len: AtomicU64,
     /// Request failures in a row (connect errors, 5xx).
     pub passive_failures: AtomicU32,
@@ -375,6 +376,14 @@ impl Fleet {
         Ok(Fleet { pools, models, model_info, router, default_targets })
     }
 
+    /// Sets each model's learned context length again from the engines in this fleet (the
+    /// prober calls it after each round, so engines that left or changed stop counting).
+    pub fn relearn_max_model_len(&self) {
+        for m in self.model_info.iter().filter(|m| m.lora.is_none()) {
+            m.learned_max_model_len.store(learned(&self.pools, &m.served_by), Ordering::Relaxed);
+        }
+    }
+
     /// Records that an engine serving `model` reports a context length of `len` tokens: the
     /// model (and its adapters) then refuse longer prompts, by the least length reported.
     pub fn learn_max_model_len(&self, model: &str, len: u64) {
@@ -450,10 +459,14 @@ pub fn load_tokenizer(src: &std::path::Path) -> Result<Tokenizer, gantry_tokeniz
     }
 }
 
+/// [`EngineState::max_model_len`] of an engine whose `/v1/models` lists no length for its model.
+pub const NO_MAX_MODEL_LEN: u64 = u64::MAX;
+
 /// The least context length the engines of `pools` serving `model` have reported (0: none).
 fn learned(pools: &[Pool], model: &str) -> u64 {
     let lens = pools.iter().flat_map(|p| &p.engines).filter(|e| e.model == model);
-    lens.map(|e| e.max_model_len.load(Ordering::Relaxed)).filter(|&n| n > 0).min().unwrap_or(0)
+    let known = lens.map(|e| e.max_model_len.load(Ordering::Relaxed)).filter(|&n| n > 0 && n != NO_MAX_MODEL_LEN);
+    known.min().unwrap_or(0)
 }
 
 /// A config error naming `key`.

@@ -200,8 +200,7 @@ struct Routed<'a> {
 enum Demand {
     /// At the decision (`kv`: [`Proxy::count_decision`], uncached by the index).
     Counted,
-    /// When the response ends, from the engine's usage (prompt tokens less the cached ones it
-    /// reports), else from these prompt tokens as routing read them (all taken as uncached).
+    /// When the response ends, whatever its status ([`Proxy::count_demand`]).
     AtEnd(Option<u64>),
 }
 
@@ -538,17 +537,22 @@ impl Proxy {
                 if !pools.is_empty() {
                     return Pools::Many(pools);
                 }
-                // Counted, and logged at the 1st, 2nd, 4th, 8th… time: a misconfigured grid
-                // shows without flooding the log.
-                let n = self.metrics.grid_fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        model,
-                        pool = %first.namespace,
-                        fallbacks = n,
-                        "the grid's pools do not serve this model: using its first agg pool"
-                    );
+                let fallback = fleet.pool_for(model);
+                if let Some(pool) = fallback {
+                    // Counted, and logged at the 1st, 2nd, 4th, 8th… time: a misconfigured grid
+                    // shows without flooding the log.
+                    let n = self.metrics.grid_fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            model,
+                            grid_pool = %first.namespace,
+                            pool = %pool.name,
+                            fallbacks = n,
+                            "the grid's pools do not serve this model: using its first agg pool"
+                        );
+                    }
                 }
+                return Pools::One(fallback);
             }
         }
         Pools::One(fleet.pool_for(model))
@@ -599,13 +603,14 @@ impl Proxy {
         if !indexed {
             kv::fill_candidates(pool.engines.iter().map(|e| &**e), &pool.by_slot, &[], &mut candidates);
         }
-        let bs = u64::from(pool.block_size.max(1));
+        let block_tokens = if prompt.exact { u64::from(pool.block_size.max(1)) } else { (TEXT_CHUNK_BYTES / 4) as u64 };
         let tokens = prompt.tokens as u64;
         KvPlan {
             tokens,
-            blocks: u32::try_from(tokens.div_ceil(bs)).unwrap_or(u32::MAX),
+            // In the units of the overlap: token blocks, or text chunks.
+            blocks: u32::try_from(tokens.div_ceil(block_tokens)).unwrap_or(u32::MAX),
             hashes: prompt.hashes,
-            block_tokens: if prompt.exact { bs } else { (TEXT_CHUNK_BYTES / 4) as u64 },
+            block_tokens,
             exact: prompt.exact,
             candidates,
             indexed,
@@ -721,7 +726,10 @@ impl Proxy {
                         targets,
                         model_requests,
                     };
-                    self.relay(conn, head, resp, pool, engine, &routed).await;
+                    let usage = self.relay(conn, head, resp, pool, engine, &routed).await;
+                    if let Demand::AtEnd(read) = routed.demand {
+                        Self::count_demand(pool, usage, read);
+                    }
                     drop(charge);
                     return Ok(());
                 }
@@ -761,6 +769,18 @@ impl Proxy {
         c.uncached_prompt_tokens.fetch_add(plan.tokens - cached, Ordering::Relaxed);
     }
 
+    /// Prefill demand of a request served by a pool that is not `kv`, once its response ended
+    /// (whatever its status, as `kv` decisions are counted): the prompt tokens the engine reported
+    /// less those it reported cached, else the prompt as routing read it (all uncached).
+    fn count_demand(pool: &Pool, usage: Usage, read: Option<u64>) {
+        if let Some(prompt) = usage.prompt.or(read) {
+            let c = &pool.counters;
+            c.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
+            let cached = usage.cached.unwrap_or(0).min(prompt);
+            c.uncached_prompt_tokens.fetch_add(prompt - cached, Ordering::Relaxed);
+        }
+    }
+
     /// Usage the engine reported, against what routing predicted and the request's targets.
     fn record_outcome(&self, pool: &Pool, routed: &Routed<'_>, usage: Usage, ttft: Option<f64>, mean_itl: Option<f64>) {
         let c = &pool.counters;
@@ -770,13 +790,6 @@ impl Proxy {
         if let Some(o) = usage.completion {
             self.metrics.osl.observe(o as f64);
             c.output_tokens.fetch_add(o, Ordering::Relaxed);
-        }
-        if let Demand::AtEnd(read) = routed.demand {
-            if let Some(prompt) = usage.prompt.or(read) {
-                c.prompt_tokens.fetch_add(prompt, Ordering::Relaxed);
-                let cached = usage.cached.unwrap_or(0).min(prompt);
-                c.uncached_prompt_tokens.fetch_add(prompt - cached, Ordering::Relaxed);
-            }
         }
         if let (Some(p), Some(r)) = (routed.predicted_cached, usage.cached) {
             c.predicted_cached_tokens_reported.fetch_add(p, Ordering::Relaxed);
@@ -827,13 +840,14 @@ impl Proxy {
         pool: &Pool,
         engine: &EngineState,
         routed: &Routed<'_>,
-    ) {
+    ) -> Usage {
         let started = routed.started;
         let lines = Self::response_lines(&head, pool, engine, routed.overlap);
         let chunked_or_close = head.headers().get("content-length").is_none();
         let is_sse = head.headers().get_str("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
         let idle = Duration::from_millis(self.conf.upstream.idle_timeout_ms);
         if !chunked_or_close && !is_sse {
+            let mut usage = Usage::default();
             match monoio::time::timeout(idle, conn.read_body()).await {
                 Ok(Ok(body)) => {
                     routed.charge.first_token();
@@ -841,7 +855,7 @@ impl Proxy {
                     self.metrics.ttft.observe(elapsed);
                     self.metrics.e2e.observe(elapsed);
                     if head.status == 200 {
-                        let usage = Usage::scan(&body);
+                        usage = Usage::scan(&body);
                         self.record_outcome(pool, routed, usage, Some(elapsed), None);
                     }
                     routed.model_requests.request(head.status);
@@ -861,7 +875,7 @@ impl Proxy {
                         resp.send(error_response(504, &format!("engine {}: body timed out", engine.url), None)).await;
                 }
             }
-            return;
+            return usage;
         }
         // The engine's head goes to the client as it is, whatever the body does next.
         routed.model_requests.request(head.status);
@@ -872,7 +886,7 @@ impl Proxy {
             head.headers().get_str("content-length").and_then(|v| v.parse::<u64>().ok())
         };
         if resp.start_stream_raw(head.status, &lines, sized).await.is_err() {
-            return;
+            return Usage::default();
         }
         conn.stream_reads(crate::http::STREAM_READ_RESERVE);
         let mut scanner = is_sse.then(SseScanner::new);
@@ -902,7 +916,7 @@ impl Proxy {
                         });
                     }
                     if resp.send_chunk(&chunk).await.is_err() {
-                        return;
+                        return usage.unwrap_or_default();
                     }
                 }
                 Ok(Ok(None)) => {
@@ -945,6 +959,7 @@ impl Proxy {
             usage.completion = Some(tokens);
         }
         self.record_outcome(pool, routed, usage, ttft, mean_itl);
+        usage
     }
 
     fn models(fleet: &Fleet) -> Response {

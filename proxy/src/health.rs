@@ -48,6 +48,8 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
                 let n = e.probe_ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= conf.healthy_threshold && e.probe_down.swap(false, Ordering::Relaxed) {
                     tracing::info!(engine = %e.url, "engine healthy again");
+                    // It may have restarted with another context length: read it again.
+                    e.max_model_len.store(0, Ordering::Relaxed);
                 }
             } else {
                 e.probe_ok_streak.store(0, Ordering::Relaxed);
@@ -58,16 +60,23 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
                 }
             }
         }
+        // What routing checks follows the engines now in the fleet (a reload or an admin edit
+        // may have swapped it during the round, or removed the engine that set the least).
+        fleet.load().relearn_max_model_len();
         monoio::time::sleep_until(round + interval).await;
     }
 }
 
 /// Reads a healthy engine's context length from its `/v1/models` (vLLM lists `max_model_len`
 /// per served model), so prompts too long for it get a 400 at the proxy without a model
-/// `max_model_len` in the config. Tried on each good probe until it answers.
+/// `max_model_len` in the config. Tried on each good probe until `/v1/models` answers; an engine
+/// whose answer lists no length for its model is not asked again until it comes back from down.
 async fn learn_max_model_len(fleet: &Fleet, e: &EngineState, timeout: Duration) {
     let Some((200, body)) = get(e.addr, &e.authority, "/v1/models", timeout).await else { return };
-    let Some(len) = max_model_len_of(&body, &e.model) else { return };
+    let Some(len) = max_model_len_of(&body, &e.model) else {
+        e.max_model_len.store(crate::fleet::NO_MAX_MODEL_LEN, Ordering::Relaxed);
+        return;
+    };
     e.max_model_len.store(len, Ordering::Relaxed);
     fleet.learn_max_model_len(&e.model, len);
     tracing::debug!(engine = %e.url, max_model_len = len, "engine context length learned");

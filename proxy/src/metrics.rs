@@ -197,7 +197,7 @@ pub struct PoolCounters {
     pub cost_decode_milli: AtomicU64,
     /// See `cost_prefill_milli`.
     pub cost_pressure_milli: AtomicU64,
-    /// Prompt tokens the router expected the engine to hold (overlap × block size).
+    /// Prompt tokens the router expected the engine to hold (overlap × tokens per hashed block).
     pub predicted_cached_tokens: AtomicU64,
     /// Of the requests whose engine reported `cached_tokens`: what the router predicted.
     pub predicted_cached_tokens_reported: AtomicU64,
@@ -248,15 +248,24 @@ fn render_pools(out: &mut String, fleet: &Fleet) {
             "Times a worker could not open the pool's kv index (it routes on load alone for 5 s).",
             |p, l| p.index.as_ref().map_or(0.0, |i| l(&i.open_failures)),
         ),
-        ("gantry_route_cost_prefill_blocks_total", "counter", "Sum of chosen engines' prefill cost term.", |p, l| {
-            l(&p.counters.cost_prefill_milli) / 1e3
-        }),
-        ("gantry_route_cost_decode_blocks_total", "counter", "Sum of chosen engines' decode cost term.", |p, l| {
-            l(&p.counters.cost_decode_milli) / 1e3
-        }),
-        ("gantry_route_cost_pressure_blocks_total", "counter", "Sum of chosen engines' pressure term.", |p, l| {
-            l(&p.counters.cost_pressure_milli) / 1e3
-        }),
+        (
+            "gantry_route_cost_prefill_blocks_total",
+            "counter",
+            "Sum of chosen engines' prefill cost term (weighted blocks).",
+            |p, l| l(&p.counters.cost_prefill_milli) / 1e3,
+        ),
+        (
+            "gantry_route_cost_decode_blocks_total",
+            "counter",
+            "Sum of chosen engines' decode cost term (weighted blocks).",
+            |p, l| l(&p.counters.cost_decode_milli) / 1e3,
+        ),
+        (
+            "gantry_route_cost_pressure_blocks_total",
+            "counter",
+            "Sum of chosen engines' pressure cost term (weighted blocks).",
+            |p, l| l(&p.counters.cost_pressure_milli) / 1e3,
+        ),
         (
             "gantry_route_predicted_cached_tokens_total",
             "counter",

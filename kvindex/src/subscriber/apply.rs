@@ -32,17 +32,21 @@
 //! An engine holds at most `max_blocks` private-map entries (all ranks and tiers together,
 //! [`super::DEFAULT_MAX_BLOCKS`] by default). After each event that leaves more, the oldest
 //! entries (by last store) are dropped, removed from the sink when no other entry holds their
-//! Gantry hash, and counted in [`Counter::OverCapacity`]. One engine's flood therefore costs only
-//! its own oldest entries. Memory is about 100 bytes per entry (map, FIFO, refcount), so the
-//! default cap bounds an engine at roughly 100 MiB; a healthy engine stays far below it because
-//! vLLM reports every eviction.
+//! Gantry hash, and counted in [`Counter::OverCapacity`]. Memory is about 100 bytes per entry
+//! (map, FIFO, refcount), so the default cap bounds an engine at roughly 100 MiB; a healthy engine
+//! stays far below it because vLLM reports every eviction. The same happens while the sink holds
+//! more than `max_index_blocks` of the engine's distinct GPU blocks (unbounded by default; the
+//! proxy sets each engine's equal share of its pool's index): one engine's flood then costs only
+//! its own oldest entries, never another engine's blocks in a shared index. Entries of other
+//! media, ranks and groups count toward `max_blocks` only.
 //!
 //! # Warnings
 //!
 //! Trouble that points at a misconfiguration or a broken publisher is logged as a warning naming
 //! the engine and the reason, at most one per engine and kind (skipped events, cap drops, hash
 //! collisions) per 10 s, the rest at debug (the worker's `LogLimiter`): a `BlockStored` whose
-//! block size, token count, `extra_keys` length or `group_idx` cannot be indexed, events of an
+//! block size (other than a smaller, partial-block one: debug), token count, `extra_keys` length
+//! or `group_idx` cannot be indexed, events of an
 //! unknown type, entries dropped by the cap, a vLLM hash re-stored with other content
 //! ([`Counter::HashCollisions`]). Skips that are expected stay at trace/debug: the KV-cache kinds
 //! not indexed (every store of a hybrid model's sliding-window groups) and unknown parents (the
@@ -139,6 +143,19 @@ impl<S: BlockSink> EventApplier<S> {
         }
         engine.counters.blocks.store(0, Ordering::Relaxed);
         self.count_for(&engine.counters, Counter::Resyncs, 1);
+        true
+    }
+
+    /// Sets how many GPU blocks of engine `slot` the sink may hold, dropping its oldest entries
+    /// now if it holds more; `false` when the slot is not followed.
+    pub fn set_max_index_blocks(&mut self, slot: EngineSlot, blocks: usize) -> bool {
+        let EventApplier { sink, engines, totals, .. } = self;
+        let Some(engine) = engines.get_mut(&slot) else { return false };
+        engine.max_index_blocks = blocks.max(1);
+        let counters = Arc::clone(&engine.counters);
+        let mut out = Out { sink, totals, counters: &counters, slot };
+        engine.enforce_cap(&mut out);
+        engine.publish_len();
         true
     }
 
@@ -351,6 +368,7 @@ struct EngineState {
     block_size: u32,
     seed: u64,
     max_blocks: usize,
+    max_index_blocks: usize,
     map: HashMap<Key, Entry>,
     order: VecDeque<(Key, u64)>,
     next_stamp: u64,
@@ -375,6 +393,7 @@ impl EngineState {
             block_size: source.block_size,
             seed: source.seed,
             max_blocks: source.max_blocks,
+            max_index_blocks: source.max_index_blocks,
             map: HashMap::new(),
             order: VecDeque::new(),
             next_stamp: 0,
@@ -397,6 +416,11 @@ impl EngineState {
         }
         if e.block_size != Some(self.block_size) {
             let (got, want) = (e.block_size, self.block_size);
+            if got.is_some_and(|g| g < want) {
+                // A "partial block" store (spec §1.7: hash units finer than the block): normal.
+                debug!(engine = %self.name, rank, got, want, "kv-events: partial-block BlockStored skipped");
+                return out.count(Counter::EventsSkipped, 1);
+            }
             return self.skip(out, rank, format_args!("block_size {got:?} differs from the engine's {want}"));
         }
         let bs = self.block_size as usize;
@@ -540,10 +564,11 @@ impl EngineState {
         self.compact();
     }
 
-    /// Drops the oldest entries beyond `max_blocks` (see the module doc).
+    /// Drops the oldest entries beyond `max_blocks`, or while the sink holds more than
+    /// `max_index_blocks` of the engine's GPU blocks (see the module doc).
     fn enforce_cap<S: BlockSink>(&mut self, out: &mut Out<'_, S>) {
         let mut dropped = 0;
-        while self.map.len() > self.max_blocks {
+        while self.map.len() > self.max_blocks || self.gpu_refs.len() > self.max_index_blocks {
             let Some((key, stamp)) = self.order.pop_front() else { break };
             if let MapEntry::Occupied(o) = self.map.entry(key) {
                 if o.get().stamp == stamp {
@@ -557,11 +582,11 @@ impl EngineState {
         }
         if dropped > 0 {
             out.count(Counter::OverCapacity, dropped);
-            let (engine, max_blocks) = (&*self.name, self.max_blocks);
-            let what = "kv-events: engine holds more blocks than its max_blocks cap; dropped its oldest entries";
+            let (engine, max_blocks, max_index_blocks) = (&*self.name, self.max_blocks, self.max_index_blocks);
+            let what = "kv-events: engine holds more blocks than its max_blocks / max_index_blocks cap; dropped its oldest entries";
             match self.logs.over_capacity.allow(Instant::now()) {
-                Some(suppressed) => warn!(engine, dropped, max_blocks, suppressed, "{what}"),
-                None => debug!(engine, dropped, max_blocks, "{what}"),
+                Some(suppressed) => warn!(engine, dropped, max_blocks, max_index_blocks, suppressed, "{what}"),
+                None => debug!(engine, dropped, max_blocks, max_index_blocks, "{what}"),
             }
         }
         self.compact();

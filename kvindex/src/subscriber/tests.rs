@@ -360,6 +360,34 @@ fn the_cap_drops_the_oldest_blocks_of_that_engine_only() {
 }
 
 #[test]
+fn the_index_share_bounds_gpu_blocks_only_and_can_change_while_running() {
+    let mut a = applier(&[EngineSource { max_index_blocks: 3, ..source(0) }, source(1)]);
+    apply(&mut a, 1, 0, vec![KvEvent::BlockStored(stored(&[1, 2], None, 0))]);
+    // CPU copies are in the private map but not in the index: they do not count.
+    for i in 0..5u32 {
+        let mut cpu = stored(&[500 + u64::from(i)], None, 5000 + i * 100);
+        cpu.medium = Some("CPU".into());
+        apply(&mut a, 0, 0, vec![KvEvent::BlockStored(cpu)]);
+    }
+    assert!(a.sink().of(0).is_empty());
+    assert_eq!(a.engine_stats(0).unwrap().0[Counter::OverCapacity], 0, "5 CPU entries under a share of 3");
+    for i in 0..5u32 {
+        apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[u64::from(i)], None, i * 100))]);
+    }
+    let gpu = |ids: &[u32]| -> HashSet<u64> { ids.iter().map(|&i| chain(i * 100, 1)[0]).collect() };
+    assert_eq!(a.sink().of(0), gpu(&[2, 3, 4]), "the three newest GPU blocks");
+    // The pool grew: a smaller share drops the oldest at once; the other engine keeps its blocks.
+    assert!(a.set_max_index_blocks(0, 1));
+    assert_eq!(a.sink().of(0), gpu(&[4]));
+    assert!(!a.set_max_index_blocks(9, 1), "no engine in slot 9");
+    assert_eq!(a.sink().of(1), set(&chain(0, 2)), "the other engine is untouched");
+    // A larger share lets new blocks in without dropping.
+    assert!(a.set_max_index_blocks(0, 10));
+    apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[7], None, 700))]);
+    assert_eq!(a.sink().of(0), gpu(&[4, 7]));
+}
+
+#[test]
 fn remove_engine_removes_all_its_blocks() {
     let mut a = applier(&[source(0), source(1)]);
     apply(&mut a, 0, 0, vec![KvEvent::BlockStored(stored(&[1, 2], None, 0))]);

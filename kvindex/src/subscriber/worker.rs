@@ -22,6 +22,7 @@ pub(crate) enum Command {
     Remove(EngineSlot, Sender<bool>),
     Register(String, Sender<Result<EngineSlot, SubscriberError>>),
     Release(EngineSlot, Sender<()>),
+    SetMaxIndexBlocks(EngineSlot, usize, Sender<bool>),
     Shutdown,
 }
 
@@ -253,6 +254,9 @@ impl<S: BlockSink> Worker<S> {
                     self.remove_engine(slot);
                     self.applier.sink_mut().release(slot);
                     let _ = reply.send(());
+                }
+                Ok(Command::SetMaxIndexBlocks(slot, blocks, reply)) => {
+                    let _ = reply.send(self.applier.set_max_index_blocks(slot, blocks));
                 }
                 Ok(Command::Shutdown) | Err(TryRecvError::Disconnected) => return false,
                 Err(TryRecvError::Empty) => return true,

@@ -52,6 +52,11 @@ fn bad_values_name_their_key() {
         (EXAMPLE.replace("policy = \"round_robin\"", "policy = \"fastest\""), "policy"),
         (EXAMPLE.replace("block_size = 16", "block_size = 0"), "pool[0].block_size"),
         (EXAMPLE.replace("kv_replay = ", "dp_ranks = 0\nkv_replay = "), "pool[0].engine[0].dp_ranks"),
+        (
+            EXAMPLE.replace("tcp://127.0.0.1:5557", "tcp://127.0.0.1:65535").replace("kv_replay = ", "dp_ranks = 2\nkv_replay = "),
+            "pool[0].engine[0].kv_events",
+        ),
+        (EXAMPLE.replace("name = \"mock-model\"\n", "name = \"mock-model\"\nmax_model_len = 0\n"), "model[0].max_model_len"),
         (EXAMPLE.replace("[server]", "[server]\nbogus = 1"), "bogus"),
         (format!("{EXAMPLE}\n[retry]\nattempts = 0\n"), "retry.attempts"),
         (format!("{EXAMPLE}\n[admin]\nlisten = \"127.0.0.1:9000\"\ntoken = \"short\"\n"), "admin.token"),

@@ -27,6 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -68,6 +69,8 @@ pub struct PoolIndex {
     capacity: usize,
     /// Times a worker failed to open the segment (it then routes on load alone for a while).
     pub open_failures: std::sync::atomic::AtomicU64,
+    /// The per-engine share ([`PoolIndex::share`]) the followed engines were last given.
+    shared: AtomicUsize,
     /// The segment's writer generation: a worker that opens the path and finds another (the
     /// index was replaced by a reload meanwhile) does not read it for this index.
     generation: u64,
@@ -127,6 +130,7 @@ impl PoolIndex {
             engine_slots,
             capacity: pool.index_capacity,
             open_failures: Default::default(),
+            shared: AtomicUsize::new(0),
             generation,
             pool: pool.name.clone(),
             block_size: pool.block_size,
@@ -170,6 +174,7 @@ impl PoolIndex {
     /// is then routed on load alone.
     pub fn sync(&self, engines: &[EngineConf]) {
         let mut members = self.lock();
+        let share = self.share(engines.len());
         let wanted: HashSet<&str> = engines.iter().map(|e| e.url.trim_end_matches('/')).collect();
         let leaving: Vec<String> = members.keys().filter(|u| !wanted.contains(u.as_str())).cloned().collect();
         for url in leaving {
@@ -217,7 +222,8 @@ impl PoolIndex {
                 dp_ranks: ev.dp_ranks,
                 block_size: self.block_size,
                 seed: self.seed,
-                max_blocks: self.share(engines.len()),
+                max_index_blocks: share,
+                ..EngineSource::default()
             };
             match self.subscriber.add_engine(source) {
                 Ok(()) => {
@@ -227,6 +233,14 @@ impl PoolIndex {
                     tracing::warn!(pool = %self.pool, engine = %url, error = %err, "kv index: cannot follow the engine's events; it is routed on its predictions");
                     // Remembered as not followed, so the next sync tries again.
                     members.insert(url.to_owned(), Member { slot, events: None });
+                }
+            }
+        }
+        // A pool that grew or shrank: every engine followed before gets the new share.
+        if self.shared.swap(share, Ordering::Relaxed) != share {
+            for m in members.values().filter(|m| m.events.is_some()) {
+                if let Err(e) = self.subscriber.set_max_index_blocks(m.slot, share) {
+                    tracing::error!(pool = %self.pool, slot = m.slot, error = %e, "kv index: cannot set the engine's share");
                 }
             }
         }
