@@ -411,6 +411,19 @@ fn bytes_per_block_fit_the_budget() {
 
 /// A writer in another process (this test binary re-run as a child) fills the segment; this
 /// process reads it while the writer lives and after it is killed (SIGKILL: no cleanup at all).
+/// Runs this test binary's test `test` alone in a child process, with `env` set to the segment
+/// `path` (the child half of a two-process test); its stdin is a pipe, so it can see the parent
+/// go away.
+fn spawn_child(test: &str, env: &str, path: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env, path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn a_reader_process_sees_a_writer_process_and_survives_its_death() {
     if std::env::var_os("GANTRY_KVINDEX_CHILD_WRITER").is_some() {
@@ -418,13 +431,7 @@ fn a_reader_process_sees_a_writer_process_and_survives_its_death() {
     }
     let dir = TempDir::new("xproc");
     let path = dir.path();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
-        .env("GANTRY_KVINDEX_CHILD_WRITER", &path)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child("child_writer", "GANTRY_KVINDEX_CHILD_WRITER", &path);
     let deadline = Instant::now() + Duration::from_secs(30);
     let reader = loop {
         if let Ok(r) = IndexReader::open(&path) {
@@ -530,14 +537,7 @@ fn a_reader_process_never_sees_invented_blocks_while_a_writer_process_churns() {
     const MIN_CHANGES: usize = 1_000;
     let dir = TempDir::new("xproc-churn");
     let path = dir.path();
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_churner", "--nocapture", "--test-threads=1"])
-        .env("GANTRY_KVINDEX_CHILD_CHURNER", &path)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = ChildGuard(child);
+    let mut child = ChildGuard(spawn_child("child_churner", "GANTRY_KVINDEX_CHILD_CHURNER", &path));
     let deadline = Instant::now() + Duration::from_secs(30);
     // The child registers its engines, then churns.
     let reader = loop {

@@ -17,7 +17,7 @@ use gantry_tokenizer::Tokenizer;
 
 use crate::config::{parse_engine_url, Config, ConfigError, PolicyKind, Role};
 use crate::metrics::{EngineCounters, StatusCounts};
-use crate::route::grid::{DefaultTargets, GlobalRouterConfig, Topology};
+use crate::route::grid::{check_target, DefaultTargets, GlobalRouterConfig, Topology};
 use crate::route::index::PoolIndex;
 use crate::route::kv::Weights;
 
@@ -346,8 +346,8 @@ impl Fleet {
             ("routing.default_ttft_target_ms", r.default_ttft_target_ms),
             ("routing.default_itl_target_ms", r.default_itl_target_ms),
         ] {
-            if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
-                return Err(invalid(key.into(), format!("must be a non-negative number of milliseconds, got {v}")));
+            if let Some(v) = v {
+                check_target(v).map_err(|problem| invalid(key.into(), problem))?;
             }
         }
         let default_targets = DefaultTargets { ttft_ms: r.default_ttft_target_ms, itl_ms: r.default_itl_target_ms };
@@ -381,16 +381,6 @@ impl Fleet {
     pub fn relearn_max_model_len(&self) {
         for m in self.model_info.iter().filter(|m| m.lora.is_none()) {
             m.learned_max_model_len.store(learned(&self.pools, &m.served_by), Ordering::Relaxed);
-        }
-    }
-
-    /// Records that an engine serving `model` reports a context length of `len` tokens: the
-    /// model (and its adapters) then refuse longer prompts, by the least length reported.
-    pub fn learn_max_model_len(&self, model: &str, len: u64) {
-        for m in self.model_info.iter().filter(|m| m.served_by == model && m.lora.is_none()) {
-            let _ = m
-                .learned_max_model_len
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| (cur == 0 || len < cur).then_some(len));
         }
     }
 

@@ -32,7 +32,7 @@ use crate::policy::{pick, PickInput};
 use crate::route::grid::{targets_from_body, PoolQuery, Targets};
 use crate::route::index::{prediction_ttl, PoolIndex, WorkerIndex};
 use crate::route::kv::{self, Candidate, Cost};
-use crate::route::prompt::{Endpoint, PromptContent, PromptInput, TEXT_CHUNK_BYTES};
+use crate::route::prompt::{Endpoint, PromptInput, TEXT_CHUNK_BYTES};
 
 /// Longest ejection after repeated passive failures.
 const MAX_EJECT_MS: u64 = 60_000;
@@ -188,20 +188,9 @@ struct Routed<'a> {
     overlap: Option<u32>,
     /// Prompt tokens the router expected the engine to hold (`kv` decisions on token blocks).
     predicted_cached: Option<u64>,
-    /// How the pool's prefill demand is counted for this request.
-    demand: Demand,
     targets: &'a Targets,
     /// The requested model's counters: the relay counts the status the client gets.
     model_requests: &'a StatusCounts,
-}
-
-/// Where a request's prompt tokens enter its pool's demand counters.
-#[derive(Clone, Copy)]
-enum Demand {
-    /// At the decision (`kv`: [`Proxy::count_decision`], uncached by the index).
-    Counted,
-    /// When the response ends, whatever its status ([`Proxy::count_demand`]).
-    AtEnd(Option<u64>),
 }
 
 /// A worker's routing state: tokenizer caches (by served model: adapters share their base's),
@@ -525,6 +514,7 @@ impl Proxy {
         targets: &Targets,
     ) -> Pools<'f> {
         let serves = |p: &&Pool| p.engines.iter().any(|e| e.model == model);
+        let mut grid_missed = None;
         if let (Some(g), Some(input)) = (&fleet.router, input) {
             let q = PoolQuery::new(u32::try_from(input.tokens()).unwrap_or(u32::MAX), targets);
             if let Some(first) = g.select_agg(&q) {
@@ -537,25 +527,49 @@ impl Proxy {
                 if !pools.is_empty() {
                     return Pools::Many(pools);
                 }
-                let fallback = fleet.pool_for(model);
-                if let Some(pool) = fallback {
-                    // Counted, and logged at the 1st, 2nd, 4th, 8th… time: a misconfigured grid
-                    // shows without flooding the log.
-                    let n = self.metrics.grid_fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n.is_power_of_two() {
-                        tracing::warn!(
-                            model,
-                            grid_pool = %first.namespace,
-                            pool = %pool.name,
-                            fallbacks = n,
-                            "the grid's pools do not serve this model: using its first agg pool"
-                        );
-                    }
-                }
-                return Pools::One(fallback);
+                grid_missed = Some(first.namespace);
             }
         }
-        Pools::One(fleet.pool_for(model))
+        let fallback = fleet.pool_for(model);
+        if let (Some(grid_pool), Some(pool)) = (grid_missed, fallback) {
+            // Counted, and logged at the 1st, 2nd, 4th, 8th… time: a misconfigured grid shows
+            // without flooding the log.
+            let n = self.metrics.grid_fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    model,
+                    grid_pool,
+                    pool = %pool.name,
+                    fallbacks = n,
+                    "the grid's pools do not serve this model: using its first agg pool"
+                );
+            }
+        }
+        Pools::One(fallback)
+    }
+
+    /// Opens this worker's reader of `index` (a pool's first request here, or the first after a
+    /// reload replaced its index) and keeps it; after a failure, tries again only once
+    /// [`INDEX_RETRY_MS`] have passed (the pool routes on load alone meanwhile).
+    fn open_index(routing: &mut RouteWorker, pool: &Pool, index: &Arc<PoolIndex>) -> Option<usize> {
+        let now = now_ms();
+        if routing.unreadable.iter().any(|(i, until)| Arc::ptr_eq(i, index) && now < *until) {
+            return None;
+        }
+        routing.unreadable.retain(|(i, _)| !Arc::ptr_eq(i, index) && Arc::strong_count(i) > 1);
+        match WorkerIndex::open(index) {
+            Ok(w) => {
+                routing.indexes.retain(|w| Arc::strong_count(&w.index) > 1);
+                routing.indexes.push(w);
+                Some(routing.indexes.len() - 1)
+            }
+            Err(e) => {
+                index.open_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(pool = %pool.name, error = %e, retry_ms = INDEX_RETRY_MS, "kv index unreadable by this worker: routing on load alone");
+                routing.unreadable.push((Arc::clone(index), now + INDEX_RETRY_MS));
+                None
+            }
+        }
     }
 
     /// Reads the index and the load view for a `kv` pool.
@@ -566,27 +580,9 @@ impl Proxy {
         let mut indexed = false;
         if let Some(index) = &pool.index {
             let mut routing = self.routing.borrow_mut();
-            let now = now_ms();
             let at = match routing.indexes.iter().position(|w| Arc::ptr_eq(&w.index, index)) {
                 Some(i) => Some(i),
-                // Tried and failed lately: load alone until it is time to try again.
-                None if routing.unreadable.iter().any(|(i, at)| Arc::ptr_eq(i, index) && now < *at) => None,
-                None => {
-                    routing.unreadable.retain(|(i, _)| !Arc::ptr_eq(i, index) && Arc::strong_count(i) > 1);
-                    match WorkerIndex::open(index) {
-                        Ok(w) => {
-                            routing.indexes.retain(|w| Arc::strong_count(&w.index) > 1);
-                            routing.indexes.push(w);
-                            Some(routing.indexes.len() - 1)
-                        }
-                        Err(e) => {
-                            index.open_failures.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(pool = %pool.name, error = %e, retry_ms = INDEX_RETRY_MS, "kv index unreadable by this worker: routing on load alone");
-                            routing.unreadable.push((Arc::clone(index), now + INDEX_RETRY_MS));
-                            None
-                        }
-                    }
-                }
+                None => Self::open_index(&mut routing, pool, index),
             };
             if let Some(at) = at {
                 let w = &mut routing.indexes[at];
@@ -668,8 +664,7 @@ impl Proxy {
                     let o = plan.candidates[idx].overlap_blocks;
                     let cached = plan.cached_tokens(idx);
                     if let (Some(index), Some(slot)) = (&pool.index, pool.slots[idx]) {
-                        let tokens = input.is_some_and(|p| matches!(p.content, PromptContent::Tokens(_)));
-                        let ttl = prediction_ttl(pool.events[idx], tokens);
+                        let ttl = prediction_ttl(pool.events[idx], plan.exact);
                         index.predictor.predict_for(slot, &plan.hashes, ttl);
                     }
                     // Active blocks: the request's whole KV footprint while it runs (what its
@@ -713,22 +708,12 @@ impl Proxy {
                     // Predictions over text chunks are estimates: routing accuracy is measured
                     // on token blocks only.
                     let predicted_cached = plan.as_ref().filter(|p| p.exact).map(|plan| plan.cached_tokens(idx));
-                    let routed = Routed {
-                        charge: &charge,
-                        started,
-                        overlap,
-                        predicted_cached,
-                        demand: if plan.is_none() {
-                            Demand::AtEnd(input.map(|p| p.tokens() as u64))
-                        } else {
-                            Demand::Counted
-                        },
-                        targets,
-                        model_requests,
-                    };
+                    let routed =
+                        Routed { charge: &charge, started, overlap, predicted_cached, targets, model_requests };
                     let usage = self.relay(conn, head, resp, pool, engine, &routed).await;
-                    if let Demand::AtEnd(read) = routed.demand {
-                        Self::count_demand(pool, usage, read);
+                    if plan.is_none() {
+                        // A `kv` decision counted its demand above.
+                        Self::count_demand(pool, usage, input.map(|p| p.tokens() as u64));
                     }
                     drop(charge);
                     return Ok(());

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::config::HealthConf;
-use crate::fleet::{EngineState, Fleet, SharedFleet};
+use crate::fleet::{EngineState, SharedFleet};
 use crate::http::client::ClientConn;
 
 /// `GET path` on an engine over a fresh `Connection: close` connection, all within `timeout`:
@@ -42,7 +42,7 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
             let ok = probe(e.addr, &e.authority, timeout).await;
             if ok {
                 if e.max_model_len.load(Ordering::Relaxed) == 0 {
-                    learn_max_model_len(&snapshot, e, timeout).await;
+                    learn_max_model_len(e, timeout).await;
                 }
                 e.probe_fail_streak.store(0, Ordering::Relaxed);
                 let n = e.probe_ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
@@ -60,8 +60,9 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
                 }
             }
         }
-        // What routing checks follows the engines now in the fleet (a reload or an admin edit
-        // may have swapped it during the round, or removed the engine that set the least).
+        // The models' lengths from what their engines reported, in the fleet as it is now (a
+        // reload or an admin edit may have swapped it during the round, or removed the engine
+        // that set the least).
         fleet.load().relearn_max_model_len();
         monoio::time::sleep_until(round + interval).await;
     }
@@ -71,14 +72,13 @@ pub async fn probe_loop(fleet: SharedFleet, conf: HealthConf) {
 /// per served model), so prompts too long for it get a 400 at the proxy without a model
 /// `max_model_len` in the config. Tried on each good probe until `/v1/models` answers; an engine
 /// whose answer lists no length for its model is not asked again until it comes back from down.
-async fn learn_max_model_len(fleet: &Fleet, e: &EngineState, timeout: Duration) {
+async fn learn_max_model_len(e: &EngineState, timeout: Duration) {
     let Some((200, body)) = get(e.addr, &e.authority, "/v1/models", timeout).await else { return };
     let Some(len) = max_model_len_of(&body, &e.model) else {
         e.max_model_len.store(crate::fleet::NO_MAX_MODEL_LEN, Ordering::Relaxed);
         return;
     };
     e.max_model_len.store(len, Ordering::Relaxed);
-    fleet.learn_max_model_len(&e.model, len);
     tracing::debug!(engine = %e.url, max_model_len = len, "engine context length learned");
 }
 

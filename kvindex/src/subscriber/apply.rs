@@ -59,9 +59,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::{debug, trace, warn};
+use tracing::{debug, trace};
 
-use super::worker::LogLimiter;
+use super::worker::{limited_warn, LogLimiter};
 use super::{EngineSource, SubscriberError};
 use crate::decode::{decode_batch, DecodeError, DecodedBatch, DecodedEvent, RemovedEvent, StoredEvent};
 use crate::hash::{block_hash, chain_pos, extra_hash};
@@ -473,10 +473,7 @@ impl EngineState {
     /// A warning about events that were not applied, at most one per [`LogLimiter`] interval.
     fn warn_skipped(&mut self, rank: u32, what: std::fmt::Arguments<'_>) {
         let engine = &*self.name;
-        match self.logs.skipped.allow(Instant::now()) {
-            Some(suppressed) => warn!(engine, rank, suppressed, "kv-events: {what}"),
-            None => debug!(engine, rank, "kv-events: {what}"),
-        }
+        limited_warn!(self.logs.skipped, Instant::now(); engine, rank; "kv-events: {what}");
     }
 
     fn insert<S: BlockSink>(&mut self, out: &mut Out<'_, S>, key: Key, gantry: Block, bit: u16) {
@@ -494,10 +491,7 @@ impl EngineState {
                     let (engine, rank, vllm) = (&**name, key.rank, key.vllm);
                     let what = "kv-events: a stored vLLM hash came back with other tokens (a hash collision, \
                                 or events were lost); the entry follows the new tokens";
-                    match logs.collisions.allow(Instant::now()) {
-                        Some(suppressed) => warn!(engine, rank, vllm, suppressed, "{what}"),
-                        None => debug!(engine, rank, vllm, "{what}"),
-                    }
+                    limited_warn!(logs.collisions, Instant::now(); engine, rank, vllm; "{what}");
                     if entry.tiers & GPU != 0 {
                         unref(gpu_refs, out, entry.gantry);
                         take_ref = true;
@@ -584,10 +578,7 @@ impl EngineState {
             out.count(Counter::OverCapacity, dropped);
             let (engine, max_blocks, max_index_blocks) = (&*self.name, self.max_blocks, self.max_index_blocks);
             let what = "kv-events: engine holds more blocks than its max_blocks / max_index_blocks cap; dropped its oldest entries";
-            match self.logs.over_capacity.allow(Instant::now()) {
-                Some(suppressed) => warn!(engine, dropped, max_blocks, max_index_blocks, suppressed, "{what}"),
-                None => debug!(engine, dropped, max_blocks, max_index_blocks, "{what}"),
-            }
+            limited_warn!(self.logs.over_capacity, Instant::now(); engine, dropped, max_blocks, max_index_blocks; "{what}");
         }
         self.compact();
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use super::apply::{EventApplier, SharedCounters};
 use super::sequence::{ReplayLimits, SeqTracker, StreamIo};
@@ -62,6 +62,19 @@ pub(super) struct LogLimiter {
     last: Option<Instant>,
     suppressed: u64,
 }
+
+/// Logs through a [`LogLimiter`]: `limited_warn!(limiter, now; field, ...; "message", args)` is a
+/// warning (with the count of those it held back) when the limiter allows one, else a debug line,
+/// with the same fields (given as variables).
+macro_rules! limited_warn {
+    ($limiter:expr, $now:expr; $($field:ident),*; $($msg:tt)+) => {
+        match $limiter.allow($now) {
+            Some(suppressed) => tracing::warn!($($field,)* suppressed, $($msg)+),
+            None => tracing::debug!($($field,)* $($msg)+),
+        }
+    };
+}
+pub(super) use limited_warn;
 
 impl LogLimiter {
     /// `Some(suppressed since the last one)` when this one may be a warning.
@@ -379,20 +392,12 @@ impl<S: BlockSink> Io<'_, S> {
 
     fn decode_log(&mut self, what: impl Display) {
         let (engine, rank) = (self.name, self.rank);
-        match self.log.decode.allow(self.now) {
-            Some(suppressed) => {
-                warn!(engine, rank, suppressed, "kv-events: dropping undecodable message: {what}")
-            }
-            None => debug!(engine, rank, "kv-events: dropping undecodable message: {what}"),
-        }
+        limited_warn!(self.log.decode, self.now; engine, rank; "kv-events: dropping undecodable message: {what}");
     }
 
     fn stream_log(&mut self, what: &str) {
         let (engine, rank) = (self.name, self.rank);
-        match self.log.stream.allow(self.now) {
-            Some(suppressed) => warn!(engine, rank, suppressed, "kv-events: {what}"),
-            None => debug!(engine, rank, "kv-events: {what}"),
-        }
+        limited_warn!(self.log.stream, self.now; engine, rank; "kv-events: {what}");
     }
 }
 

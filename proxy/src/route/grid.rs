@@ -495,7 +495,8 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> GridError {
     GridError::Invalid { key: key.into(), problem: problem.into() }
 }
 
-fn check_target(ms: f64) -> Result<f64, String> {
+/// `ms` if it is a valid latency target (a non-negative number of milliseconds), else why not.
+pub(crate) fn check_target(ms: f64) -> Result<f64, String> {
     if ms.is_finite() && ms >= 0.0 {
         Ok(ms)
     } else {

@@ -157,7 +157,7 @@ impl PoolIndex {
     /// Blocks one engine of a pool of `engines` may hold in the index: an equal share of its
     /// capacity, so the engines together never fill it and one engine's flood of events never
     /// evicts another's blocks (the subscriber drops that engine's own oldest instead).
-    pub fn share(&self, engines: usize) -> usize {
+    fn share(&self, engines: usize) -> usize {
         (self.capacity / engines.max(1)).max(1)
     }
 
