@@ -2,7 +2,8 @@
 //!
 //! * `lookup/*`: overlap lookups of 32-, 128- and 1,024-block prompts (all hits, each prompt held
 //!   by 2 of the engines) in an index of 1 M blocks with 64, 256 and 1,024 engine slots;
-//!   throughput in looked-up blocks;
+//!   throughput in looked-up blocks. The prompts' hashes lie one after another in one buffer
+//!   (`Queries`), as a router's freshly computed hashes sit in its cache;
 //! * `apply/*`: the writer storing then removing 64-block chains in an index holding 1 M blocks
 //!   (capacity 2 M: sized above the fleet's blocks, as the docs advise, so no evictions);
 //!   throughput in applied block operations;
@@ -66,6 +67,42 @@ impl Data {
     }
 }
 
+/// The prompts a lookup bench asks for, one after another in one buffer: a router looks up the
+/// hashes it has just computed, which are in its cache, so the bench streams its queries rather
+/// than chasing a pointer to each (a cache miss before the lookup starts, the same for every
+/// index measured).
+struct Queries {
+    hashes: Vec<u64>,
+    len: usize,
+}
+
+impl Queries {
+    fn new(data: &Data, order: &[usize], len: usize) -> Queries {
+        Queries { hashes: order.iter().flat_map(|&c| data.chains[c].iter().copied()).collect(), len }
+    }
+
+    /// Endless prompts, in order, from the first.
+    fn cycle(&self) -> QueryCycle<'_> {
+        QueryCycle { q: self, at: 0 }
+    }
+}
+
+struct QueryCycle<'a> {
+    q: &'a Queries,
+    at: usize,
+}
+
+impl<'a> QueryCycle<'a> {
+    fn next_prompt(&mut self) -> &'a [u64] {
+        if self.at == self.q.hashes.len() {
+            self.at = 0;
+        }
+        let p = &self.q.hashes[self.at..self.at + self.q.len];
+        self.at += self.q.len;
+        p
+    }
+}
+
 /// A writer holding `data` (1 M blocks) in a segment of capacity `capacity`.
 fn writer(path: &PathBuf, engines: usize, data: &Data, capacity: usize) -> IndexWriter {
     let opts = IndexOptions { engine_slots: engines, capacity, ..IndexOptions::default() };
@@ -89,6 +126,7 @@ fn lookup(c: &mut Criterion) {
             // Lookups on hits only: a full table evicts a few blocks (see `table.rs`), and a
             // prompt missing one would stop early; every bench below looks up the same prompts.
             let order: Vec<usize>;
+            let queries: Queries;
             {
                 let w = writer(&path, engines, &data, BLOCKS);
                 let r = w.reader();
@@ -106,11 +144,11 @@ fn lookup(c: &mut Criterion) {
                     stats.total_bytes as f64 / stats.capacity as f64,
                     100.0 * (1.0 - order.len() as f64 / data.order.len() as f64)
                 );
-                let mut i = 0;
+                queries = Queries::new(&data, &order, len);
+                let mut q = queries.cycle();
                 g.bench_function(BenchmarkId::new(format!("gantry/{engines}e"), len), |b| {
                     b.iter(|| {
-                        i = (i + 1) % order.len();
-                        let d = r.overlaps(&data.chains[order[i]], &mut out);
+                        let d = r.overlaps(q.next_prompt(), &mut out);
                         debug_assert_eq!(d as usize, len);
                         black_box(d)
                     })
@@ -121,12 +159,9 @@ fn lookup(c: &mut Criterion) {
                 let m = locked_map(engines, &data);
                 let m = RwLock::new(m);
                 let mut out = Vec::with_capacity(engines);
-                let mut i = 0;
+                let mut q = queries.cycle();
                 g.bench_function(BenchmarkId::new(format!("rwlock_hashmap/{engines}e"), len), |b| {
-                    b.iter(|| {
-                        i = (i + 1) % order.len();
-                        black_box(m.read().unwrap().overlaps(&data.chains[order[i]], &mut out))
-                    })
+                    b.iter(|| black_box(m.read().unwrap().overlaps(q.next_prompt(), &mut out)))
                 });
             }
             {
@@ -137,12 +172,9 @@ fn lookup(c: &mut Criterion) {
                     }
                 }
                 let t = RwLock::new(t);
-                let mut i = 0;
+                let mut q = queries.cycle();
                 g.bench_function(BenchmarkId::new(format!("radix_tree/{engines}e"), len), |b| {
-                    b.iter(|| {
-                        i = (i + 1) % order.len();
-                        black_box(t.read().unwrap().overlaps(&data.chains[order[i]]).len())
-                    })
+                    b.iter(|| black_box(t.read().unwrap().overlaps(q.next_prompt()).len()))
                 });
             }
         }
@@ -262,6 +294,7 @@ fn concurrent(c: &mut Criterion) {
     let engines = 256;
     let len = 128;
     let data = Data::new(len, engines, 11);
+    let queries = Queries::new(&data, &data.order, len);
     let churn = churn_chains(4096, 12);
     let churn_pos = chain_positions(&churn);
     g.throughput(Throughput::Elements(len as u64));
@@ -290,14 +323,9 @@ fn concurrent(c: &mut Criterion) {
             ops
         });
         let mut out = r.new_overlaps();
-        let mut i = 0;
+        let mut q = queries.cycle();
         let t0 = std::time::Instant::now();
-        g.bench_function("gantry/256e", |b| {
-            b.iter(|| {
-                i = (i + 1) % data.order.len();
-                black_box(r.overlaps(&data.chains[data.order[i]], &mut out))
-            })
-        });
+        g.bench_function("gantry/256e", |b| b.iter(|| black_box(r.overlaps(q.next_prompt(), &mut out))));
         stop.store(true, Ordering::Relaxed);
         let ops = bg.join().unwrap();
         eprintln!(
@@ -323,13 +351,10 @@ fn concurrent(c: &mut Criterion) {
             ops
         });
         let mut out = Vec::with_capacity(engines);
-        let mut i = 0;
+        let mut q = queries.cycle();
         let t0 = std::time::Instant::now();
         g.bench_function("rwlock_hashmap/256e", |b| {
-            b.iter(|| {
-                i = (i + 1) % data.order.len();
-                black_box(m.read().unwrap().overlaps(&data.chains[data.order[i]], &mut out))
-            })
+            b.iter(|| black_box(m.read().unwrap().overlaps(q.next_prompt(), &mut out)))
         });
         stop.store(true, Ordering::Relaxed);
         let ops = bg.join().unwrap();

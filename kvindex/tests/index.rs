@@ -90,8 +90,19 @@ fn assert_overlaps(reader: &IndexReader, model: &Model, hashes: &[u64], out: &mu
 /// words; prompts share prefixes and diverge.
 #[test]
 fn random_operations_match_a_hashmap_model() {
-    // Widths of 1, 2, 3, 4 and 16 bit words: the lookup has a copy for each power of two.
-    for (seed, engines) in [(1u64, 3usize), (2, 70), (3, 130), (4, 250), (5, 1000)] {
+    // Widths of 1, 2, 3, 4 and 16 bit words: the lookup has a copy for each power of two. The
+    // last two draw from 5 engines in different bit words, so blocks keep crossing between a
+    // few holders (inline in an entry) and more (in its bit set), and prompts between both.
+    let spread: &[usize] = &[3, 64, 130, 640, 999];
+    for (seed, engines, pool) in [
+        (1u64, 3usize, None),
+        (2, 70, None),
+        (3, 130, None),
+        (4, 250, None),
+        (5, 1000, None),
+        (6, 1000, Some(spread)),
+        (7, 1000, Some(spread)),
+    ] {
         let dir = TempDir::new(&format!("model-{seed}"));
         let mut w = IndexWriter::create(dir.path(), &opts(engines, 2048)).unwrap();
         let reader = w.reader();
@@ -104,7 +115,10 @@ fn random_operations_match_a_hashmap_model() {
             .map(|c| (0..24).map(|b| if b < 8 { ids[(c / 2) * 24 + b] } else { ids[c * 24 + b] }).collect())
             .collect();
         let pos: Vec<Vec<u64>> = chains.iter().map(|c| positions(c)).collect();
-        let engine = |rng: &mut fastrand::Rng| rng.usize(..engines) as EngineSlot;
+        let engine = |rng: &mut fastrand::Rng| match pool {
+            Some(p) => p[rng.usize(..p.len())] as EngineSlot,
+            None => rng.usize(..engines) as EngineSlot,
+        };
         for step in 0..3000 {
             match rng.u8(..100) {
                 0..=54 => {

@@ -6,8 +6,10 @@
 //! 0      header (4,096 bytes, 512 words; see the `H_*` constants)
 //! 4096   engine table: engine_slots × 128 bytes (seqlock version + used flag, blocks held,
 //!        name length, 104 name bytes)
-//! ...    exact table: table_slots × (2 + bit_words) words          (see `table.rs`)
-//! ...    approximate table: approx_slots × (2 + bit_words) words  (absent when capacity 0)
+//! ...    exact table: table_slots × (2 + bit_words) words   (see `table.rs`; its ticks are
+//!        the writer's, in its own memory)
+//! ...    approximate table: approx_slots × (2 + bit_words) words, then its ticks,
+//!        approx_slots / 2 words (absent when capacity 0)
 //! ```
 //!
 //! A reader refuses a segment whose magic, layout version or shape words disagree with this
@@ -18,7 +20,7 @@ use super::table::{Table, BUCKET, MAX_BIT_WORDS};
 /// `"GANTRYKV"`, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GANTRYKV");
 /// Bumped on any incompatible change of this layout.
-pub const LAYOUT_VERSION: u64 = 3;
+pub const LAYOUT_VERSION: u64 = 4;
 /// Most engine slots per index.
 pub const MAX_ENGINE_SLOTS: usize = MAX_BIT_WORDS * 64;
 /// Longest engine name (an engine's URL) the engine table holds.
@@ -193,11 +195,11 @@ impl Shape {
     }
 
     pub fn approx_word(&self) -> usize {
-        align8(self.table_word() + Table::words_for(self.table_slots, self.bit_words))
+        align8(self.table_word() + Table::words_for(self.table_slots, self.bit_words, false))
     }
 
     pub fn total_words(&self) -> usize {
-        align8(self.approx_word() + Table::words_for(self.approx_slots, self.bit_words))
+        align8(self.approx_word() + Table::words_for(self.approx_slots, self.bit_words, true))
     }
 
     pub fn total_bytes(&self) -> usize {

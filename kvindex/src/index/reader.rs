@@ -2,7 +2,7 @@
 
 use super::layout::*;
 use super::segment::{PageUse, Segment};
-use super::table::{LocalCursor, Probe, Table, ALL_WORDS, MAX_BIT_WORDS};
+use super::table::{Held, LocalCursor, Probe, Table, ALL_WORDS, MAX_BIT_WORDS};
 use super::writer::{alive, USED};
 use super::IndexError;
 use crate::sink::{Counter, EngineSlot};
@@ -301,9 +301,11 @@ impl IndexReader {
         let exact = exact.with_bit_words(bw);
         let approx = self.seg.approx();
         let now = if approx.is_some() { self.seg.word(H_NOW_SECS).load(Relaxed) as u32 } else { 0 };
-        // Wide bit sets (over a cache line: more than 512 engine slots) are read sparsely: after
-        // the first block, only the words where some engine still holds every block so far
-        // (`live`); with a prompt held by a few engines that is one word of sixteen.
+        // Blocks held by a few engines keep them inline (see `table.rs`); the others' bit sets
+        // are read whole for up to 512 engine slots, or, wider, sparsely: after the first block,
+        // only the words where some engine still holds every block so far (`live`); with a
+        // prompt held by a few engines that is one word of sixteen. Either way a block's holders
+        // are combined as bits on those words.
         let sparse = bw > 8;
         let mut live = ALL_WORDS;
         let mut active = [0u64; MAX_BIT_WORDS];
@@ -314,9 +316,9 @@ impl IndexReader {
         // buckets (see `table.rs`), so memory is walked almost sequentially: stage 1 finds the
         // local bucket of block `i + KEYS_AHEAD` and prefetches the keys of it and the next
         // (most blocks sit in one of those two); stage 2 finds block
-        // `i + LOCATE_AHEAD` among them and prefetches its entry (or, when absent, the keys of
-        // its global buckets); stage 2b finds such a block among those, `GLOBAL_AHEAD` ahead,
-        // and prefetches its entry; stage 3 reads block `i` under its seqlock. Stages 2 and 2b
+        // `i + LOCATE_AHEAD` among them and, when its holders are in its bit set, prefetches the
+        // words wanted (or, when absent, the keys of its global buckets); stage 2b finds such a
+        // block among those, `GLOBAL_AHEAD` ahead; stage 3 reads block `i` under its seqlock. Stages 2 and 2b
         // are only hints: stage 3 checks them and falls back to a full probe.
         let mut stages = Stages::new();
         let mut ring = [(0usize, None::<usize>); LOCATE_AHEAD];
@@ -325,6 +327,9 @@ impl IndexReader {
         let mut global = 0;
         locate_global(&mut global, &exact, hashes, GLOBAL_AHEAD, live, &mut ring);
         let mut depth = 0usize;
+        // The inline holders of the last block read, which a block held by exactly the same
+        // engines (a prompt's blocks nearly always are) shows word for word.
+        let mut same = Held::NONE;
         for (i, &h) in hashes.iter().enumerate() {
             stages.prefetch_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD + 1);
             let (local, slot) = ring[i % LOCATE_AHEAD];
@@ -335,7 +340,17 @@ impl IndexReader {
                 None => exact.read_beyond_local(h, local, &mut bits[..bw]),
             };
             let mut found = match probe {
-                Probe::Hit { .. } => true,
+                // The same inline holders as the block before: no engine drops out.
+                Probe::Hit { held, .. } if held == same && approx.is_none() => {
+                    depth = i + 1;
+                    continue;
+                }
+                Probe::Hit { held, .. } => {
+                    same = if held.is_inline() { held } else { Held::NONE };
+                    // A few holders, inline in the entry: as bits on the words this lookup reads.
+                    held.spread(&mut bits[..bw], live);
+                    true
+                }
                 Probe::Miss => false,
                 Probe::Unknown => {
                     unstable += 1;
@@ -344,7 +359,8 @@ impl IndexReader {
             };
             if let Some(a) = &approx {
                 match a.read(h, None, &mut predicted[..bw]) {
-                    Probe::Hit { tick } if alive(tick, now) => {
+                    Probe::Hit { tick, held } if alive(tick, now) => {
+                        held.spread(&mut predicted[..bw], ALL_WORDS);
                         for w in 0..bw {
                             bits[w] = if found { bits[w] | predicted[w] } else { predicted[w] };
                         }

@@ -20,6 +20,9 @@ pub(crate) struct Segment {
     shape: Shape,
     path: PathBuf,
     writable: bool,
+    /// The exact table's ticks, which only its writer reads: in the writer's memory, not the
+    /// segment (empty in a reader's mapping).
+    exact_ticks: Box<[AtomicU64]>,
 }
 
 impl Segment {
@@ -33,7 +36,7 @@ impl Segment {
             return Err(IndexError::Invalid { path: path.into(), why: format!("{len} bytes, too short for a header") });
         }
         let map = map(&file, len as usize, writable, path)?;
-        let seg = Segment { map, shape: Shape::new(0, 0, 0), path: path.into(), writable };
+        let seg = Segment { map, shape: Shape::new(0, 0, 0), path: path.into(), writable, exact_ticks: Box::default() };
         let shape = seg.validate(len)?;
         Ok(Segment { shape, ..seg })
     }
@@ -54,7 +57,7 @@ impl Segment {
         let bytes = shape.total_bytes();
         file.set_len(bytes as u64).map_err(|e| IndexError::io(&tmp, "size", e))?;
         let map = map(&file, bytes, true, &tmp)?;
-        let seg = Segment { map, shape, path: path.into(), writable: true };
+        let seg = Segment { map, shape, path: path.into(), writable: true, exact_ticks: Box::default() };
         let h = |w: usize| seg.word(w);
         h(H_VERSION).store(LAYOUT_VERSION, Relaxed);
         h(H_ENGINE_SLOTS).store(shape.engine_slots as u64, Relaxed);
@@ -103,6 +106,12 @@ impl Segment {
         Ok(shape)
     }
 
+    /// Gives the exact table ticks in this process's memory, for its writer.
+    pub(crate) fn keep_exact_ticks(&mut self) {
+        let n = Table::tick_words(self.shape.table_slots);
+        self.exact_ticks = (0..n).map(|_| AtomicU64::new(0)).collect();
+    }
+
     pub(crate) fn shape(&self) -> &Shape {
         &self.shape
     }
@@ -139,13 +148,25 @@ impl Segment {
         &self.words()[start..start + ENGINE_WORDS]
     }
 
-    /// The exact table.
+    /// The exact table, as readers see it (no ticks).
     #[inline]
     pub(crate) fn exact(&self) -> Table<'_> {
         let s = &self.shape;
         let start = s.table_word();
-        let words = &self.words()[start..start + Table::words_for(s.table_slots, s.bit_words)];
-        Table::new(words, s.table_slots, s.bit_words)
+        let words = &self.words()[start..start + Table::words_for(s.table_slots, s.bit_words, false)];
+        Table::new(words, s.table_slots, s.bit_words, false)
+    }
+
+    /// The exact table as its writer sees it: with the ticks in the writer's memory (see
+    /// [`Segment::keep_exact_ticks`]).
+    #[inline]
+    pub(crate) fn writer_exact(&self) -> Table<'_> {
+        let t = self.exact();
+        if self.exact_ticks.is_empty() {
+            t
+        } else {
+            t.with_ticks(&self.exact_ticks)
+        }
     }
 
     /// The approximate table, when the segment has one.
@@ -156,8 +177,8 @@ impl Segment {
             return None;
         }
         let start = s.approx_word();
-        let words = &self.words()[start..start + Table::words_for(s.approx_slots, s.bit_words)];
-        Some(Table::new(words, s.approx_slots, s.bit_words))
+        let words = &self.words()[start..start + Table::words_for(s.approx_slots, s.bit_words, true)];
+        Some(Table::new(words, s.approx_slots, s.bit_words, true))
     }
 }
 

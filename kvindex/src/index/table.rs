@@ -1,19 +1,23 @@
-//! One hash table of `block hash → engine bit set`, laid out in a slice of `AtomicU64` words
+//! One hash table of `block hash → engines holding it`, laid out in a slice of `AtomicU64` words
 //! that may live in shared memory.
 //!
 //! # Layout
 //! `slots` entries (a multiple of [`BUCKET`]) in buckets of [`BUCKET`] entries. First come the
 //! buckets' *heads*, `2 · BUCKET` words (one cache line) each: the keys, so a lookup scans a
-//! bucket's keys in one line, then the entries' versions. The engine bit sets of all entries
-//! follow, `bit_words` words each, in slot order. Keeping the bit sets apart means a lookup
-//! walking a prompt's buckets streams one line per bucket plus the bit words it reads, however
-//! wide the sets are.
+//! bucket's keys in one line, then the entries' *meta* words, which hold the seqlock version
+//! and, for a block held by up to [`FEW`] engines (nearly every block), the engines themselves.
+//! So a lookup reads one line per bucket of a prompt's blocks, however many engine slots the
+//! index has. A block held by more engines keeps them in its *bit set*: the bit sets of all
+//! entries follow the heads, `bit_words` words each, in slot order. Last, in a table whose
+//! readers need them (the approximate tier's expiries), come the entries' *ticks*, two 32-bit
+//! ticks per word; a table without them (the exact tier) keeps its ticks in the writer's memory.
 //!
 //! | words | content, for entry `k` of bucket `b` (slot `i = b·BUCKET + k`) |
 //! |---|---|
 //! | `b·2·BUCKET + k` | key: the block hash (any `u64`) |
-//! | `b·2·BUCKET + BUCKET + k` | bits 0–31: seqlock version (odd while the writer changes the entry); bits 32–62: the entry's tick (store time for eviction, or expiry second in the approximate tier); bit 63: occupied |
-//! | `2·slots + i·bit_words ..` | engine bit set, bit `e % 64` of word `e / 64` = engine slot `e` holds the block |
+//! | `b·2·BUCKET + BUCKET + k` | meta: bits 0–29 seqlock version (odd while the writer changes the entry); bits 30–31 state (0 free, 1 *few*: the holders are inline, 2 *set*: they are in the bit set); bits 32–61, in state *few*, three 10-bit engine slots (one to three engines: a slot repeated counts once) |
+//! | `2·slots + i·bit_words ..` | bit set (state *set* only, else zero): bit `e % 64` of word `e / 64` = engine slot `e` holds the block |
+//! | `(2 + bit_words)·slots + i/2` | tick (when the table has them): bits `32·(i % 2) ..` |
 //!
 //! # Placement: near the parent, with bounded alternatives
 //! A block may sit in any entry of six *candidate buckets*: [`LOCAL_BUCKETS`] *local* ones, the
@@ -29,10 +33,12 @@
 //! When all of them are taken, the writer evicts one (see `writer.rs`).
 //!
 //! # Concurrency protocol (one writer, any number of readers)
-//! * Every entry is a seqlock: the writer makes the version odd, writes key and bits, then makes
-//!   it even (release). A reader loads the version (acquire), the key and bits, then checks the
-//!   version again after an acquire fence; a changed or odd version means retry. So a reader
-//!   never returns a torn entry.
+//! * Every entry is a seqlock: the writer makes the version odd, writes the key, bit set and
+//!   tick, then stores the meta word with the new state and holders and an even version
+//!   (release). A reader loads the meta word (acquire), the key (and the bit words and tick it
+//!   needs), then checks the meta word again after an acquire fence; a changed or odd version
+//!   means retry. So a reader never returns a torn entry; inline holders, in the meta word
+//!   itself, are read whole.
 //! * Entries never move: an insert fills a free entry, a delete frees one. A block present for
 //!   the whole of a lookup stays in one entry whose version does not change, so the lookup finds
 //!   it; blocks inserted or deleted during the lookup may or may not be seen.
@@ -45,12 +51,25 @@
 use crate::sync::{fence, spin, AtomicU64};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 
-/// Bit 63 of an entry's version word: the slot holds an entry.
-const OCCUPIED: u64 = 1 << 63;
-/// Ticks are 31 bits wide (bits 32–62 of the version word); compare them with wrapping arithmetic.
+/// Meta word: the seqlock version (bit 0 odd while the writer changes the entry).
+const VERSION_MASK: u64 = (1 << 30) - 1;
+/// Meta word: the entry's state.
+const STATE_MASK: u64 = 3 << 30;
+/// State: one to [`FEW`] holders, inline in the meta word.
+const STATE_FEW: u64 = 1 << 30;
+/// State: the holders are in the entry's bit set.
+const STATE_SET: u64 = 2 << 30;
+/// Meta word: where the inline holders start, and each one's width.
+const HOLDER_SHIFT: u32 = 32;
+const HOLDER_BITS: u32 = 10;
+const HOLDER_MASK: u64 = (1 << HOLDER_BITS) - 1;
+/// Most holders an entry keeps inline.
+pub(crate) const FEW: usize = 3;
+/// Ticks are 31 bits wide; compare them with wrapping arithmetic.
 pub(crate) const TICK_MASK: u32 = 0x7fff_ffff;
 /// Most engine-bit words per entry (1,024 engine slots).
 pub(crate) const MAX_BIT_WORDS: usize = 16;
+const _: () = assert!(MAX_BIT_WORDS * 64 <= 1 << HOLDER_BITS && HOLDER_SHIFT + FEW as u32 * HOLDER_BITS <= 64);
 /// Entries per bucket.
 pub(crate) const BUCKET: usize = 4;
 /// log2 of [`BUCKET`]: a chain position's local bucket is `pos >> BUCKET_SHIFT`.
@@ -62,11 +81,52 @@ pub(crate) const ALL_WORDS: u32 = u32::MAX;
 /// Attempts a reader makes before giving up on a probe.
 const MAX_ATTEMPTS: usize = 64;
 
+/// The engines holding a block, as a reader found them: the state and inline holders of its
+/// meta word (a plain word, so a lookup keeps it in a register).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held(u64);
+
+impl Held {
+    /// No holders: equal to no block's.
+    pub(crate) const NONE: Held = Held(0);
+
+    /// Whether the holders are inline (one to [`FEW`] engine slots); if not, they were copied
+    /// into the caller's bit words (those it asked for).
+    #[inline(always)]
+    pub(crate) fn is_inline(self) -> bool {
+        self.0 & STATE_MASK == STATE_FEW
+    }
+
+    /// Writes inline holders into `bits` on the words in `words` (the others are left as they
+    /// were): a no-op for holders in a bit set, whose bits are there already.
+    #[inline(always)]
+    pub(crate) fn spread(self, bits: &mut [u64], words: u32) {
+        if !self.is_inline() {
+            return;
+        }
+        let ids = few_ids(self.0);
+        // Each word written once, from registers.
+        let word = |w: usize| ids.iter().fold(0u64, |acc, &id| acc | u64::from(usize::from(id) / 64 == w) << (id % 64));
+        if words == ALL_WORDS {
+            for (w, b) in bits.iter_mut().enumerate() {
+                *b = word(w);
+            }
+        } else {
+            let mut m = words;
+            while m != 0 {
+                let w = m.trailing_zeros() as usize;
+                bits[w] = word(w);
+                m &= m - 1;
+            }
+        }
+    }
+}
+
 /// Outcome of a reader's probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Probe {
-    /// Found; the bits and tick were copied out.
-    Hit { tick: u32 },
+    /// Found: its holders, and its tick (0 in a table without ticks).
+    Hit { tick: u32, held: Held },
     /// Not in the table.
     Miss,
     /// No stable view within the retry budget (treated as a miss).
@@ -75,9 +135,25 @@ pub(crate) enum Probe {
 
 /// What a scan of one bucket found.
 enum Scan {
-    Hit(u32),
+    Hit(u32, Held),
     Absent,
     Retry,
+}
+
+/// The meta-word bits (state and holders) of an entry held by `ids` (one to [`FEW`] distinct
+/// slots; the first is repeated into the unused places).
+fn few_meta(ids: &[usize]) -> u64 {
+    debug_assert!((1..=FEW).contains(&ids.len()));
+    (0..FEW).fold(STATE_FEW, |m, k| {
+        let id = ids.get(k).unwrap_or(&ids[0]);
+        m | (*id as u64 & HOLDER_MASK) << (HOLDER_SHIFT + k as u32 * HOLDER_BITS)
+    })
+}
+
+/// The inline holders of meta word `m` (state *few*).
+#[inline(always)]
+fn few_ids(m: u64) -> [u16; FEW] {
+    std::array::from_fn(|k| ((m >> (HOLDER_SHIFT + k as u32 * HOLDER_BITS)) & HOLDER_MASK) as u16)
 }
 
 /// The local bucket of consecutive blocks of a prompt, advanced block by block without a
@@ -92,20 +168,36 @@ pub(crate) struct LocalCursor {
 #[derive(Clone, Copy)]
 pub(crate) struct Table<'a> {
     words: &'a [AtomicU64],
+    /// Two ticks per word, or empty (ticks read as 0 and are not kept).
+    ticks: &'a [AtomicU64],
     slots: usize,
     bit_words: usize,
 }
 
 impl<'a> Table<'a> {
-    /// Words needed for `slots` entries of `bit_words` bit words.
-    pub(crate) fn words_for(slots: usize, bit_words: usize) -> usize {
-        slots * (2 + bit_words)
+    /// Words needed for `slots` entries of `bit_words` bit words, with the ticks when `ticks`.
+    pub(crate) fn words_for(slots: usize, bit_words: usize, ticks: bool) -> usize {
+        slots * (2 + bit_words) + if ticks { Self::tick_words(slots) } else { 0 }
     }
 
-    pub(crate) fn new(words: &'a [AtomicU64], slots: usize, bit_words: usize) -> Self {
+    /// Words holding the ticks of `slots` entries.
+    pub(crate) fn tick_words(slots: usize) -> usize {
+        slots.div_ceil(2)
+    }
+
+    /// A table over `words`, which end with its ticks when `ticks` (see [`Table::words_for`]).
+    pub(crate) fn new(words: &'a [AtomicU64], slots: usize, bit_words: usize, ticks: bool) -> Self {
         assert!(slots >= BUCKET && slots.is_multiple_of(BUCKET) && (1..=MAX_BIT_WORDS).contains(&bit_words));
-        assert_eq!(words.len(), Self::words_for(slots, bit_words), "table words do not match its shape");
-        Table { words, slots, bit_words }
+        assert_eq!(words.len(), Self::words_for(slots, bit_words, ticks), "table words do not match its shape");
+        let (words, ticks) = words.split_at(slots * (2 + bit_words));
+        Table { words, ticks, slots, bit_words }
+    }
+
+    /// This view keeping its ticks in `ticks` ([`Table::tick_words`] words), for a table whose
+    /// ticks only its writer reads.
+    pub(crate) fn with_ticks(self, ticks: &'a [AtomicU64]) -> Self {
+        assert!(self.ticks.is_empty() && ticks.len() == Self::tick_words(self.slots));
+        Table { ticks, ..self }
     }
 
     /// This view with its bit-word count spelled out as `bit_words` (which must equal it): a
@@ -129,7 +221,7 @@ impl<'a> Table<'a> {
         self.slots / BUCKET
     }
 
-    /// The head of bucket `b`: its keys, then its versions.
+    /// The head of bucket `b`: its keys, then its meta words.
     #[inline(always)]
     fn bucket(&self, b: usize) -> &'a [AtomicU64] {
         debug_assert!(b < self.buckets(), "bucket {b} beyond the table's {}", self.buckets());
@@ -142,7 +234,7 @@ impl<'a> Table<'a> {
     }
 
     #[inline(always)]
-    fn version(&self, i: usize) -> &'a AtomicU64 {
+    fn meta(&self, i: usize) -> &'a AtomicU64 {
         &self.bucket(i / BUCKET)[BUCKET + i % BUCKET]
     }
 
@@ -152,6 +244,24 @@ impl<'a> Table<'a> {
         debug_assert!(i < self.slots, "slot {i} beyond the table's {}", self.slots);
         let start = 2 * self.slots + i * self.bit_words;
         &self.words[start..start + self.bit_words]
+    }
+
+    /// Entry `i`'s tick (0 without ticks).
+    #[inline(always)]
+    pub(crate) fn tick_at(&self, i: usize) -> u32 {
+        match self.ticks.get(i / 2) {
+            Some(w) => (w.load(Relaxed) >> (32 * (i % 2))) as u32 & TICK_MASK,
+            None => 0,
+        }
+    }
+
+    /// Sets entry `i`'s tick (writer only; inside the entry's write section when readers read it).
+    fn set_tick(&self, i: usize, tick: u32) {
+        if let Some(w) = self.ticks.get(i / 2) {
+            let shift = 32 * (i % 2);
+            let old = w.load(Relaxed);
+            w.store((old & !(0xffff_ffff << shift)) | u64::from(tick & TICK_MASK) << shift, Relaxed);
+        }
     }
 
     /// The local bucket of a block at chain position `pos`.
@@ -220,27 +330,14 @@ impl<'a> Table<'a> {
         buckets.into_iter().take(n).flat_map(|b| b * BUCKET..(b + 1) * BUCKET)
     }
 
-    /// Hints the CPU to load bucket `b` (and the next: blocks of a prompt spill into it); used to
-    /// overlap the memory latency of the next blocks of a prompt with the current one.
+    /// Hints the CPU to load the heads of bucket `b` and the next (blocks of a prompt spill into
+    /// it), for the writer, which reads and writes them.
     #[inline]
     pub(crate) fn prefetch_bucket(&self, b: usize) {
-        let base = self.words.as_ptr().cast::<i8>();
-        // The two heads (each one line), then the two buckets' bit sets, which need not start
-        // on a line: their last byte is fetched too. Neither range reaches past its region.
-        let heads = (b * 2 * BUCKET * 8, (2 * 2 * BUCKET * 8).min((2 * self.slots - b * 2 * BUCKET) * 8));
-        let first_set = 2 * self.slots + b * BUCKET * self.bit_words;
-        let sets = (first_set * 8, (2 * BUCKET * self.bit_words).min(self.words.len() - first_set) * 8);
-        for (first, bytes) in [heads, sets] {
-            let mut off = 0;
-            while off < bytes {
-                prefetch_read(base.wrapping_add(first + off));
-                off += 64;
-            }
-            prefetch_read(base.wrapping_add(first + bytes - 1));
-        }
+        self.prefetch_keys(b);
     }
 
-    /// Hints the CPU to load the keys and versions of `hash`'s global buckets (where a block
+    /// Hints the CPU to load the keys and meta words of `hash`'s global buckets (where a block
     /// goes when its local buckets are full: about one block in ten in a full table).
     #[inline(always)]
     pub(crate) fn prefetch_global(&self, hash: u64) {
@@ -253,7 +350,7 @@ impl<'a> Table<'a> {
     // ---- reader side ----
 
     /// Looks `hash` up (its local buckets first when `local` is its local bucket), copying its
-    /// engine bits into `bits[..bit_words]` on a hit.
+    /// engine bits into `bits[..bit_words]` when they are in its bit set.
     ///
     /// Keys are compared first, without the seqlock (a mismatch needs no consistent view: an
     /// entry that holds `hash` throughout the lookup always shows it); only a matching entry is
@@ -279,7 +376,7 @@ impl<'a> Table<'a> {
                 let mut b = (l + from) % nb;
                 for _ in from..LOCAL_BUCKETS {
                     match self.scan(b, hash, bits) {
-                        Scan::Hit(tick) => return Probe::Hit { tick },
+                        Scan::Hit(tick, held) => return Probe::Hit { tick, held },
                         Scan::Retry => continue 'attempt,
                         Scan::Absent => {}
                     }
@@ -292,7 +389,7 @@ impl<'a> Table<'a> {
             let (g, _) = self.candidates(hash, None);
             for &b in &g[..2] {
                 match self.scan(b, hash, bits) {
-                    Scan::Hit(tick) => return Probe::Hit { tick },
+                    Scan::Hit(tick, held) => return Probe::Hit { tick, held },
                     Scan::Retry => continue 'attempt,
                     Scan::Absent => {}
                 }
@@ -310,7 +407,7 @@ impl<'a> Table<'a> {
             if key.load(Relaxed) != hash {
                 continue;
             }
-            match self.read_entry(b * BUCKET + k, hash, bits) {
+            match self.read_entry(b * BUCKET + k, hash, bits, ALL_WORDS) {
                 Scan::Absent => {}
                 found => return found,
             }
@@ -318,51 +415,51 @@ impl<'a> Table<'a> {
         Scan::Absent
     }
 
-    /// Reads entry `i`, whose key was just seen equal to `hash`, under its seqlock.
-    #[inline(always)]
-    fn read_entry(&self, i: usize, hash: u64, bits: &mut [u64]) -> Scan {
-        self.read_entry_words(i, hash, bits, ALL_WORDS)
-    }
-
-    /// [`Table::read_entry`] copying only the bit words in `words` (bit `w` = word `w`; the
-    /// others are left as they were). A subset of the words read under the seqlock is as
+    /// Reads entry `i`, whose key was just seen equal to `hash`, under its seqlock, copying
+    /// only the bit words in `words` (bit `w` = word `w`; the others are left as they were) when
+    /// its holders are in its bit set. A subset of the words read under the seqlock is as
     /// consistent as all of them.
     #[inline(always)]
-    fn read_entry_words(&self, i: usize, hash: u64, bits: &mut [u64], words: u32) -> Scan {
-        let (key, version, set) = (self.key_word(i), self.version(i), self.bit_set(i));
-        let v1 = version.load(Acquire);
-        if v1 & 1 == 1 {
+    fn read_entry(&self, i: usize, hash: u64, bits: &mut [u64], words: u32) -> Scan {
+        let (key, meta) = (self.key_word(i), self.meta(i));
+        let m1 = meta.load(Acquire);
+        if m1 & 1 == 1 {
             spin();
             return Scan::Retry;
         }
-        if v1 & OCCUPIED == 0 || key.load(Relaxed) != hash {
+        let state = m1 & STATE_MASK;
+        if state == 0 || key.load(Relaxed) != hash {
             return Scan::Absent;
         }
-        debug_assert!(words == ALL_WORDS || words >> set.len() == 0, "word mask {words:#x} beyond the bit set");
-        if words == ALL_WORDS {
-            for (dst, w) in bits.iter_mut().zip(set) {
-                *dst = w.load(Relaxed);
-            }
-        } else {
-            let mut m = words;
-            while m != 0 {
-                let w = m.trailing_zeros() as usize;
-                bits[w] = set[w].load(Relaxed);
-                m &= m - 1;
+        if state == STATE_SET {
+            let set = self.bit_set(i);
+            debug_assert!(words == ALL_WORDS || words >> set.len() == 0, "word mask {words:#x} beyond the bit set");
+            if words == ALL_WORDS {
+                for (dst, w) in bits.iter_mut().zip(set) {
+                    *dst = w.load(Relaxed);
+                }
+            } else {
+                let mut m = words;
+                while m != 0 {
+                    let w = m.trailing_zeros() as usize;
+                    bits[w] = set[w].load(Relaxed);
+                    m &= m - 1;
+                }
             }
         }
+        let held = Held(m1 & !VERSION_MASK);
+        let tick = self.tick_at(i);
         fence(Acquire);
-        if version.load(Relaxed) == v1 {
-            return Scan::Hit((v1 >> 32) as u32 & TICK_MASK);
+        if meta.load(Relaxed) == m1 {
+            return Scan::Hit(tick, held);
         }
         Scan::Retry
     }
 
     // ---- the pipelined lookup of a prompt (see `IndexReader::overlaps`) ----
 
-    /// Stage 1: hints the CPU to load the heads (keys and versions) of bucket `b` and of the
-    /// next (a prompt's blocks spill into it), and nothing else: the bit sets of the other
-    /// entries are not needed.
+    /// Stage 1: hints the CPU to load the heads (keys and meta words) of bucket `b` and of the
+    /// next (a prompt's blocks spill into it), and nothing else.
     #[inline(always)]
     pub(crate) fn prefetch_keys(&self, b: usize) {
         let base = self.words.as_ptr().cast::<i8>();
@@ -374,22 +471,17 @@ impl<'a> Table<'a> {
     }
 
     /// Stage 2: the entry of `hash` among the keys of its local buckets from `local`, found
-    /// without the seqlock, so only a hint that [`Table::read_at`] confirms. When found, its
-    /// bit set is prefetched; when not, the keys of its global buckets are (where a block goes
-    /// when its local buckets are full) for [`Table::locate_global`], so only the blocks that
-    /// need a random access pay for one.
-    ///
-    /// `words` are the bit words stage 3 will read ([`ALL_WORDS`], or a subset: see
-    /// [`Table::read_at`]); only their cache lines are prefetched.
+    /// without the seqlock, so only a hint that [`Table::read_at`] confirms. When found with its
+    /// holders in its bit set, the bit words in `words` (those stage 3 will read: see
+    /// [`Table::read_at`]) are prefetched; when not found, the keys of its global buckets are
+    /// (where a block goes when its local buckets are full) for [`Table::locate_global`], so
+    /// only the blocks that need a random access pay for one.
     #[inline(always)]
     pub(crate) fn locate_local(&self, hash: u64, local: usize, words: u32) -> Option<usize> {
         let nb = self.buckets();
         let mut b = local;
         for _ in 0..LOCAL_BUCKETS {
-            let keys = &self.bucket(b)[..BUCKET];
-            if let Some(k) = keys.iter().position(|key| key.load(Relaxed) == hash) {
-                let i = b * BUCKET + k;
-                self.prefetch_bits(i, words);
+            if let Some(i) = self.locate_in(b, hash, words) {
                 return Some(i);
             }
             b += 1;
@@ -402,20 +494,27 @@ impl<'a> Table<'a> {
     }
 
     /// Stage 2b, for a block [`Table::locate_local`] did not find: its entry among the keys of
-    /// its global buckets (which that stage prefetched), again only a hint; when found, the
-    /// bit words in `words` are prefetched.
+    /// its global buckets (which that stage prefetched), again only a hint, prefetched as there.
     #[inline(always)]
     pub(crate) fn locate_global(&self, hash: u64, words: u32) -> Option<usize> {
         let (g, _) = self.candidates(hash, None);
-        for &b in &g[..2] {
-            let keys = &self.bucket(b)[..BUCKET];
-            if let Some(k) = keys.iter().position(|key| key.load(Relaxed) == hash) {
-                let i = b * BUCKET + k;
-                self.prefetch_bits(i, words);
-                return Some(i);
-            }
+        match self.locate_in(g[0], hash, words) {
+            None => self.locate_in(g[1], hash, words),
+            found => found,
         }
-        None
+    }
+
+    /// The entry of bucket `b` whose key is `hash`, if any, prefetching its bit words in `words`
+    /// when its holders are in its bit set.
+    #[inline(always)]
+    fn locate_in(&self, b: usize, hash: u64, words: u32) -> Option<usize> {
+        let bucket = self.bucket(b);
+        let k = bucket[..BUCKET].iter().position(|key| key.load(Relaxed) == hash)?;
+        let i = b * BUCKET + k;
+        if bucket[BUCKET + k].load(Relaxed) & STATE_MASK == STATE_SET {
+            self.prefetch_bits(i, words);
+        }
+        Some(i)
     }
 
     /// Hints the CPU to load the bit words in `words` of entry `i`.
@@ -444,12 +543,12 @@ impl<'a> Table<'a> {
     /// in progress, looks it up everywhere ([`Table::read`] from local bucket `local`).
     ///
     /// Only the bit words in `words` are copied on the fast path (the fallback copies all):
-    /// a lookup reads just the words where engines still hold every block so far.
+    /// a lookup reads just the words of the engines that still hold every block so far.
     #[inline(always)]
     pub(crate) fn read_at(&self, i: usize, hash: u64, local: usize, bits: &mut [u64], words: u32) -> Probe {
         if self.key_word(i).load(Relaxed) == hash {
-            if let Scan::Hit(tick) = self.read_entry_words(i, hash, bits, words) {
-                return Probe::Hit { tick };
+            if let Scan::Hit(tick, held) = self.read_entry(i, hash, bits, words) {
+                return Probe::Hit { tick, held };
             }
         }
         self.read(hash, Some(local), bits)
@@ -457,21 +556,45 @@ impl<'a> Table<'a> {
 
     // ---- writer side (one writer at a time; it owns every odd version it creates) ----
 
-    /// Whether slot `i` holds an entry; with `tick_at` and `bits_at`, the writer's view
-    /// (it is the only one changing entries).
+    /// Whether slot `i` holds an entry.
     #[inline]
     pub(crate) fn occupied(&self, i: usize) -> bool {
-        self.version(i).load(Relaxed) & OCCUPIED != 0
+        self.meta(i).load(Relaxed) & STATE_MASK != 0
     }
 
-    #[inline]
-    pub(crate) fn tick_at(&self, i: usize) -> u32 {
-        (self.version(i).load(Relaxed) >> 32) as u32 & TICK_MASK
+    /// Whether `engine` holds entry `i` (the writer's view: it is the only one changing entries).
+    pub(crate) fn holds(&self, i: usize, engine: usize) -> bool {
+        let m = self.meta(i).load(Relaxed);
+        match m & STATE_MASK {
+            STATE_FEW => few_ids(m).contains(&(engine as u16)),
+            STATE_SET => self.bit_set(i)[engine / 64].load(Relaxed) >> (engine % 64) & 1 == 1,
+            _ => false,
+        }
     }
 
-    #[inline]
-    pub(crate) fn bits_at(&self, i: usize, w: usize) -> u64 {
-        self.bit_set(i)[w].load(Relaxed)
+    /// Calls `f` with each engine holding entry `i`, once each (the writer's view).
+    pub(crate) fn for_each_holder(&self, i: usize, mut f: impl FnMut(usize)) {
+        let m = self.meta(i).load(Relaxed);
+        match m & STATE_MASK {
+            STATE_FEW => {
+                let ids = few_ids(m);
+                for (k, &id) in ids.iter().enumerate() {
+                    if !ids[..k].contains(&id) {
+                        f(usize::from(id));
+                    }
+                }
+            }
+            STATE_SET => {
+                for (w, word) in self.bit_set(i).iter().enumerate() {
+                    let mut bits = word.load(Relaxed);
+                    while bits != 0 {
+                        f(w * 64 + bits.trailing_zeros() as usize);
+                        bits &= bits - 1;
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Finds `hash`: `Ok(slot)` when present, else `Err(a free candidate, if any)`.
@@ -487,7 +610,7 @@ impl<'a> Table<'a> {
         for (j, &b) in buckets[..n].iter().enumerate() {
             let bucket = self.bucket(b);
             for k in 0..BUCKET {
-                let occupied = bucket[BUCKET + k].load(Relaxed) & OCCUPIED != 0;
+                let occupied = bucket[BUCKET + k].load(Relaxed) & STATE_MASK != 0;
                 if !occupied {
                     if let Some(g) = (j + 2).checked_sub(n) {
                         global[g].0 += 1;
@@ -504,64 +627,134 @@ impl<'a> Table<'a> {
         Err(free.or(if g2.0 > g1.0 { g2.1 } else { g1.1 }))
     }
 
-    /// Runs `f` on entry `i`'s words inside its seqlock write section; afterwards the entry has
-    /// `tick` and is occupied or not.
+    /// Runs `f` on entry `i`'s key and bit set inside its seqlock write section, and sets its
+    /// tick; afterwards the entry's state and holders are `state` (meta bits 30–63).
     #[inline]
-    fn write_with(&self, i: usize, tick: u32, occupied: bool, f: impl FnOnce(&AtomicU64, &[AtomicU64])) {
-        let version = self.version(i);
-        let old = version.load(Relaxed);
-        let v = old as u32;
+    fn write_with(&self, i: usize, tick: u32, state: u64, f: impl FnOnce(&AtomicU64, &[AtomicU64])) {
+        debug_assert_eq!(state & VERSION_MASK, 0);
+        let meta = self.meta(i);
+        let old = meta.load(Relaxed);
+        let v = old & VERSION_MASK;
         debug_assert!(v & 1 == 0, "entry {i} already being written");
-        version.store((old & !0xffff_ffff) | u64::from(v.wrapping_add(1)), Relaxed);
+        meta.store((old & !VERSION_MASK) | ((v + 1) & VERSION_MASK), Relaxed);
         fence(Release);
         f(self.key_word(i), self.bit_set(i));
-        let occ = if occupied { OCCUPIED } else { 0 };
-        version.store(occ | (u64::from(tick & TICK_MASK) << 32) | u64::from(v.wrapping_add(2)), Release);
-    }
-
-    /// Writes a whole occupied entry.
-    fn write_entry(&self, i: usize, key: u64, tick: u32, bits: impl Fn(usize) -> u64) {
-        self.write_with(i, tick, true, |k, set| {
-            k.store(key, Relaxed);
-            for (w, word) in set.iter().enumerate() {
-                word.store(bits(w), Relaxed);
-            }
-        });
+        self.set_tick(i, tick);
+        meta.store(state | ((v + 2) & VERSION_MASK), Release);
     }
 
     /// Frees slot `i`.
     pub(crate) fn delete_at(&self, i: usize) {
-        self.write_with(i, 0, false, |k, set| {
+        let was_set = self.meta(i).load(Relaxed) & STATE_MASK == STATE_SET;
+        self.write_with(i, 0, 0, |k, set| {
             k.store(0, Relaxed);
-            for word in set {
-                word.store(0, Relaxed);
+            if was_set {
+                set.iter().for_each(|w| w.store(0, Relaxed));
             }
         });
     }
 
-    /// Inserts `hash` with only `engine`'s bit at free slot `free` (from [`Table::find`]).
+    /// Inserts `hash` held by `engine` alone at free slot `free` (from [`Table::find`]).
     pub(crate) fn insert_at(&self, free: usize, hash: u64, engine: usize, tick: u32) {
         debug_assert!(!self.occupied(free));
-        let (word, bit) = (engine / 64, 1u64 << (engine % 64));
-        self.write_entry(free, hash, tick, |w| if w == word { bit } else { 0 });
+        self.write_with(free, tick, few_meta(&[engine]), |k, _| k.store(hash, Relaxed));
     }
 
-    /// Sets (`true`) or clears `engine`'s bit of entry `i`, and sets its tick. Returns whether
-    /// the bit changed.
-    pub(crate) fn set_bit(&self, i: usize, engine: usize, on: bool, tick: u32) -> bool {
-        let (word, bit) = (engine / 64, 1u64 << (engine % 64));
-        let old = self.bits_at(i, word);
-        let new = if on { old | bit } else { old & !bit };
-        if new == old && self.tick_at(i) == tick & TICK_MASK {
+    /// Writes entry `i` (free or not) as `key` held by the engines in `bits` (at least one),
+    /// inline when they are few.
+    #[cfg(all(test, loom))]
+    fn write_entry(&self, i: usize, key: u64, tick: u32, bits: &[u64]) {
+        let ids: Vec<usize> =
+            (0..self.bit_words * 64).filter(|&e| bits.get(e / 64).is_some_and(|w| w >> (e % 64) & 1 == 1)).collect();
+        let was_set = self.meta(i).load(Relaxed) & STATE_MASK == STATE_SET;
+        let (state, set_bits) = if ids.len() <= FEW { (few_meta(&ids), false) } else { (STATE_SET, true) };
+        self.write_with(i, tick, state, |k, set| {
+            k.store(key, Relaxed);
+            if set_bits || was_set {
+                for (w, word) in set.iter().enumerate() {
+                    word.store(if set_bits { bits[w] } else { 0 }, Relaxed);
+                }
+            }
+        });
+    }
+
+    /// Adds `engine` to the holders of entry `i` and sets its tick. Returns whether the engine
+    /// was new there.
+    pub(crate) fn add_holder(&self, i: usize, engine: usize, tick: u32) -> bool {
+        let m = self.meta(i).load(Relaxed);
+        debug_assert!(m & STATE_MASK != 0, "entry {i} is free");
+        if self.holds(i, engine) {
+            if self.tick_at(i) != tick & TICK_MASK {
+                self.write_with(i, tick, m & !VERSION_MASK, |_, _| {});
+            }
             return false;
         }
-        self.write_with(i, tick, true, |_, set| set[word].store(new, Relaxed));
-        new != old
+        let (word, bit) = (engine / 64, 1u64 << (engine % 64));
+        if m & STATE_MASK == STATE_SET {
+            let old = self.bit_set(i)[word].load(Relaxed);
+            self.write_with(i, tick, STATE_SET, |_, set| set[word].store(old | bit, Relaxed));
+            return true;
+        }
+        let mut ids = [0usize; FEW + 1];
+        let mut n = 0;
+        self.for_each_holder(i, |e| {
+            ids[n] = e;
+            n += 1;
+        });
+        ids[n] = engine;
+        n += 1;
+        if n <= FEW {
+            self.write_with(i, tick, few_meta(&ids[..n]), |_, _| {});
+        } else {
+            // Too many to keep inline: into the bit set (all zero while the state was few).
+            self.write_with(i, tick, STATE_SET, |_, set| {
+                for &e in &ids[..n] {
+                    let w = &set[e / 64];
+                    w.store(w.load(Relaxed) | 1 << (e % 64), Relaxed);
+                }
+            });
+        }
+        true
     }
 
-    /// Whether entry `i` has no engine bit left.
-    pub(crate) fn is_unheld(&self, i: usize) -> bool {
-        (0..self.bit_words).all(|w| self.bits_at(i, w) == 0)
+    /// Removes `engine` from the holders of entry `i`, freeing the entry when none is left.
+    /// Returns None when the engine did not hold it, else whether the entry was freed.
+    pub(crate) fn remove_holder(&self, i: usize, engine: usize) -> Option<bool> {
+        if !self.holds(i, engine) {
+            return None;
+        }
+        let tick = self.tick_at(i);
+        let mut ids = [0usize; FEW + 1];
+        let mut n = 0;
+        let mut more = false;
+        self.for_each_holder(i, |e| {
+            if e != engine {
+                if n < ids.len() {
+                    ids[n] = e;
+                    n += 1;
+                } else {
+                    more = true;
+                }
+            }
+        });
+        if n == 0 {
+            self.delete_at(i);
+            return Some(true);
+        }
+        let was_set = self.meta(i).load(Relaxed) & STATE_MASK == STATE_SET;
+        if n <= FEW && !more {
+            // Few enough to keep inline again: the bit set goes back to zero.
+            self.write_with(i, tick, few_meta(&ids[..n]), |_, set| {
+                if was_set {
+                    set.iter().for_each(|w| w.store(0, Relaxed));
+                }
+            });
+        } else {
+            let (word, bit) = (engine / 64, 1u64 << (engine % 64));
+            let old = self.bit_set(i)[word].load(Relaxed);
+            self.write_with(i, tick, STATE_SET, |_, set| set[word].store(old & !bit, Relaxed));
+        }
+        Some(false)
     }
 
     /// Clears every entry (for a fresh writer). Entries become free one by one; readers see a
@@ -578,14 +771,14 @@ impl<'a> Table<'a> {
     /// Call before [`Table::clear_all`] when taking over a segment.
     pub(crate) fn repair(&self) {
         for i in 0..self.slots {
-            let version = self.version(i);
-            let v = version.load(Relaxed);
-            if v & 1 == 1 {
+            let meta = self.meta(i);
+            let m = meta.load(Relaxed);
+            if m & 1 == 1 {
                 self.key_word(i).store(0, Relaxed);
                 for w in self.bit_set(i) {
                     w.store(0, Relaxed);
                 }
-                version.store(v.wrapping_add(1) & 0xffff_ffff, Release);
+                meta.store((m + 1) & VERSION_MASK, Release);
             }
         }
     }
@@ -611,16 +804,37 @@ mod tests {
         (0..n).map(|_| AtomicU64::new(0)).collect()
     }
 
+    /// A table of `slots` entries (with ticks when `ticks`) over fresh words.
+    fn table(w: &[AtomicU64], slots: usize, bit_words: usize, ticks: bool) -> Table<'_> {
+        Table::new(w, slots, bit_words, ticks)
+    }
+
     /// Key `k` of a well-spread sequence (so tests pick keys whose global buckets differ).
     fn spread(k: u64) -> u64 {
         k.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
+    /// The engines a probe found (sorted), its bits read on all words.
+    fn holders(p: Probe, bits: &[u64]) -> Option<Vec<usize>> {
+        let Probe::Hit { held, .. } = p else { return None };
+        let mut b = bits.to_vec();
+        held.spread(&mut b, ALL_WORDS);
+        Some((0..b.len() * 64).filter(|&e| b[e / 64] >> (e % 64) & 1 == 1).collect())
+    }
+
+    /// The engines holding entry `i` in the writer's view (sorted).
+    fn writer_view(t: &Table<'_>, i: usize) -> Vec<usize> {
+        let mut v = Vec::new();
+        t.for_each_holder(i, |e| v.push(e));
+        v.sort_unstable();
+        v
+    }
+
     #[test]
     fn insert_find_delete_across_local_and_global_buckets() {
         let slots = 64;
-        let w = words(Table::words_for(slots, 1));
-        let t = Table::new(&w, slots, 1);
+        let w = words(Table::words_for(slots, 1, false));
+        let t = table(&w, slots, 1, false);
         let mut bits = [0u64; 1];
         // 12 keys all with local bucket 3: they fit its local buckets, or go global.
         let keys: Vec<u64> = (1..=12u64).map(spread).collect();
@@ -634,8 +848,7 @@ mod tests {
         }
         assert!(local >= BUCKET, "{local} keys placed locally");
         for (n, &k) in keys.iter().enumerate() {
-            assert_eq!(t.read(k, Some(3), &mut bits), Probe::Hit { tick: 0 }, "key {k:#x}");
-            assert_eq!(bits[0], 1 << (n % 64));
+            assert_eq!(holders(t.read(k, Some(3), &mut bits), &bits), Some(vec![n % 64]), "key {k:#x}");
         }
         for &k in keys.iter().step_by(3) {
             t.delete_at(t.find(k, Some(3)).unwrap());
@@ -646,14 +859,57 @@ mod tests {
         }
     }
 
+    /// Up to three holders stay inline in the meta word with the bit set untouched; a fourth
+    /// moves them all to the bit set; removals bring them back inline (the bit set zeroed again),
+    /// and removing the last frees the entry. Readers and the writer see the same holders
+    /// throughout.
+    #[test]
+    fn holders_move_between_the_meta_word_and_the_bit_set() {
+        let slots = 8;
+        let w = words(Table::words_for(slots, 4, false));
+        let t = table(&w, slots, 4, false);
+        let i = t.find(9, None).unwrap_err().unwrap();
+        t.insert_at(i, 9, 200, 0);
+        let mut bits = [0u64; 4];
+        let mut expect = vec![200];
+        let check = |expect: &[usize], inline: bool| {
+            let mut bits = [0u64; 4];
+            let p = t.read(9, None, &mut bits);
+            assert_eq!(holders(p, &bits).as_deref(), Some(expect));
+            assert_eq!(writer_view(&t, i), expect);
+            assert_eq!(matches!(p, Probe::Hit { held, .. } if held.is_inline()), inline, "{p:?} holding {expect:?}");
+            assert_eq!(t.bit_set(i).iter().all(|w| w.load(Relaxed) == 0), inline, "bit set of {expect:?}");
+            for e in 0..256 {
+                assert_eq!(t.holds(i, e), expect.contains(&e), "engine {e}");
+            }
+        };
+        check(&expect, true);
+        assert!(!t.add_holder(i, 200, 0), "already held");
+        for e in [3, 64, 255, 7] {
+            assert!(t.add_holder(i, e, 0));
+            expect.push(e);
+            expect.sort_unstable();
+            check(&expect, expect.len() <= FEW);
+        }
+        assert_eq!(t.remove_holder(i, 100), None, "never held");
+        for e in [64, 3, 255, 7] {
+            assert_eq!(t.remove_holder(i, e), Some(false));
+            expect.retain(|&x| x != e);
+            check(&expect, expect.len() <= FEW);
+        }
+        assert_eq!(t.remove_holder(i, 200), Some(true), "the last holder frees the entry");
+        assert!(!t.occupied(i));
+        assert_eq!(t.read(9, None, &mut bits), Probe::Miss);
+    }
+
     /// The lookup pipeline's probe: a block in its local buckets is located there and read at
     /// that entry; one that went global is not located, and is read beyond the local buckets;
     /// a located entry that changed since is not trusted.
     #[test]
     fn the_pipelined_probe_finds_local_and_global_blocks() {
         let slots = 64;
-        let w = words(Table::words_for(slots, 1));
-        let t = Table::new(&w, slots, 1);
+        let w = words(Table::words_for(slots, 1, false));
+        let t = table(&w, slots, 1, false);
         let mut bits = [0u64; 1];
         // 20 keys all with local bucket 3: 16 fit its local buckets, 4 go global.
         let keys: Vec<u64> = (1..=20u64).map(spread).collect();
@@ -672,15 +928,13 @@ mod tests {
                 None => {
                     assert!(!local_slots.contains(&slot), "key {k:#x} at local slot {slot} not located");
                     global += 1;
-                    assert_eq!(t.read_beyond_local(k, 3, &mut bits), Probe::Hit { tick: 0 });
+                    assert_eq!(holders(t.read_beyond_local(k, 3, &mut bits), &bits), Some(vec![n]));
                     let at = t.locate_global(k, ALL_WORDS).expect("located among its global keys");
                     assert_eq!(at, slot, "key {k:#x} located at another global entry");
-                    bits[0] = 0;
                     t.read_at(at, k, 3, &mut bits, ALL_WORDS)
                 }
             };
-            assert_eq!(probe, Probe::Hit { tick: 0 }, "key {k:#x}");
-            assert_eq!(bits[0], 1 << n);
+            assert_eq!(holders(probe, &bits), Some(vec![n]), "key {k:#x}");
         }
         assert_eq!(global, keys.len() - LOCAL_BUCKETS * BUCKET);
         let absent = 0x1234_5678;
@@ -693,33 +947,68 @@ mod tests {
         t.insert_at(at, 0xdead, 40, 0);
         assert_eq!(t.read_at(at, a, 3, &mut bits, ALL_WORDS), Probe::Miss);
         let at_b = t.locate_local(b, 3, ALL_WORDS).unwrap();
-        assert_eq!(t.read_at(at, b, 3, &mut bits, ALL_WORDS), Probe::Hit { tick: 0 }, "found through the full probe");
-        assert_eq!((bits[0], t.read_at(at_b, b, 3, &mut bits, ALL_WORDS)), (1 << 1, Probe::Hit { tick: 0 }));
+        assert_eq!(
+            holders(t.read_at(at, b, 3, &mut bits, ALL_WORDS), &bits),
+            Some(vec![1]),
+            "found through the full probe"
+        );
+        assert_eq!(holders(t.read_at(at_b, b, 3, &mut bits, ALL_WORDS), &bits), Some(vec![1]));
     }
 
-    /// A read of some bit words copies those and leaves the others as they were.
+    /// A read of some bit words of an entry held by many copies those and leaves the others as
+    /// they were.
     #[test]
     fn a_sparse_read_copies_only_the_words_asked_for() {
         let slots = 16;
-        let w = words(Table::words_for(slots, 4));
-        let t = Table::new(&w, slots, 4);
+        let w = words(Table::words_for(slots, 4, false));
+        let t = table(&w, slots, 4, false);
         let free = t.find(7, Some(0)).unwrap_err().unwrap();
         t.insert_at(free, 7, 3, 0);
-        assert!(t.set_bit(free, 200, true, 0));
+        for e in [5, 70, 200] {
+            assert!(t.add_holder(free, e, 0));
+        }
         let at = t.locate_local(7, 0, 1 << 3).unwrap();
         let mut bits = [u64::MAX; 4];
-        assert_eq!(t.read_at(at, 7, 0, &mut bits, 1 << 3), Probe::Hit { tick: 0 });
+        assert!(matches!(t.read_at(at, 7, 0, &mut bits, 1 << 3), Probe::Hit { held, .. } if !held.is_inline()));
         assert_eq!(bits, [u64::MAX, u64::MAX, u64::MAX, 1 << (200 - 192)]);
-        assert_eq!(t.read_at(at, 7, 0, &mut bits, ALL_WORDS), Probe::Hit { tick: 0 });
-        assert_eq!(bits, [1 << 3, 0, 0, 1 << (200 - 192)]);
+        assert!(matches!(t.read_at(at, 7, 0, &mut bits, ALL_WORDS), Probe::Hit { held, .. } if !held.is_inline()));
+        assert_eq!(bits, [1 << 3 | 1 << 5, 1 << 6, 0, 1 << (200 - 192)]);
+    }
+
+    /// Ticks: kept in the table's own words (read under the seqlock) or in words of the
+    /// writer's, or not at all.
+    #[test]
+    fn ticks_live_in_the_table_or_with_the_writer() {
+        let slots = 8;
+        let mut bits = [0u64; 1];
+        let shared = words(Table::words_for(slots, 1, true));
+        let plain = words(Table::words_for(slots, 1, false));
+        let private = words(Table::tick_words(slots));
+        for (t, kept) in [
+            (table(&shared, slots, 1, true), true),
+            (table(&plain, slots, 1, false).with_ticks(&private), true),
+            (table(&plain, slots, 1, false), false),
+        ] {
+            t.clear_all();
+            for (k, tick) in [(1u64, 5u32), (2, 6), (3, TICK_MASK)] {
+                let i = t.find(k, None).unwrap_err().unwrap();
+                t.insert_at(i, k, 0, tick);
+            }
+            let i = t.find(2, None).unwrap();
+            assert!(!t.add_holder(i, 0, 9), "the same holder at a new tick");
+            for (k, tick) in [(1u64, 5u32), (2, 9), (3, TICK_MASK)] {
+                let want = if kept { tick } else { 0 };
+                assert!(matches!(t.read(k, None, &mut bits), Probe::Hit { tick, .. } if tick == want), "key {k}");
+            }
+        }
     }
 
     /// With its local buckets full, a block goes to the global bucket with more room.
     #[test]
     fn a_spilled_block_goes_to_the_emptier_global_bucket() {
         let slots = 4 * 64;
-        let w = words(Table::words_for(slots, 1));
-        let t = Table::new(&w, slots, 1);
+        let w = words(Table::words_for(slots, 1, false));
+        let t = table(&w, slots, 1, false);
         let key = (1..).map(spread).find(|&k| {
             let (g, _) = t.candidates(k, None);
             g[0] != g[1] && (0..LOCAL_BUCKETS).all(|l| ![g[0], g[1]].contains(&(10 + l)))
@@ -743,8 +1032,8 @@ mod tests {
     #[test]
     fn a_full_candidate_set_has_no_free_entry() {
         let slots = 8; // 2 buckets: every key's candidates are the whole table
-        let w = words(Table::words_for(slots, 1));
-        let t = Table::new(&w, slots, 1);
+        let w = words(Table::words_for(slots, 1, false));
+        let t = table(&w, slots, 1, false);
         for k in 0..8u64 {
             let free = t.find(k, Some(0)).unwrap_err().unwrap();
             t.insert_at(free, k, 0, 0);
@@ -756,8 +1045,8 @@ mod tests {
     #[test]
     fn cursors_follow_chain_positions() {
         let slots = 4 * 37;
-        let w = words(Table::words_for(slots, 1));
-        let t = Table::new(&w, slots, 1);
+        let w = words(Table::words_for(slots, 1, false));
+        let t = table(&w, slots, 1, false);
         let chain: Vec<u64> = (0..500u64).map(|i| i.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0xdead).collect();
         let mut pos = None;
         let mut c = None;
@@ -770,30 +1059,30 @@ mod tests {
 
     #[test]
     fn odd_version_is_unknown_and_repair_frees_it() {
-        let w = words(Table::words_for(4, 1));
-        let t = Table::new(&w, 4, 1);
+        let w = words(Table::words_for(4, 1, false));
+        let t = table(&w, 4, 1, false);
         let free = t.find(42, None).unwrap_err().unwrap();
         t.insert_at(free, 42, 3, 0);
         // Simulate a writer that died inside the write section.
-        let e = t.version(free);
+        let e = t.meta(free);
         e.store(e.load(Relaxed) + 1, Relaxed);
         let mut bits = [0u64; 1];
         assert_eq!(t.read(42, None, &mut bits), Probe::Unknown);
         t.repair();
         assert_eq!(t.read(42, None, &mut bits), Probe::Miss);
+        assert!(!t.occupied(free));
     }
 
     #[test]
     fn every_key_is_distinct_including_zero() {
-        let w = words(Table::words_for(8, 1));
-        let t = Table::new(&w, 8, 1);
+        let w = words(Table::words_for(8, 1, false));
+        let t = table(&w, 8, 1, false);
         let mut bits = [0u64; 1];
         t.insert_at(t.find(0, None).unwrap_err().unwrap(), 0, 0, 0);
         assert!(matches!(t.read(0, None, &mut bits), Probe::Hit { .. }));
         assert_eq!(t.read(1, None, &mut bits), Probe::Miss);
         t.insert_at(t.find(1, None).unwrap_err().unwrap(), 1, 1, 0);
-        assert!(matches!(t.read(1, None, &mut bits), Probe::Hit { .. }));
-        assert_eq!(bits[0], 2);
+        assert_eq!(holders(t.read(1, None, &mut bits), &bits), Some(vec![1]));
         t.delete_at(t.find(0, None).unwrap());
         assert_eq!(t.read(0, None, &mut bits), Probe::Miss);
         assert!(matches!(t.read(1, None, &mut bits), Probe::Hit { .. }));
@@ -814,11 +1103,11 @@ mod loom_tests {
 
     impl Shared {
         fn new() -> Arc<Shared> {
-            let words = (0..Table::words_for(SLOTS, BIT_WORDS)).map(|_| AtomicU64::new(0)).collect();
+            let words = (0..Table::words_for(SLOTS, BIT_WORDS, true)).map(|_| AtomicU64::new(0)).collect();
             Arc::new(Shared { words })
         }
         fn table(&self) -> Table<'_> {
-            Table::new(&self.words, SLOTS, BIT_WORDS)
+            Table::new(&self.words, SLOTS, BIT_WORDS, true)
         }
     }
 
@@ -826,8 +1115,14 @@ mod loom_tests {
         loom::model(f);
     }
 
+    /// The bits a probe found, its inline holders spread over them.
+    fn found(held: Held, bits: &mut [u64; BIT_WORDS]) -> [u64; BIT_WORDS] {
+        held.spread(bits, ALL_WORDS);
+        *bits
+    }
+
     /// While the writer deletes one key and inserts another into the freed entry, a reader of a
-    /// third key that stays in place always finds it with its bits.
+    /// third key that stays in place always finds it with its holders.
     #[test]
     fn a_key_that_stays_is_never_missed() {
         model(|| {
@@ -844,12 +1139,14 @@ mod loom_tests {
             });
             let mut bits = [0u64; BIT_WORDS];
             match t.read(2, None, &mut bits) {
-                Probe::Hit { .. } => assert_eq!(bits, [0, 2]),
+                Probe::Hit { held, .. } => assert_eq!(found(held, &mut bits), [0, 2]),
                 Probe::Unknown => {}
                 Probe::Miss => panic!("key 2 missed while another entry changed"),
             }
             match t.read(3, None, &mut bits) {
-                Probe::Hit { .. } => assert_eq!(bits, [0, 1], "key 3 seen with another key's bits"),
+                Probe::Hit { held, .. } => {
+                    assert_eq!(found(held, &mut bits), [0, 1], "key 3 seen with another key's holders")
+                }
                 Probe::Miss | Probe::Unknown => {}
             }
             writer.join().unwrap();
@@ -860,7 +1157,7 @@ mod loom_tests {
 
     /// A lookup's pipelined probe (locate by key, later read that entry) while the writer
     /// rewrites the located entry with another key: the stale location never yields the other
-    /// key's bits. (A key that stays is found through its location as through `read`: see
+    /// key's holders. (A key that stays is found through its location as through `read`: see
     /// `a_key_that_stays_is_never_missed`; `read_at` only adds a first look at one entry.)
     #[test]
     fn a_stale_location_is_never_trusted() {
@@ -870,10 +1167,12 @@ mod loom_tests {
             t.insert_at(t.find(1, Some(0)).unwrap_err().unwrap(), 1, 0, 0);
             let at = t.locate_local(1, 0, ALL_WORDS).expect("key 1 located");
             let w = s.clone();
-            let writer = loom::thread::spawn(move || w.table().write_entry(at, 3, 0, |w| if w == 1 { 1 } else { 0 }));
+            let writer = loom::thread::spawn(move || w.table().write_entry(at, 3, 0, &[0, 1]));
             let mut bits = [0u64; BIT_WORDS];
             match t.read_at(at, 1, 0, &mut bits, ALL_WORDS) {
-                Probe::Hit { .. } => assert_eq!(bits, [1, 0], "key 1 read with another key's bits"),
+                Probe::Hit { held, .. } => {
+                    assert_eq!(found(held, &mut bits), [1, 0], "key 1 read with another key's holders")
+                }
                 Probe::Miss | Probe::Unknown => {}
             }
             writer.join().unwrap();
@@ -881,22 +1180,47 @@ mod loom_tests {
         });
     }
 
-    /// A two-word entry rewritten in place is seen whole, before or after, never mixed.
+    /// An entry rewritten in place is seen whole, before or after, never mixed: its holders in
+    /// the bit set (both words), and its tick with them.
     #[test]
     fn an_entry_is_never_torn() {
         model(|| {
             let s = Shared::new();
             let t = s.table();
             let i = t.find(7, None).unwrap_err().unwrap();
-            t.write_entry(i, 7, 1, |_| 1);
+            t.write_entry(i, 7, 1, &[0b11, 0b11]);
             let w = s.clone();
-            let writer = loom::thread::spawn(move || w.table().write_entry(i, 7, 2, |_| 3));
+            let writer = loom::thread::spawn(move || w.table().write_entry(i, 7, 2, &[0b1100, 0b1100]));
             let mut bits = [0u64; BIT_WORDS];
             match t.read(7, None, &mut bits) {
-                Probe::Hit { tick: 1 } => assert_eq!(bits, [1, 1]),
-                Probe::Hit { tick: 2 } => assert_eq!(bits, [3, 3]),
+                Probe::Hit { tick: 1, held } if !held.is_inline() => assert_eq!(bits, [0b11, 0b11]),
+                Probe::Hit { tick: 2, held } if !held.is_inline() => assert_eq!(bits, [0b1100, 0b1100]),
                 Probe::Unknown => {}
                 other => panic!("{other:?} with bits {bits:?}"),
+            }
+            writer.join().unwrap();
+        });
+    }
+
+    /// A fourth holder moves an entry's holders from its meta word to its bit set: a reader
+    /// sees the three before or the four after, never a mix or none.
+    #[test]
+    fn holders_moving_to_the_bit_set_are_seen_whole() {
+        model(|| {
+            let s = Shared::new();
+            let t = s.table();
+            let i = t.find(7, None).unwrap_err().unwrap();
+            t.write_entry(i, 7, 1, &[0b111, 0]);
+            let w = s.clone();
+            let writer = loom::thread::spawn(move || {
+                assert!(w.table().add_holder(i, 64, 1));
+            });
+            let mut bits = [0u64; BIT_WORDS];
+            match t.read(7, None, &mut bits) {
+                Probe::Hit { held, .. } if held.is_inline() => assert_eq!(found(held, &mut bits), [0b111, 0]),
+                Probe::Hit { .. } => assert_eq!(bits, [0b111, 1]),
+                Probe::Unknown => {}
+                Probe::Miss => panic!("key 7 missed while its holders moved"),
             }
             writer.join().unwrap();
         });

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 /// How a writer creates its segment.
 #[derive(Debug, Clone)]
 pub struct IndexOptions {
-    /// Engine slots (1..=1,024); entries take `16 + 8·ceil(slots/64)` bytes.
+    /// Engine slots (1..=1,024); exact-table entries take `16 + 8·ceil(slots/64)` bytes of the
+    /// segment (and 4 of the writer's memory for their ticks), approximate ones 4 more.
     pub engine_slots: usize,
     /// Most blocks in the exact table.
     pub capacity: usize,
@@ -98,7 +99,7 @@ impl IndexWriter {
         let lock = lock(path)?;
         let shape = Shape::new(opts.engine_slots, opts.capacity, opts.approx_capacity);
         let mut reused = false;
-        let seg = match Segment::open(path, true) {
+        let mut seg = match Segment::open(path, true) {
             Ok(old) if *old.shape() == shape => {
                 reset(&old);
                 reused = true;
@@ -121,6 +122,7 @@ impl IndexWriter {
             }
             Err(e) => return Err(e),
         };
+        seg.keep_exact_ticks();
         super::segment::log_page_advice(path, reused);
         seg.word(H_GENERATION).fetch_add(1, Release);
         seg.word(H_WRITER_PID).store(u64::from(std::process::id()), Relaxed);
@@ -198,7 +200,7 @@ impl IndexWriter {
             return 0;
         }
         let seg = &*self.seg;
-        let (held, deleted) = clear_bit(&seg.exact(), slot as usize);
+        let (held, deleted) = clear_bit(&seg.writer_exact(), slot as usize);
         sub(seg, WriterCounter::Live, deleted as u64);
         if let Some(approx) = seg.approx() {
             let (_, deleted) = clear_bit(&approx, slot as usize);
@@ -214,7 +216,7 @@ impl IndexWriter {
     pub fn store_chain(&mut self, engine: EngineSlot, parent_pos: Option<u64>, hashes: &[u64]) {
         const AHEAD: usize = 4;
         let seg = &*self.seg;
-        let exact = seg.exact();
+        let exact = seg.writer_exact();
         let mut ahead_pos = parent_pos;
         let mut ahead = hashes.iter();
         // An insert checks every candidate bucket (a block is stored once): prefetch them all.
@@ -244,7 +246,7 @@ impl IndexWriter {
         let Some(approx) = seg.approx() else {
             return 0;
         };
-        let exact = seg.exact();
+        let exact = seg.writer_exact();
         let core = &mut self.core;
         let now = now_secs(seg);
         let mut n = 0;
@@ -261,7 +263,7 @@ impl IndexWriter {
             // Already known for real: nothing to predict.
             let local = Some(exact.local_bucket(pos));
             if let Ok(i) = exact.find(hash, local) {
-                if exact.bits_at(i, e / 64) & (1 << (e % 64)) != 0 {
+                if exact.holds(i, e) {
                     continue;
                 }
             }
@@ -280,7 +282,7 @@ impl IndexWriter {
                     // clear them).
                     let held = approx.tick_at(i);
                     let later = if alive(held, expiry) { held } else { expiry };
-                    approx.set_bit(i, e, true, later);
+                    approx.add_holder(i, e, later);
                 }
                 Err(free) => {
                     let slot = core.make_room(seg, &approx, hash, local, free, true);
@@ -348,11 +350,11 @@ impl Core {
             return;
         }
         self.tick = self.tick.wrapping_add(1) & TICK_MASK;
-        let exact = seg.exact();
+        let exact = seg.writer_exact();
         let local = Some(exact.local_bucket(pos));
         match exact.find(hash, local) {
             Ok(i) => {
-                if exact.set_bit(i, e, true, self.tick) {
+                if exact.add_holder(i, e, self.tick) {
                     engine_blocks_add(seg, e, 1);
                     add(seg, WriterCounter::BlocksStored, 1);
                 }
@@ -373,13 +375,12 @@ impl Core {
         if e >= seg.shape().engine_slots {
             return;
         }
-        let exact = seg.exact();
+        let exact = seg.writer_exact();
         if let Ok(i) = exact.find(hash, Some(exact.local_bucket(pos))) {
-            if exact.set_bit(i, e, false, exact.tick_at(i)) {
+            if let Some(freed) = exact.remove_holder(i, e) {
                 engine_blocks_add(seg, e, -1);
                 add(seg, WriterCounter::BlocksRemoved, 1);
-                if exact.is_unheld(i) {
-                    exact.delete_at(i);
+                if freed {
                     sub(seg, WriterCounter::Live, 1);
                 }
             }
@@ -391,9 +392,7 @@ impl Core {
     fn unpredict(&mut self, seg: &Segment, engine: usize, hash: u64) {
         if let Some(approx) = seg.approx() {
             if let Ok(i) = approx.find(hash, None) {
-                let tick = approx.tick_at(i);
-                if approx.set_bit(i, engine, false, tick) && approx.is_unheld(i) {
-                    approx.delete_at(i);
+                if approx.remove_holder(i, engine) == Some(true) {
                     sub(seg, WriterCounter::ApproxLive, 1);
                 }
             }
@@ -469,13 +468,7 @@ impl Core {
         if approx {
             sub(seg, WriterCounter::ApproxLive, 1);
         } else {
-            for w in 0..t.bit_words() {
-                let mut bits = t.bits_at(victim, w);
-                while bits != 0 {
-                    engine_blocks_add(seg, w * 64 + bits.trailing_zeros() as usize, -1);
-                    bits &= bits - 1;
-                }
-            }
+            t.for_each_holder(victim, |e| engine_blocks_add(seg, e, -1));
             sub(seg, WriterCounter::Live, 1);
             add(seg, WriterCounter::Evictions, 1);
         }
@@ -601,18 +594,15 @@ impl Predictor {
     }
 }
 
-/// Clears `engine`'s bit in every entry of `t`, deleting entries left unheld. Returns (entries
-/// that held the bit, entries deleted).
+/// Removes `engine` from every entry of `t`, freeing entries left unheld. Returns (entries it
+/// held, entries freed).
 fn clear_bit(t: &Table<'_>, engine: usize) -> (usize, usize) {
-    let (word, bit) = (engine / 64, 1u64 << (engine % 64));
     let (mut held, mut deleted) = (0, 0);
     for i in 0..t.slots() {
-        if t.occupied(i) && t.bits_at(i, word) & bit != 0 {
-            held += 1;
-            t.set_bit(i, engine, false, t.tick_at(i));
-            if t.is_unheld(i) {
-                t.delete_at(i);
-                deleted += 1;
+        if t.occupied(i) {
+            if let Some(freed) = t.remove_holder(i, engine) {
+                held += 1;
+                deleted += usize::from(freed);
             }
         }
     }
@@ -621,7 +611,7 @@ fn clear_bit(t: &Table<'_>, engine: usize) -> (usize, usize) {
 
 /// Prepares a segment of the right shape for a new writer.
 fn reset(seg: &Segment) {
-    let exact = seg.exact();
+    let exact = seg.writer_exact();
     exact.repair();
     exact.clear_all();
     if let Some(approx) = seg.approx() {
