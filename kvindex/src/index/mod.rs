@@ -8,6 +8,7 @@
 //!
 //! # Structure
 //! * [`layout`]: the segment's byte layout and header words.
+//! * `engines`: one engine-table entry, a seqlock over the engine's name.
 //! * `segment`: creating, validating and mapping the file (`/dev/shm/...` by default, mode 0600).
 //! * `table`: the bucketed table and its seqlock protocol (read its docs).
 //! * `writer` and `reader`: the two roles.
@@ -40,6 +41,7 @@
 //! Read first: `tests/index.rs` (the index against a `HashMap` model under random operations),
 //! then the loom tests at the end of `table.rs`.
 
+mod engines;
 pub mod layout;
 mod reader;
 mod segment;

@@ -3,7 +3,7 @@
 use super::layout::*;
 use super::segment::{PageUse, Segment};
 use super::table::{Held, LocalCursor, Probe, Table, ALL_WORDS, MAX_BIT_WORDS};
-use super::writer::{alive, USED};
+use super::writer::alive;
 use super::IndexError;
 use crate::sink::{Counter, EngineSlot};
 use std::cell::Cell;
@@ -505,26 +505,7 @@ impl IndexReader {
 
     /// Reads `slot`'s name under its seqlock (bounded retries; `None` if free or never stable).
     fn read_name<'b>(&self, slot: usize, buf: &'b mut [u8; MAX_ENGINE_NAME]) -> Option<&'b [u8]> {
-        let e = self.seg.engine(slot);
-        for _ in 0..64 {
-            let v1 = e[0].load(Acquire);
-            if v1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            if v1 & USED == 0 {
-                return None;
-            }
-            let len = (e[2].load(Relaxed) as usize).min(MAX_ENGINE_NAME);
-            for (chunk, w) in buf.chunks_exact_mut(8).zip(&e[3..]) {
-                chunk.copy_from_slice(&w.load(Relaxed).to_le_bytes());
-            }
-            std::sync::atomic::fence(Acquire);
-            if e[0].load(Relaxed) == v1 {
-                return Some(&buf[..len]);
-            }
-        }
-        None
+        super::engines::read_name(self.seg.engine(slot), buf)
     }
 
     /// Header, sizes, counters and engines.

@@ -1,5 +1,6 @@
 //! The single writer: applies block operations, predictions and expiry to the segment.
 
+use super::engines;
 use super::layout::*;
 use super::reader::IndexReader;
 use super::segment::{unix_ms, Segment};
@@ -169,8 +170,7 @@ impl IndexWriter {
             return Ok(slot);
         }
         let slots = self.seg.shape().engine_slots;
-        let free =
-            (0..slots).map(|k| (self.slot_hand + k) % slots).find(|&s| self.seg.engine(s)[0].load(Relaxed) & USED == 0);
+        let free = (0..slots).map(|k| (self.slot_hand + k) % slots).find(|&s| !engines::used(self.seg.engine(s)));
         let Some(slot) = free else {
             return Err(IndexError::NoEngineSlot { name: name.into(), slots });
         };
@@ -257,7 +257,7 @@ impl IndexWriter {
             let expiry = now.wrapping_add(ttl_secs) & TICK_MASK;
             let e = engine as usize;
             // Out of range, or a slot no engine holds (released after the prediction was made).
-            if e >= seg.shape().engine_slots || seg.engine(e)[0].load(Relaxed) & USED == 0 {
+            if e >= seg.shape().engine_slots || !engines::used(seg.engine(e)) {
                 continue;
             }
             // Already known for real: nothing to predict.
@@ -326,20 +326,7 @@ impl IndexWriter {
     }
 
     fn write_engine(&mut self, slot: usize, name: Option<&str>) {
-        let e = self.seg.engine(slot);
-        let v = e[0].load(Relaxed) as u32;
-        e[0].store(u64::from(v.wrapping_add(1)), Relaxed);
-        std::sync::atomic::fence(Release);
-        let bytes = name.unwrap_or("").as_bytes();
-        e[1].store(0, Relaxed);
-        e[2].store(bytes.len() as u64, Relaxed);
-        let mut padded = [0u8; MAX_ENGINE_NAME];
-        padded[..bytes.len()].copy_from_slice(bytes);
-        for (w, chunk) in e[3..].iter().zip(padded.chunks_exact(8)) {
-            w.store(u64::from_le_bytes(chunk.try_into().expect("8-byte chunk")), Relaxed);
-        }
-        let used = if name.is_some() { USED } else { 0 };
-        e[0].store(used | u64::from(v.wrapping_add(2)), Release);
+        super::engines::write(self.seg.engine(slot), name);
     }
 }
 
@@ -500,9 +487,6 @@ fn engine_blocks_add(seg: &Segment, slot: usize, delta: i64) {
     w.store(w.load(Relaxed).saturating_add_signed(delta), Relaxed);
 }
 
-/// Engine-table word 0: bit 32 marks a used slot; the low 32 bits are a seqlock version.
-pub(crate) const USED: u64 = 1 << 32;
-
 /// A prediction lifetime in whole seconds: at least one, and well inside the range [`alive`]
 /// compares expiries in.
 fn ttl_secs(ttl: Duration) -> u32 {
@@ -619,15 +603,7 @@ fn reset(seg: &Segment) {
         approx.clear_all();
     }
     for slot in 0..seg.shape().engine_slots {
-        let e = seg.engine(slot);
-        let v = e[0].load(Relaxed) as u32;
-        let v = if v & 1 == 1 { v.wrapping_add(1) } else { v };
-        e[0].store(u64::from(v.wrapping_add(1)), Relaxed);
-        std::sync::atomic::fence(Release);
-        for w in &e[1..] {
-            w.store(0, Relaxed);
-        }
-        e[0].store(u64::from(v.wrapping_add(2)), Release);
+        engines::write(seg.engine(slot), None);
     }
     for c in WriterCounter::ALL {
         seg.word(c.word()).store(0, Relaxed);
