@@ -318,8 +318,8 @@ impl IndexReader {
         // (most blocks sit in one of those two); stage 2 finds block
         // `i + LOCATE_AHEAD` among them and, when its holders are in its bit set, prefetches the
         // words wanted (or, when absent, the keys of its global buckets); stage 2b finds such a
-        // block among those, `GLOBAL_AHEAD` ahead; stage 3 reads block `i` under its seqlock. Stages 2 and 2b
-        // are only hints: stage 3 checks them and falls back to a full probe.
+        // block among those, `GLOBAL_AHEAD` ahead; stage 3 reads block `i` under its seqlock.
+        // Stages 2 and 2b are only hints: stage 3 checks them and falls back to a full probe.
         let mut stages = Stages::new();
         let mut ring = [(0usize, None::<usize>); LOCATE_AHEAD];
         stages.prefetch_keys(&exact, approx.as_ref(), hashes, KEYS_AHEAD);

@@ -330,13 +330,6 @@ impl<'a> Table<'a> {
         buckets.into_iter().take(n).flat_map(|b| b * BUCKET..(b + 1) * BUCKET)
     }
 
-    /// Hints the CPU to load the heads of bucket `b` and the next (blocks of a prompt spill into
-    /// it), for the writer, which reads and writes them.
-    #[inline]
-    pub(crate) fn prefetch_bucket(&self, b: usize) {
-        self.prefetch_keys(b);
-    }
-
     /// Hints the CPU to load the keys and meta words of `hash`'s global buckets (where a block
     /// goes when its local buckets are full: about one block in ten in a full table).
     #[inline(always)]
@@ -458,8 +451,8 @@ impl<'a> Table<'a> {
 
     // ---- the pipelined lookup of a prompt (see `IndexReader::overlaps`) ----
 
-    /// Stage 1: hints the CPU to load the heads (keys and meta words) of bucket `b` and of the
-    /// next (a prompt's blocks spill into it), and nothing else.
+    /// Hints the CPU to load the heads (keys and meta words) of bucket `b` and of the next (a
+    /// prompt's blocks spill into it): stage 1 of a lookup, and the writer's look ahead.
     #[inline(always)]
     pub(crate) fn prefetch_keys(&self, b: usize) {
         let base = self.words.as_ptr().cast::<i8>();
@@ -678,6 +671,20 @@ impl<'a> Table<'a> {
         });
     }
 
+    /// Up to `FEW + 1` of entry `i`'s holders other than `except`, and how many (`FEW + 1`
+    /// standing for "more than `FEW`"); the writer's view.
+    fn holders_but(&self, i: usize, except: usize) -> ([usize; FEW + 1], usize) {
+        let mut ids = [0usize; FEW + 1];
+        let mut n = 0;
+        self.for_each_holder(i, |e| {
+            if e != except && n < ids.len() {
+                ids[n] = e;
+                n += 1;
+            }
+        });
+        (ids, n)
+    }
+
     /// Adds `engine` to the holders of entry `i` and sets its tick. Returns whether the engine
     /// was new there.
     pub(crate) fn add_holder(&self, i: usize, engine: usize, tick: u32) -> bool {
@@ -695,12 +702,7 @@ impl<'a> Table<'a> {
             self.write_with(i, tick, STATE_SET, |_, set| set[word].store(old | bit, Relaxed));
             return true;
         }
-        let mut ids = [0usize; FEW + 1];
-        let mut n = 0;
-        self.for_each_holder(i, |e| {
-            ids[n] = e;
-            n += 1;
-        });
+        let (mut ids, mut n) = self.holders_but(i, engine);
         ids[n] = engine;
         n += 1;
         if n <= FEW {
@@ -724,25 +726,13 @@ impl<'a> Table<'a> {
             return None;
         }
         let tick = self.tick_at(i);
-        let mut ids = [0usize; FEW + 1];
-        let mut n = 0;
-        let mut more = false;
-        self.for_each_holder(i, |e| {
-            if e != engine {
-                if n < ids.len() {
-                    ids[n] = e;
-                    n += 1;
-                } else {
-                    more = true;
-                }
-            }
-        });
+        let (ids, n) = self.holders_but(i, engine);
         if n == 0 {
             self.delete_at(i);
             return Some(true);
         }
         let was_set = self.meta(i).load(Relaxed) & STATE_MASK == STATE_SET;
-        if n <= FEW && !more {
+        if n <= FEW {
             // Few enough to keep inline again: the bit set goes back to zero.
             self.write_with(i, tick, few_meta(&ids[..n]), |_, set| {
                 if was_set {
@@ -804,11 +794,6 @@ mod tests {
         (0..n).map(|_| AtomicU64::new(0)).collect()
     }
 
-    /// A table of `slots` entries (with ticks when `ticks`) over fresh words.
-    fn table(w: &[AtomicU64], slots: usize, bit_words: usize, ticks: bool) -> Table<'_> {
-        Table::new(w, slots, bit_words, ticks)
-    }
-
     /// Key `k` of a well-spread sequence (so tests pick keys whose global buckets differ).
     fn spread(k: u64) -> u64 {
         k.wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -834,7 +819,7 @@ mod tests {
     fn insert_find_delete_across_local_and_global_buckets() {
         let slots = 64;
         let w = words(Table::words_for(slots, 1, false));
-        let t = table(&w, slots, 1, false);
+        let t = Table::new(&w, slots, 1, false);
         let mut bits = [0u64; 1];
         // 12 keys all with local bucket 3: they fit its local buckets, or go global.
         let keys: Vec<u64> = (1..=12u64).map(spread).collect();
@@ -867,7 +852,7 @@ mod tests {
     fn holders_move_between_the_meta_word_and_the_bit_set() {
         let slots = 8;
         let w = words(Table::words_for(slots, 4, false));
-        let t = table(&w, slots, 4, false);
+        let t = Table::new(&w, slots, 4, false);
         let i = t.find(9, None).unwrap_err().unwrap();
         t.insert_at(i, 9, 200, 0);
         let mut bits = [0u64; 4];
@@ -909,7 +894,7 @@ mod tests {
     fn the_pipelined_probe_finds_local_and_global_blocks() {
         let slots = 64;
         let w = words(Table::words_for(slots, 1, false));
-        let t = table(&w, slots, 1, false);
+        let t = Table::new(&w, slots, 1, false);
         let mut bits = [0u64; 1];
         // 20 keys all with local bucket 3: 16 fit its local buckets, 4 go global.
         let keys: Vec<u64> = (1..=20u64).map(spread).collect();
@@ -961,7 +946,7 @@ mod tests {
     fn a_sparse_read_copies_only_the_words_asked_for() {
         let slots = 16;
         let w = words(Table::words_for(slots, 4, false));
-        let t = table(&w, slots, 4, false);
+        let t = Table::new(&w, slots, 4, false);
         let free = t.find(7, Some(0)).unwrap_err().unwrap();
         t.insert_at(free, 7, 3, 0);
         for e in [5, 70, 200] {
@@ -985,9 +970,9 @@ mod tests {
         let plain = words(Table::words_for(slots, 1, false));
         let private = words(Table::tick_words(slots));
         for (t, kept) in [
-            (table(&shared, slots, 1, true), true),
-            (table(&plain, slots, 1, false).with_ticks(&private), true),
-            (table(&plain, slots, 1, false), false),
+            (Table::new(&shared, slots, 1, true), true),
+            (Table::new(&plain, slots, 1, false).with_ticks(&private), true),
+            (Table::new(&plain, slots, 1, false), false),
         ] {
             t.clear_all();
             for (k, tick) in [(1u64, 5u32), (2, 6), (3, TICK_MASK)] {
@@ -1008,7 +993,7 @@ mod tests {
     fn a_spilled_block_goes_to_the_emptier_global_bucket() {
         let slots = 4 * 64;
         let w = words(Table::words_for(slots, 1, false));
-        let t = table(&w, slots, 1, false);
+        let t = Table::new(&w, slots, 1, false);
         let key = (1..).map(spread).find(|&k| {
             let (g, _) = t.candidates(k, None);
             g[0] != g[1] && (0..LOCAL_BUCKETS).all(|l| ![g[0], g[1]].contains(&(10 + l)))
@@ -1033,7 +1018,7 @@ mod tests {
     fn a_full_candidate_set_has_no_free_entry() {
         let slots = 8; // 2 buckets: every key's candidates are the whole table
         let w = words(Table::words_for(slots, 1, false));
-        let t = table(&w, slots, 1, false);
+        let t = Table::new(&w, slots, 1, false);
         for k in 0..8u64 {
             let free = t.find(k, Some(0)).unwrap_err().unwrap();
             t.insert_at(free, k, 0, 0);
@@ -1046,7 +1031,7 @@ mod tests {
     fn cursors_follow_chain_positions() {
         let slots = 4 * 37;
         let w = words(Table::words_for(slots, 1, false));
-        let t = table(&w, slots, 1, false);
+        let t = Table::new(&w, slots, 1, false);
         let chain: Vec<u64> = (0..500u64).map(|i| i.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0xdead).collect();
         let mut pos = None;
         let mut c = None;
@@ -1060,7 +1045,7 @@ mod tests {
     #[test]
     fn odd_version_is_unknown_and_repair_frees_it() {
         let w = words(Table::words_for(4, 1, false));
-        let t = table(&w, 4, 1, false);
+        let t = Table::new(&w, 4, 1, false);
         let free = t.find(42, None).unwrap_err().unwrap();
         t.insert_at(free, 42, 3, 0);
         // Simulate a writer that died inside the write section.
@@ -1076,7 +1061,7 @@ mod tests {
     #[test]
     fn every_key_is_distinct_including_zero() {
         let w = words(Table::words_for(8, 1, false));
-        let t = table(&w, 8, 1, false);
+        let t = Table::new(&w, 8, 1, false);
         let mut bits = [0u64; 1];
         t.insert_at(t.find(0, None).unwrap_err().unwrap(), 0, 0, 0);
         assert!(matches!(t.read(0, None, &mut bits), Probe::Hit { .. }));

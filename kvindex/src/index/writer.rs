@@ -222,7 +222,7 @@ impl IndexWriter {
         // An insert checks every candidate bucket (a block is stored once): prefetch them all.
         for &h in ahead.by_ref().take(AHEAD) {
             let p = chain_pos(ahead_pos, h);
-            exact.prefetch_bucket(exact.local_bucket(p));
+            exact.prefetch_keys(exact.local_bucket(p));
             exact.prefetch_global(h);
             ahead_pos = Some(p);
         }
@@ -230,7 +230,7 @@ impl IndexWriter {
         for &h in hashes {
             if let Some(&n) = ahead.next() {
                 let p = chain_pos(ahead_pos, n);
-                exact.prefetch_bucket(exact.local_bucket(p));
+                exact.prefetch_keys(exact.local_bucket(p));
                 exact.prefetch_global(n);
                 ahead_pos = Some(p);
             }
