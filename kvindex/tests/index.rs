@@ -109,10 +109,12 @@ fn random_operations_match_a_hashmap_model() {
         let mut out = reader.new_overlaps();
         let mut model = Model::default();
         let mut rng = fastrand::Rng::with_seed(seed);
-        // 12 chains of 24 blocks; chains 2k and 2k+1 share their first 8 blocks.
-        let ids: Vec<u64> = (0..12 * 24).map(|_| rng.u64(..)).collect();
+        // 12 chains of 40 blocks (longer than a lookup's pipeline, which reads 32 blocks ahead:
+        // prompts and their prefixes run it full and short); chains 2k and 2k+1 share their first 8.
+        const LEN: usize = 40;
+        let ids: Vec<u64> = (0..12 * LEN).map(|_| rng.u64(..)).collect();
         let chains: Vec<Vec<u64>> = (0..12)
-            .map(|c| (0..24).map(|b| if b < 8 { ids[(c / 2) * 24 + b] } else { ids[c * 24 + b] }).collect())
+            .map(|c| (0..LEN).map(|b| if b < 8 { ids[(c / 2) * LEN + b] } else { ids[c * LEN + b] }).collect())
             .collect();
         let pos: Vec<Vec<u64>> = chains.iter().map(|c| positions(c)).collect();
         let engine = |rng: &mut fastrand::Rng| match pool {
@@ -123,7 +125,7 @@ fn random_operations_match_a_hashmap_model() {
             match rng.u8(..100) {
                 0..=54 => {
                     let (e, c) = (engine(&mut rng), rng.usize(..chains.len()));
-                    let n = rng.usize(1..=24);
+                    let n = rng.usize(1..=LEN);
                     w.store_chain(e, None, &chains[c][..n]);
                     for &h in &chains[c][..n] {
                         model.0.entry(h).or_default().insert(e);
@@ -131,7 +133,7 @@ fn random_operations_match_a_hashmap_model() {
                 }
                 55..=94 => {
                     let (e, c) = (engine(&mut rng), rng.usize(..chains.len()));
-                    let b = rng.usize(..24);
+                    let b = rng.usize(..LEN);
                     let h = chains[c][b];
                     w.remove(e, h, pos[c][b]);
                     if let Some(s) = model.0.get_mut(&h) {
@@ -151,6 +153,8 @@ fn random_operations_match_a_hashmap_model() {
                 }
             }
             if step % 7 == 0 {
+                assert_eq!(reader.overlaps(&[], &mut out), 0, "an empty prompt");
+                assert!(out.as_slice().is_empty());
                 for c in &chains {
                     assert_overlaps(&reader, &model, c, &mut out, engines);
                     if step % 91 == 0 {

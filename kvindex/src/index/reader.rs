@@ -29,78 +29,55 @@ const _: () = assert!(
 /// Lookups between two flushes of a reader's counters into the header.
 const FLUSH_EVERY: u32 = 256;
 
-/// The first two stages of a lookup's pipeline: the next block each handles, the local-bucket
-/// cursor of stage 1 and the local buckets it found, which stage 2 reads back.
-struct Stages {
-    keys_next: usize,
-    locate_next: usize,
-    cursor: Option<LocalCursor>,
-    locals: [usize; KEYS_AHEAD],
-}
+/// Stage 2's result for a block it did not find among its local keys (nor, once stage 2b has
+/// run, its global ones).
+const NOT_FOUND: usize = usize::MAX;
 
-impl Stages {
-    fn new() -> Self {
-        Stages { keys_next: 0, locate_next: 0, cursor: None, locals: [0; KEYS_AHEAD] }
-    }
-
-    /// Stage 1, up to (not including) block `upto`: find each block's local bucket and prefetch
-    /// its keys (and those of its approximate-tier buckets).
-    #[inline(always)]
-    fn prefetch_keys(&mut self, exact: &Table<'_>, approx: Option<&Table<'_>>, hashes: &[u64], upto: usize) {
-        while self.keys_next < upto.min(hashes.len()) {
-            let h = hashes[self.keys_next];
-            let local = exact.step_local(&mut self.cursor, h);
-            debug_assert!(
-                self.keys_next < self.locate_next + KEYS_AHEAD,
-                "stage 1 would overwrite a local bucket stage 2 has not read"
-            );
-            self.locals[self.keys_next % KEYS_AHEAD] = local;
-            exact.prefetch_keys(local);
-            if let Some(a) = approx {
-                a.prefetch_global(h);
-            }
-            self.keys_next += 1;
-        }
-    }
-
-    /// Stage 2, up to block `upto` (which stage 1 has passed): find each block among its local
-    /// keys, noting its local bucket and the entry found (if any) in `ring`, and prefetch the
-    /// bit words in `words`.
-    #[inline(always)]
-    fn locate(
-        &mut self,
-        exact: &Table<'_>,
-        hashes: &[u64],
-        upto: usize,
-        words: u32,
-        ring: &mut [(usize, Option<usize>); LOCATE_AHEAD],
-    ) {
-        debug_assert!(upto.min(hashes.len()) <= self.keys_next);
-        while self.locate_next < upto.min(hashes.len()) {
-            let local = self.locals[self.locate_next % KEYS_AHEAD];
-            ring[self.locate_next % LOCATE_AHEAD] = (local, exact.locate_local(hashes[self.locate_next], local, words));
-            self.locate_next += 1;
-        }
-    }
-}
-
-/// Stage 2b, up to block `upto`: find each block stage 2 did not find locally among the keys
-/// of its global buckets, and prefetch the bit words in `words` of the entry found.
+/// Stage 1 for block `j` (> 0): advances `cursor` to it, notes its local bucket in `locals` and
+/// prefetches the keys there (and those of its approximate-tier buckets).
 #[inline(always)]
-fn locate_global(
-    next: &mut usize,
+fn find_keys(
+    exact: &Table<'_>,
+    approx: Option<&Table<'_>>,
+    hashes: &[u64],
+    j: usize,
+    cursor: &mut LocalCursor,
+    locals: &mut [usize; KEYS_AHEAD],
+) {
+    let h = hashes[j];
+    let local = exact.next_local(cursor, h);
+    locals[j % KEYS_AHEAD] = local;
+    exact.prefetch_keys(local);
+    if let Some(a) = approx {
+        a.prefetch_global(h);
+    }
+}
+
+/// Stage 2 for block `j` (which stage 1 has passed): finds it among its local keys, noting its
+/// local bucket and entry (or [`NOT_FOUND`]) in `found`, and prefetches the bit words in `words`
+/// (see [`Table::locate_local`]).
+#[inline(always)]
+fn locate(
     exact: &Table<'_>,
     hashes: &[u64],
-    upto: usize,
+    j: usize,
     words: u32,
-    ring: &mut [(usize, Option<usize>); LOCATE_AHEAD],
+    locals: &[usize; KEYS_AHEAD],
+    found: &mut [(usize, usize); LOCATE_AHEAD],
 ) {
-    while *next < upto.min(hashes.len()) {
-        let entry = &mut ring[*next % LOCATE_AHEAD];
-        if entry.1.is_none() {
-            entry.1 = exact.locate_global(hashes[*next], words);
+    let local = locals[j % KEYS_AHEAD];
+    found[j % LOCATE_AHEAD] = (local, exact.locate_local(hashes[j], local, words).unwrap_or(NOT_FOUND));
+}
+
+/// Stage 2b for block `j` (which stage 2 has passed): finds a block stage 2 did not find among the
+/// keys of its global buckets, and prefetches the bit words in `words` of the entry found.
+#[inline(always)]
+fn locate_global(exact: &Table<'_>, hashes: &[u64], j: usize, words: u32, found: &mut [(usize, usize); LOCATE_AHEAD]) {
+    let f = &mut found[j % LOCATE_AHEAD];
+    if f.1 == NOT_FOUND {
+        if let Some(slot) = exact.locate_global(hashes[j], words) {
+            f.1 = slot;
         }
-        *next += 1;
     }
 }
 
@@ -320,24 +297,50 @@ impl IndexReader {
         // words wanted (or, when absent, the keys of its global buckets); stage 2b finds such a
         // block among those, `GLOBAL_AHEAD` ahead; stage 3 reads block `i` under its seqlock.
         // Stages 2 and 2b are only hints: stage 3 checks them and falls back to a full probe.
-        let mut stages = Stages::new();
-        let mut ring = [(0usize, None::<usize>); LOCATE_AHEAD];
-        stages.prefetch_keys(&exact, approx.as_ref(), hashes, KEYS_AHEAD);
-        stages.locate(&exact, hashes, LOCATE_AHEAD, live, &mut ring);
-        let mut global = 0;
-        locate_global(&mut global, &exact, hashes, GLOBAL_AHEAD, live, &mut ring);
+        let n = hashes.len();
+        if n == 0 {
+            self.note(0, 0, 0);
+            return 0;
+        }
+        // Stage 1's cursor and the local buckets it found (block `j` at `j % KEYS_AHEAD`), and
+        // what stage 2 and 2b found (block `j` at `j % LOCATE_AHEAD`): each stage reads a block's
+        // place before the stage ahead of it reuses it.
+        let mut cursor = exact.first_local(hashes[0]);
+        let mut locals = [0usize; KEYS_AHEAD];
+        let mut found = [(0usize, NOT_FOUND); LOCATE_AHEAD];
+        locals[0] = cursor.bucket();
+        exact.prefetch_keys(locals[0]);
+        if let Some(a) = &approx {
+            a.prefetch_global(hashes[0]);
+        }
+        for j in 1..n.min(KEYS_AHEAD) {
+            find_keys(&exact, approx.as_ref(), hashes, j, &mut cursor, &mut locals);
+        }
+        for j in 0..n.min(LOCATE_AHEAD) {
+            locate(&exact, hashes, j, live, &locals, &mut found);
+        }
+        for j in 0..n.min(GLOBAL_AHEAD) {
+            locate_global(&exact, hashes, j, live, &mut found);
+        }
         let mut depth = 0usize;
         // The inline holders of the last block read, which a block held by exactly the same
         // engines (a prompt's blocks nearly always are) shows word for word.
         let mut same = Held::NONE;
         for (i, &h) in hashes.iter().enumerate() {
-            stages.prefetch_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD + 1);
-            let (local, slot) = ring[i % LOCATE_AHEAD];
-            stages.locate(&exact, hashes, i + LOCATE_AHEAD + 1, live, &mut ring);
-            locate_global(&mut global, &exact, hashes, i + GLOBAL_AHEAD + 1, live, &mut ring);
-            let probe = match slot {
-                Some(slot) => exact.read_at(slot, h, local, &mut bits[..bw], live),
-                None => exact.read_beyond_local(h, local, &mut bits[..bw]),
+            if i + KEYS_AHEAD < n {
+                find_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD, &mut cursor, &mut locals);
+            }
+            let (local, slot) = found[i % LOCATE_AHEAD];
+            if i + LOCATE_AHEAD < n {
+                locate(&exact, hashes, i + LOCATE_AHEAD, live, &locals, &mut found);
+            }
+            if i + GLOBAL_AHEAD < n {
+                locate_global(&exact, hashes, i + GLOBAL_AHEAD, live, &mut found);
+            }
+            let probe = if slot == NOT_FOUND {
+                exact.read_beyond_local(h, local, &mut bits[..bw])
+            } else {
+                exact.read_at(slot, h, local, &mut bits[..bw], live)
             };
             let mut found = match probe {
                 // The same inline holders as the block before: no engine drops out.

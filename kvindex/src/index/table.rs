@@ -104,19 +104,19 @@ impl Held {
         if !self.is_inline() {
             return;
         }
-        let ids = few_ids(self.0);
-        // Each word written once, from registers.
-        let word = |w: usize| ids.iter().fold(0u64, |acc, &id| acc | u64::from(usize::from(id) / 64 == w) << (id % 64));
         if words == ALL_WORDS {
-            for (w, b) in bits.iter_mut().enumerate() {
-                *b = word(w);
-            }
+            bits.fill(0);
         } else {
             let mut m = words;
             while m != 0 {
-                let w = m.trailing_zeros() as usize;
-                bits[w] = word(w);
+                bits[m.trailing_zeros() as usize] = 0;
                 m &= m - 1;
+            }
+        }
+        for id in few_ids(self.0) {
+            let w = usize::from(id) / 64;
+            if words >> w & 1 == 1 {
+                bits[w] |= 1 << (id % 64);
             }
         }
     }
@@ -162,6 +162,14 @@ fn few_ids(m: u64) -> [u16; FEW] {
 pub(crate) struct LocalCursor {
     bucket: usize,
     sub: u64,
+}
+
+impl LocalCursor {
+    /// The local bucket of the block the cursor is at.
+    #[inline(always)]
+    pub(crate) fn bucket(&self) -> usize {
+        self.bucket
+    }
 }
 
 /// A view of one table. Cheap to copy; all methods take `&self` because the memory is shared.
@@ -270,26 +278,25 @@ impl<'a> Table<'a> {
         ((pos >> BUCKET_SHIFT) % self.buckets() as u64) as usize
     }
 
-    /// Moves `c` to the next block of a prompt, `hash` (to its first block when `c` is None),
-    /// and returns that block's local bucket: `local_bucket(chain_pos(..))`, advanced without a
-    /// division.
+    /// The cursor of a prompt whose first block is `hash` (see [`LocalCursor::bucket`]).
     #[inline(always)]
-    pub(crate) fn step_local(&self, c: &mut Option<LocalCursor>, hash: u64) -> usize {
-        match c {
-            None => {
-                let pos = crate::hash::chain_pos(None, hash);
-                c.insert(LocalCursor { bucket: self.local_bucket(pos), sub: pos & (BUCKET as u64 - 1) }).bucket
-            }
-            Some(c) => {
-                let s = c.sub + 4 + (hash & 3);
-                c.sub = s & (BUCKET as u64 - 1);
-                c.bucket += (s >> BUCKET_SHIFT) as usize;
-                while c.bucket >= self.buckets() {
-                    c.bucket -= self.buckets();
-                }
-                c.bucket
-            }
-        }
+    pub(crate) fn first_local(&self, hash: u64) -> LocalCursor {
+        let pos = crate::hash::chain_pos(None, hash);
+        LocalCursor { bucket: self.local_bucket(pos), sub: pos & (BUCKET as u64 - 1) }
+    }
+
+    /// Moves `c` to the prompt's next block, `hash`, and returns that block's local bucket.
+    #[inline(always)]
+    pub(crate) fn next_local(&self, c: &mut LocalCursor, hash: u64) -> usize {
+        let s = c.sub + 4 + (hash & 3);
+        c.sub = s & (BUCKET as u64 - 1);
+        // One or two buckets on, so two conditional subtractions wrap it even in a table of one
+        // bucket (they compile to selects, not branches).
+        let nb = self.buckets();
+        let b = c.bucket + (s >> BUCKET_SHIFT) as usize;
+        let b = if b >= nb { b - nb } else { b };
+        c.bucket = if b >= nb { b - nb } else { b };
+        c.bucket
     }
 
     /// The first global bucket of `hash`.
@@ -455,12 +462,10 @@ impl<'a> Table<'a> {
     /// prompt's blocks spill into it): stage 1 of a lookup, and the writer's look ahead.
     #[inline(always)]
     pub(crate) fn prefetch_keys(&self, b: usize) {
+        // The next bucket of the last is past the heads: a harmless hint (prefetches never fault).
         let base = self.words.as_ptr().cast::<i8>();
-        for start in [b * 2 * BUCKET, (b + 1) * 2 * BUCKET] {
-            if start < 2 * self.slots {
-                prefetch_read(base.wrapping_add(start * 8));
-            }
-        }
+        prefetch_read(base.wrapping_add(b * 2 * BUCKET * 8));
+        prefetch_read(base.wrapping_add((b + 1) * 2 * BUCKET * 8));
     }
 
     /// Stage 2: the entry of `hash` among the keys of its local buckets from `local`, found
@@ -502,8 +507,13 @@ impl<'a> Table<'a> {
     #[inline(always)]
     fn locate_in(&self, b: usize, hash: u64, words: u32) -> Option<usize> {
         let bucket = self.bucket(b);
-        let k = bucket[..BUCKET].iter().position(|key| key.load(Relaxed) == hash)?;
-        let i = b * BUCKET + k;
+        // Every key compared, without a branch per key: which one matches is random.
+        let hits = (0..BUCKET).fold(0u32, |m, k| m | u32::from(bucket[k].load(Relaxed) == hash) << k);
+        if hits == 0 {
+            return None;
+        }
+        let i = b * BUCKET + hits.trailing_zeros() as usize;
+        let k = i % BUCKET;
         if bucket[BUCKET + k].load(Relaxed) & STATE_MASK == STATE_SET {
             self.prefetch_bits(i, words);
         }
@@ -539,10 +549,8 @@ impl<'a> Table<'a> {
     /// a lookup reads just the words of the engines that still hold every block so far.
     #[inline(always)]
     pub(crate) fn read_at(&self, i: usize, hash: u64, local: usize, bits: &mut [u64], words: u32) -> Probe {
-        if self.key_word(i).load(Relaxed) == hash {
-            if let Scan::Hit(tick, held) = self.read_entry(i, hash, bits, words) {
-                return Probe::Hit { tick, held };
-            }
+        if let Scan::Hit(tick, held) = self.read_entry(i, hash, bits, words) {
+            return Probe::Hit { tick, held };
         }
         self.read(hash, Some(local), bits)
     }
@@ -1029,16 +1037,22 @@ mod tests {
 
     #[test]
     fn cursors_follow_chain_positions() {
-        let slots = 4 * 37;
-        let w = words(Table::words_for(slots, 1, false));
-        let t = Table::new(&w, slots, 1, false);
-        let chain: Vec<u64> = (0..500u64).map(|i| i.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0xdead).collect();
-        let mut pos = None;
-        let mut c = None;
-        for &h in &chain {
-            let p = crate::hash::chain_pos(pos, h);
-            pos = Some(p);
-            assert_eq!(t.step_local(&mut c, h), t.local_bucket(p));
+        // 37 buckets, and one (a cursor then wraps more than once per block).
+        for slots in [4 * 37, 4] {
+            let w = words(Table::words_for(slots, 1, false));
+            let t = Table::new(&w, slots, 1, false);
+            let chain: Vec<u64> = (0..500u64).map(|i| i.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0xdead).collect();
+            let mut pos = None;
+            let mut c: Option<LocalCursor> = None;
+            for &h in &chain {
+                let p = crate::hash::chain_pos(pos, h);
+                pos = Some(p);
+                let local = match &mut c {
+                    None => c.insert(t.first_local(h)).bucket(),
+                    Some(c) => t.next_local(c, h),
+                };
+                assert_eq!(local, t.local_bucket(p), "{slots} slots");
+            }
         }
     }
 
