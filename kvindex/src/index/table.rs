@@ -526,12 +526,17 @@ impl<'a> Table<'a> {
         let set = self.bit_set(i);
         let start = set.as_ptr().cast::<i8>();
         if words == ALL_WORDS {
+            // Each line from the set's first byte, then its last byte's line if that is another
+            // (a set of a power-of-two width never straddles lines: no second hint).
+            let (first, last) = (start as usize, start as usize + set.len() * 8 - 1);
             let mut off = 0;
             while off < set.len() * 8 {
                 prefetch_read(start.wrapping_add(off));
                 off += 64;
             }
-            prefetch_read(start.wrapping_add(set.len() * 8 - 1));
+            if last / 64 >= first / 64 + (set.len() * 8).div_ceil(64) {
+                prefetch_read(start.wrapping_add(set.len() * 8 - 1));
+            }
         } else {
             let mut m = words;
             while m != 0 {
