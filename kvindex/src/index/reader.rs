@@ -2,7 +2,7 @@
 
 use super::layout::*;
 use super::segment::{PageUse, Segment};
-use super::table::{Held, LocalCursor, Probe, Table, ALL_WORDS, MAX_BIT_WORDS};
+use super::table::{Held, Probe, Table, ALL_WORDS, MAX_BIT_WORDS};
 use super::writer::alive;
 use super::IndexError;
 use crate::sink::{Counter, EngineSlot};
@@ -33,28 +33,26 @@ const FLUSH_EVERY: u32 = 256;
 /// run, its global ones).
 const NOT_FOUND: usize = usize::MAX;
 
-/// Stage 1 for block `j` (> 0): advances `cursor` to it, notes its local bucket in `locals` and
-/// prefetches the keys there (and those of its approximate-tier buckets).
+/// Stage 1 for block `j`, whose local bucket is `local`: notes it in `locals` and prefetches the
+/// keys there (and those of the block's approximate-tier buckets).
 #[inline(always)]
 fn find_keys(
     exact: &Table<'_>,
     approx: Option<&Table<'_>>,
     hashes: &[u64],
     j: usize,
-    cursor: &mut LocalCursor,
+    local: usize,
     locals: &mut [usize; KEYS_AHEAD],
 ) {
-    let h = hashes[j];
-    let local = exact.next_local(cursor, h);
     locals[j % KEYS_AHEAD] = local;
     exact.prefetch_keys(local);
     if let Some(a) = approx {
-        a.prefetch_global(h);
+        a.prefetch_global(hashes[j]);
     }
 }
 
 /// Stage 2 for block `j` (which stage 1 has passed): finds it among its local keys, noting its
-/// local bucket and entry (or [`NOT_FOUND`]) in `found`, and prefetches the bit words in `words`
+/// local bucket and entry (or [`NOT_FOUND`]) in `hints`, and prefetches the bit words in `words`
 /// (see [`Table::locate_local`]).
 #[inline(always)]
 fn locate(
@@ -63,17 +61,17 @@ fn locate(
     j: usize,
     words: u32,
     locals: &[usize; KEYS_AHEAD],
-    found: &mut [(usize, usize); LOCATE_AHEAD],
+    hints: &mut [(usize, usize); LOCATE_AHEAD],
 ) {
     let local = locals[j % KEYS_AHEAD];
-    found[j % LOCATE_AHEAD] = (local, exact.locate_local(hashes[j], local, words).unwrap_or(NOT_FOUND));
+    hints[j % LOCATE_AHEAD] = (local, exact.locate_local(hashes[j], local, words).unwrap_or(NOT_FOUND));
 }
 
 /// Stage 2b for block `j` (which stage 2 has passed): finds a block stage 2 did not find among the
 /// keys of its global buckets, and prefetches the bit words in `words` of the entry found.
 #[inline(always)]
-fn locate_global(exact: &Table<'_>, hashes: &[u64], j: usize, words: u32, found: &mut [(usize, usize); LOCATE_AHEAD]) {
-    let f = &mut found[j % LOCATE_AHEAD];
+fn locate_global(exact: &Table<'_>, hashes: &[u64], j: usize, words: u32, hints: &mut [(usize, usize); LOCATE_AHEAD]) {
+    let f = &mut hints[j % LOCATE_AHEAD];
     if f.1 == NOT_FOUND {
         if let Some(slot) = exact.locate_global(hashes[j], words) {
             f.1 = slot;
@@ -303,24 +301,21 @@ impl IndexReader {
             return 0;
         }
         // Stage 1's cursor and the local buckets it found (block `j` at `j % KEYS_AHEAD`), and
-        // what stage 2 and 2b found (block `j` at `j % LOCATE_AHEAD`): each stage reads a block's
-        // place before the stage ahead of it reuses it.
+        // the entries stages 2 and 2b found (`hints`, block `j` at `j % LOCATE_AHEAD`): each
+        // stage reads a block's place before the stage ahead of it reuses it.
         let mut cursor = exact.first_local(hashes[0]);
         let mut locals = [0usize; KEYS_AHEAD];
-        let mut found = [(0usize, NOT_FOUND); LOCATE_AHEAD];
-        locals[0] = cursor.bucket();
-        exact.prefetch_keys(locals[0]);
-        if let Some(a) = &approx {
-            a.prefetch_global(hashes[0]);
-        }
+        let mut hints = [(0usize, NOT_FOUND); LOCATE_AHEAD];
+        find_keys(&exact, approx.as_ref(), hashes, 0, cursor.bucket(), &mut locals);
         for j in 1..n.min(KEYS_AHEAD) {
-            find_keys(&exact, approx.as_ref(), hashes, j, &mut cursor, &mut locals);
+            let local = exact.next_local(&mut cursor, hashes[j]);
+            find_keys(&exact, approx.as_ref(), hashes, j, local, &mut locals);
         }
         for j in 0..n.min(LOCATE_AHEAD) {
-            locate(&exact, hashes, j, live, &locals, &mut found);
+            locate(&exact, hashes, j, live, &locals, &mut hints);
         }
         for j in 0..n.min(GLOBAL_AHEAD) {
-            locate_global(&exact, hashes, j, live, &mut found);
+            locate_global(&exact, hashes, j, live, &mut hints);
         }
         let mut depth = 0usize;
         // The inline holders of the last block read, which a block held by exactly the same
@@ -328,14 +323,15 @@ impl IndexReader {
         let mut same = Held::NONE;
         for (i, &h) in hashes.iter().enumerate() {
             if i + KEYS_AHEAD < n {
-                find_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD, &mut cursor, &mut locals);
+                let local = exact.next_local(&mut cursor, hashes[i + KEYS_AHEAD]);
+                find_keys(&exact, approx.as_ref(), hashes, i + KEYS_AHEAD, local, &mut locals);
             }
-            let (local, slot) = found[i % LOCATE_AHEAD];
+            let (local, slot) = hints[i % LOCATE_AHEAD];
             if i + LOCATE_AHEAD < n {
-                locate(&exact, hashes, i + LOCATE_AHEAD, live, &locals, &mut found);
+                locate(&exact, hashes, i + LOCATE_AHEAD, live, &locals, &mut hints);
             }
             if i + GLOBAL_AHEAD < n {
-                locate_global(&exact, hashes, i + GLOBAL_AHEAD, live, &mut found);
+                locate_global(&exact, hashes, i + GLOBAL_AHEAD, live, &mut hints);
             }
             let probe = if slot == NOT_FOUND {
                 exact.read_beyond_local(h, local, &mut bits[..bw])

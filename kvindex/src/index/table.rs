@@ -512,8 +512,8 @@ impl<'a> Table<'a> {
         if hits == 0 {
             return None;
         }
-        let i = b * BUCKET + hits.trailing_zeros() as usize;
-        let k = i % BUCKET;
+        let k = hits.trailing_zeros() as usize;
+        let i = b * BUCKET + k;
         if bucket[BUCKET + k].load(Relaxed) & STATE_MASK == STATE_SET {
             self.prefetch_bits(i, words);
         }
@@ -1113,6 +1113,14 @@ mod loom_tests {
         fn table(&self) -> Table<'_> {
             Table::new(&self.words, SLOTS, BIT_WORDS, true)
         }
+        /// A table holding key 7 at tick 1, held by the engines in `bits`, and its entry.
+        fn with_seven(bits: &[u64; BIT_WORDS]) -> (Arc<Shared>, usize) {
+            let s = Shared::new();
+            let t = s.table();
+            let i = t.find(7, None).unwrap_err().unwrap();
+            t.write_entry(i, 7, 1, bits);
+            (s, i)
+        }
     }
 
     fn model(f: impl Fn() + Sync + Send + 'static) {
@@ -1189,10 +1197,8 @@ mod loom_tests {
     #[test]
     fn an_entry_is_never_torn() {
         model(|| {
-            let s = Shared::new();
+            let (s, i) = Shared::with_seven(&[0b11, 0b11]);
             let t = s.table();
-            let i = t.find(7, None).unwrap_err().unwrap();
-            t.write_entry(i, 7, 1, &[0b11, 0b11]);
             let w = s.clone();
             let writer = loom::thread::spawn(move || w.table().write_entry(i, 7, 2, &[0b1100, 0b1100]));
             let mut bits = [0u64; BIT_WORDS];
@@ -1211,10 +1217,8 @@ mod loom_tests {
     #[test]
     fn holders_moving_to_the_bit_set_are_seen_whole() {
         model(|| {
-            let s = Shared::new();
+            let (s, i) = Shared::with_seven(&[0b111, 0]);
             let t = s.table();
-            let i = t.find(7, None).unwrap_err().unwrap();
-            t.write_entry(i, 7, 1, &[0b111, 0]);
             let w = s.clone();
             let writer = loom::thread::spawn(move || {
                 assert!(w.table().add_holder(i, 64, 1));
